@@ -27,14 +27,15 @@
 // error.kind is "jsonrpc" (a JSON-RPC error from the server, code/message/data as sent),
 // "http" (a non-2xx HTTP answer; code is the HTTP status, and when the body was a
 // JSON-RPC error its code/message/data are reported instead with http_status set),
-// "timeout", "transport" or "client".
+// "timeout" (the step's timeout_ms / --timeout passed; the request is cancelled),
+// "transport" (connection failures, unparsable answers) or "client" (a bad step).
 // Exit status: 0 when the script ran (whatever the steps' outcomes); 1 for bad usage or
 // a bad script; 2 when the connection/initialize failed (one line with "op":"connect").
 
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import { StreamableHTTPClientTransport, StreamableHTTPError } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
-import { McpError, ErrorCode, ResultSchema } from '@modelcontextprotocol/sdk/types.js';
+import { McpError, ResultSchema } from '@modelcontextprotocol/sdk/types.js';
 
 function usage(msg) {
   if (msg) process.stderr.write(`mcp-client: ${msg}\n`);
@@ -85,12 +86,25 @@ async function readStdin() {
 
 const MCP_PREFIX = /^MCP error -?\d+: /;
 
+/** Raised when a step exceeds its timeout; enforced here rather than by the SDK, whose
+ * timeout error uses code -32001 and so could not be told apart from a server error. */
+class LocalTimeout extends Error {
+  constructor(ms) {
+    super(`Request timed out after ${ms} ms`);
+    this.ms = ms;
+  }
+}
+
 /** Turn anything thrown by the SDK into a plain JSON error object. */
 function describeError(err) {
+  if (err instanceof LocalTimeout) {
+    return { kind: 'timeout', code: null, message: err.message, data: { timeout_ms: err.ms } };
+  }
   if (err instanceof McpError) {
-    const timeout = err.code === ErrorCode.RequestTimeout;
+    // Timeouts are enforced locally (LocalTimeout), so every McpError here came from the
+    // server, even one with code -32001 (the SDK's own RequestTimeout code).
     const out = {
-      kind: timeout ? 'timeout' : 'jsonrpc',
+      kind: 'jsonrpc',
       code: err.code,
       message: String(err.message).replace(MCP_PREFIX, ''),
     };
@@ -182,7 +196,12 @@ async function main() {
     const base = { step: i, op: step.op };
     if (step.id !== undefined) base.id = step.id;
     if (step.op === 'call') base.tool = step.tool;
-    const reqOpts = { timeout: Number(step.timeout_ms) > 0 ? Number(step.timeout_ms) : opts.timeout };
+    const ms = Number(step.timeout_ms) > 0 ? Number(step.timeout_ms) : opts.timeout;
+    const ac = new AbortController();
+    const timer = setTimeout(() => ac.abort(new LocalTimeout(ms)), ms);
+    // The SDK's own timeout is pushed past ours; aborting cancels the request (the SDK
+    // sends notifications/cancelled) and rejects it with our LocalTimeout.
+    const reqOpts = { timeout: ms + 60000, signal: ac.signal };
     try {
       let result;
       switch (step.op) {
@@ -238,8 +257,12 @@ async function main() {
       }
       emit({ ...base, ok: true, result });
     } catch (e) {
-      const error = e?.clientError ? { kind: 'client', code: null, message: e.message } : describeError(e);
+      // The SDK wraps an abort reason into McpError(-32001, String(reason)): look at the signal.
+      const cause = ac.signal.aborted && ac.signal.reason instanceof LocalTimeout ? ac.signal.reason : e;
+      const error = cause?.clientError ? { kind: 'client', code: null, message: cause.message } : describeError(cause);
       emit({ ...base, ok: false, error });
+    } finally {
+      clearTimeout(timer);
     }
   }
 
