@@ -35,7 +35,7 @@
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import { StreamableHTTPClientTransport, StreamableHTTPError } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
-import { McpError, ResultSchema } from '@modelcontextprotocol/sdk/types.js';
+import { McpError, ErrorCode, ResultSchema } from '@modelcontextprotocol/sdk/types.js';
 
 function usage(msg) {
   if (msg) process.stderr.write(`mcp-client: ${msg}\n`);
@@ -85,6 +85,7 @@ async function readStdin() {
 }
 
 const MCP_PREFIX = /^MCP error -?\d+: /;
+let connectionClosed = false;
 
 /** Raised when a step exceeds its timeout; enforced here rather than by the SDK, whose
  * timeout error uses code -32001 and so could not be told apart from a server error. */
@@ -99,6 +100,10 @@ class LocalTimeout extends Error {
 function describeError(err) {
   if (err instanceof LocalTimeout) {
     return { kind: 'timeout', code: null, message: err.message, data: { timeout_ms: err.ms } };
+  }
+  if (err instanceof McpError && connectionClosed && err.code === ErrorCode.ConnectionClosed && err.data === undefined) {
+    // raised by the SDK itself when the transport closed (e.g. the stdio child exited)
+    return { kind: 'transport', code: err.code, message: String(err.message).replace(MCP_PREFIX, '') };
   }
   if (err instanceof McpError) {
     // Timeouts are enforced locally (LocalTimeout), so every McpError here came from the
@@ -184,6 +189,9 @@ async function main() {
   transport.onerror = (e) => process.stderr.write(`mcp-client: transport error: ${e?.message ?? e}\n`);
 
   const client = new Client({ name: opts.name, version: '1.0.0' }, { capabilities: {} });
+  client.onclose = () => {
+    connectionClosed = true;
+  };
   try {
     await client.connect(transport, { timeout: opts.timeout });
   } catch (e) {
