@@ -1,0 +1,256 @@
+//! `toolgate`: check and dry-run policies without a cluster.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use toolgate_policy::{Call, Caller, Limiter, Policy, SourceFormat};
+
+#[derive(Parser, Debug)]
+#[command(name = "toolgate", version, about = "Deterministic rules for MCP tool calls: check and dry-run policies")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate policy files (YAML or JSON, native or Intercept); exit 1 if any is invalid.
+    Validate {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Dry-run the decision for one tool call and print it as JSON.
+    Eval {
+        /// Policy file; repeat to apply several documents together.
+        #[arg(long = "policy", short = 'p', required = true)]
+        policies: Vec<PathBuf>,
+        /// Tool name.
+        #[arg(long)]
+        tool: String,
+        /// The call's arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Caller identity: a `sha256:` fingerprint or any name (default: anonymous).
+        #[arg(long, conflicts_with = "credential")]
+        identity: Option<String>,
+        /// Caller credential (the Authorization header value); only its fingerprint is used.
+        #[arg(long)]
+        credential: Option<String>,
+        /// MCP session id (for `scope: session` limits).
+        #[arg(long)]
+        session: Option<String>,
+        /// A request header `NAME=VALUE` (for grants matched by header); repeatable.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// Decide N identical calls in a row (at the same instant) and print the N-th,
+        /// to see limits at work.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        count: u64,
+    },
+    /// Turn a PolicyLayer JSON, Intercept YAML or native file into an McpPolicy manifest.
+    Convert {
+        /// Policy file.
+        file: PathBuf,
+        /// metadata.name (default: derived from the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// metadata.namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// Print the identity fingerprint of a credential (the Authorization header value),
+    /// for `grants[].match.fingerprints`. Reads the credential from stdin when omitted.
+    Fingerprint {
+        /// The credential, e.g. "Bearer abc". Prefer stdin to keep it out of shell history.
+        credential: Option<String>,
+    },
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    Ok((k.trim().to_ascii_lowercase(), v.to_owned()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.len() > toolgate_policy::MAX_DOCUMENT_BYTES as u64 {
+        bail!("{}: {} bytes; the limit is {} bytes", path.display(), meta.len(), toolgate_policy::MAX_DOCUMENT_BYTES);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", path.display()))
+}
+
+fn doc_name(path: &Path) -> String {
+    path.file_name().map_or_else(|| "policy".to_owned(), |n| n.to_string_lossy().into_owned())
+}
+
+fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Validate { files } => Ok(validate(&files)),
+        Command::Eval { policies, tool, args, identity, credential, session, headers, count } => {
+            let mut docs = Vec::new();
+            for p in &policies {
+                let text = read(p)?;
+                let doc = toolgate_policy::parse_document(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: invalid policy:\n{}", p.display(), indent(&e.to_string())))?;
+                docs.push((doc_name(p), doc));
+            }
+            let policy =
+                Policy::compile(docs).map_err(|e| anyhow::anyhow!("invalid policy:\n{}", indent(&e.to_string())))?;
+            let arguments: Value = serde_json::from_str(&args).context("--args is not valid JSON")?;
+            let identity = match (identity, credential) {
+                (Some(i), _) => i,
+                (None, Some(c)) => toolgate_policy::fingerprint(&c),
+                (None, None) => String::new(),
+            };
+            let caller = Caller { identity, session, headers };
+            let call = Call { tool: &tool, arguments: &arguments, caller: &caller };
+            let limiter = Limiter::default();
+            let mut last = None;
+            for _ in 0..count {
+                // Every call in the run succeeds upstream, so reservations stay spent.
+                let mut d = policy.decide(&limiter, &call, Duration::ZERO);
+                if let Some(r) = d.reservation.take() {
+                    r.commit();
+                }
+                last = Some(d);
+            }
+            let d = last.context("count is at least 1")?;
+            let mut out = json!({
+                "decision": d.kind.as_str(),
+                "tool": tool,
+                "call": count,
+                "policy": d.policy.as_deref(),
+                "rule": d.rule.as_deref(),
+                "grant": d.grant.as_deref(),
+                "reason": d.reason,
+                "revision": policy.revision(),
+            });
+            if let Some(r) = d.retry_after {
+                out["retryAfterSeconds"] = json!(r.as_secs_f64().ceil() as u64);
+            }
+            if let Some(t) = d.approval_timeout {
+                out["approvalTimeoutSeconds"] = json!(t.as_secs());
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert { file, name, namespace } => {
+            let text = read(&file)?;
+            let doc = toolgate_policy::parse_document(&text)
+                .map_err(|e| anyhow::anyhow!("{}: invalid policy:\n{}", file.display(), indent(&e.to_string())))?;
+            Policy::compile(vec![(doc_name(&file), doc.clone())])
+                .map_err(|e| anyhow::anyhow!("{}: invalid policy:\n{}", file.display(), indent(&e.to_string())))?;
+            let name = match name {
+                Some(n) => n,
+                None => dns_label(&file),
+            };
+            let mut metadata = json!({ "name": name });
+            if let Some(ns) = namespace {
+                metadata["namespace"] = json!(ns);
+            }
+            let manifest = json!({
+                "apiVersion": "toolgate.dev/v1alpha1",
+                "kind": "McpPolicy",
+                "metadata": metadata,
+                "spec": doc,
+            });
+            print!("{}", serde_norway::to_string(&manifest)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fingerprint { credential } => {
+            let credential = match credential {
+                Some(c) => c,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin().read_line(&mut s)?;
+                    s.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            println!("{}", toolgate_policy::fingerprint(&credential));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for path in files {
+        let result = read(path).and_then(|text| {
+            let (doc, format) = toolgate_policy::parse_document_with_format(&text).map_err(anyhow::Error::from)?;
+            let tools = doc.tools.len() + doc.grants.iter().map(|g| g.tools.len()).sum::<usize>();
+            let policy = Policy::compile(vec![(doc_name(path), doc)]).map_err(anyhow::Error::from)?;
+            Ok((format, tools, policy.revision().to_owned()))
+        });
+        match result {
+            Ok((format, tools, revision)) => {
+                let format = match format {
+                    SourceFormat::Native => "native",
+                    SourceFormat::Intercept => "intercept",
+                };
+                println!("{}: ok ({format}, {tools} tool rules, revision {revision})", path.display());
+            }
+            Err(e) => {
+                ok = false;
+                println!("{}: invalid", path.display());
+                println!("{}", indent(&format!("{e:#}")));
+            }
+        }
+    }
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// A Kubernetes object name from a file name: `RunPod 1.1.0.yaml` → `runpod-1-1-0`.
+fn dns_label(path: &Path) -> String {
+    let stem = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().to_ascii_lowercase());
+    let mut out = String::new();
+    for c in stem.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let out: String = out.trim_matches('-').chars().take(63).collect();
+    let out = out.trim_end_matches('-').to_owned();
+    if out.is_empty() { "policy".to_owned() } else { out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        assert_eq!(dns_label(Path::new("/x/RunPod 1.1.0.yaml")), "runpod-1-1-0");
+        assert_eq!(dns_label(Path::new("seed-start-pod.json")), "seed-start-pod");
+        assert_eq!(dns_label(Path::new("___.yaml")), "policy");
+    }
+
+    #[test]
+    fn headers_parse() {
+        assert_eq!(parse_header("X-Team=ops").ok(), Some(("x-team".into(), "ops".into())));
+        assert!(parse_header("nope").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+echo "testbin: not yet"; mkdir -p "$TESTBIN_CACHE"; : > "$TESTBIN_CACHE/env.sh"

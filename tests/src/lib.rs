@@ -1,0 +1,2 @@
+//! Test support for toolgate's end-to-end tests.
+#![forbid(unsafe_code)]
