@@ -1,1 +1,197 @@
-echo "testbin: not yet"; mkdir -p "$TESTBIN_CACHE"; : > "$TESTBIN_CACHE/env.sh"
+#!/usr/bin/env bash
+# Obtain the pinned binaries that toolgate's real-cluster tests run as local processes
+# (the envtest approach: no container engine, no kind/k3d, no kubelet):
+#
+#   kube-apiserver, kubectl  built from k8s.io/kubernetes via the Go module proxy
+#   etcd                     built from go.etcd.io/etcd/server/v3 via the Go module proxy
+#   helm                     built from helm.sh/helm/v3 via the Go module proxy
+#   prometheus, promtool     Debian's `prometheus` package (.ci/run apt-installs it)
+#
+# Everything is cached by version under $TESTBIN_CACHE/<name>-<version>/, so a second run
+# only checks that the files are there (a second or two). The last step writes
+# $TESTBIN_CACHE/env.sh, which exports TOOLGATE_KUBE_APISERVER, TOOLGATE_ETCD,
+# TOOLGATE_KUBECTL, TOOLGATE_HELM, TOOLGATE_PROMETHEUS and TOOLGATE_PROMTOOL (absolute
+# paths); `make test` sources it before `cargo test`.
+#
+# Builds are reproducible: pinned module versions (the go.sum is verified against the
+# checksum database), CGO_ENABLED=0, -trimpath, no VCS stamping, fixed version ldflags.
+set -euo pipefail
+
+KUBE_VERSION=1.34.4     # kube-apiserver and kubectl (same minor as k8s-openapi's v1_34)
+ETCD_VERSION=3.6.4      # the etcd release Kubernetes 1.34 ships with and depends on
+HELM_VERSION=3.19.5     # built on the k8s.io 0.34 libraries, like the apiserver
+# A fixed build date keeps `--version` output and the binaries byte-for-byte reproducible.
+BUILD_DATE=2026-01-01T00:00:00Z
+
+TESTBIN_CACHE="${TESTBIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/toolgate-testbin}"
+mkdir -p "$TESTBIN_CACHE"
+TESTBIN_CACHE="$(cd "$TESTBIN_CACHE" && pwd -P)"
+
+export GOTOOLCHAIN=local
+export GOFLAGS="-mod=mod -buildvcs=false"
+export CGO_ENABLED=0
+# Go's own download location and build cache stay wherever the user keeps them.
+
+T0=$SECONDS
+log() { printf '[testbin %4ds] %s\n' "$((SECONDS - T0))" "$*" >&2; }
+die() {
+  printf '[testbin] ERROR: %s\n' "$*" >&2
+  exit 1
+}
+
+need_go() {
+  command -v go >/dev/null 2>&1 ||
+    die "the 'go' command is missing: install Go >= 1.24 (it builds kube-apiserver, kubectl, etcd and helm from the Go module proxy)"
+}
+
+# Run a go command that talks to the module proxy; on failure say which registry it was.
+go_fetch() {
+  local what=$1
+  shift
+  if ! "$@"; then
+    die "could not obtain $what from the Go module proxy ($(go env GOPROXY)); check network access to it (GOPROXY/GONOSUMDB settings) and rerun 'make testbin'"
+  fi
+}
+
+# ---------------------------------------------------------------- kube-apiserver, kubectl
+# k8s.io/kubernetes is not meant to be imported: its go.mod replaces every staging module
+# (k8s.io/api, k8s.io/apiserver, ...) with ./staging/src/k8s.io/<name>, which does not exist
+# in the module download. A throwaway module requires k8s.io/kubernetes and points each of
+# those replaces at the published staging module of the matching version (v0.34.x).
+build_kube() {
+  local want=() bin
+  for bin in "$@"; do
+    [ -x "$TESTBIN_CACHE/$bin-$KUBE_VERSION/$bin" ] || want+=("$bin")
+  done
+  [ ${#want[@]} -eq 0 ] && return 0
+  need_go
+  log "building ${want[*]} v$KUBE_VERSION from k8s.io/kubernetes (cold: ~15-25 min on 2 cores)"
+  local started=$SECONDS
+  local work="$TESTBIN_CACHE/.build/kubernetes-$KUBE_VERSION"
+  rm -rf "$work"
+  mkdir -p "$work"
+  local gomod
+  gomod="$(go_fetch "k8s.io/kubernetes@v$KUBE_VERSION" go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" |
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
+  [ -f "$gomod" ] || die "no go.mod for k8s.io/kubernetes@v$KUBE_VERSION in the module cache"
+  local staging_version="v0.${KUBE_VERSION#1.}"
+  {
+    echo "module toolgate.local/testbin/kubernetes"
+    echo
+    echo "go $(sed -n 's/^go \([0-9.]*\)$/\1/p' "$gomod")"
+    echo
+    echo "require k8s.io/kubernetes v$KUBE_VERSION"
+    echo
+    echo "replace ("
+    sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._/-]*\) => \./staging/src/k8s\.io/.*$#\t\1 => \1 '"$staging_version"'#p' "$gomod"
+    echo ")"
+  } >"$work/go.mod"
+  grep -q "k8s.io/apiserver => k8s.io/apiserver $staging_version" "$work/go.mod" ||
+    die "could not derive the staging replaces from k8s.io/kubernetes@v$KUBE_VERSION's go.mod"
+  # A package of the main module makes `go build` resolve the dependency graph here.
+  printf 'package main\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver/app"\n\t_ "k8s.io/kubectl/pkg/cmd"\n)\n\nfunc main() {}\n' >"$work/main.go"
+  # The version stamps that Kubernetes' own build (hack/lib/version.sh) sets.
+  local x="" p minor
+  minor="$(echo "$KUBE_VERSION" | cut -d. -f2)"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    x+=" -X $p.gitVersion=v$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+    x+=" -X $p.gitCommit=0000000000000000000000000000000000000000 -X $p.buildDate=$BUILD_DATE"
+  done
+  (
+    cd "$work"
+    go_fetch "the dependencies of k8s.io/kubernetes@v$KUBE_VERSION" go mod tidy
+    for bin in "${want[@]}"; do
+      local out="$TESTBIN_CACHE/$bin-$KUBE_VERSION"
+      mkdir -p "$out.tmp"
+      log "  go build k8s.io/kubernetes/cmd/$bin"
+      go build -trimpath -ldflags="-s -w$x" -o "$out.tmp/$bin" "k8s.io/kubernetes/cmd/$bin" ||
+        die "go build k8s.io/kubernetes/cmd/$bin failed (see above)"
+      rm -rf "$out" && mv "$out.tmp" "$out"
+    done
+  )
+  rm -rf "$work"
+  log "built ${want[*]} in $((SECONDS - started))s"
+}
+
+# ---------------------------------------------------------------------------------- etcd
+# Debian's etcd-server is 3.4.23: etcd 3.4 is out of support for Kubernetes 1.34 (which is
+# built against and tested with etcd 3.6), and 3.4.23 predates the watch progress-notify
+# fixes (3.4.31) that the apiserver's consistent reads from its cache rely on. So etcd is
+# built from go.etcd.io/etcd/server/v3 with a two-line main (its own go.mod has local
+# replaces, which rules out `go install ...@version`).
+build_etcd() {
+  local out="$TESTBIN_CACHE/etcd-$ETCD_VERSION"
+  [ -x "$out/etcd" ] && return 0
+  need_go
+  log "building etcd v$ETCD_VERSION from go.etcd.io/etcd/server/v3 (cold: ~2-4 min)"
+  local started=$SECONDS
+  local work="$TESTBIN_CACHE/.build/etcd-$ETCD_VERSION"
+  rm -rf "$work"
+  mkdir -p "$work" "$out.tmp"
+  printf 'module toolgate.local/testbin/etcd\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 v%s\n' "$ETCD_VERSION" >"$work/go.mod"
+  printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' >"$work/main.go"
+  (
+    cd "$work"
+    go_fetch "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" go mod tidy
+    go build -trimpath -ldflags="-s -w" -o "$out.tmp/etcd" . || die "go build of etcd failed (see above)"
+  )
+  rm -rf "$out" && mv "$out.tmp" "$out"
+  rm -rf "$work"
+  log "built etcd in $((SECONDS - started))s"
+}
+
+# ---------------------------------------------------------------------------------- helm
+build_helm() {
+  local out="$TESTBIN_CACHE/helm-$HELM_VERSION"
+  [ -x "$out/helm" ] && return 0
+  need_go
+  log "building helm v$HELM_VERSION from helm.sh/helm/v3 (cold: ~3-6 min)"
+  local started=$SECONDS
+  mkdir -p "$out.tmp"
+  # `go install pkg@version` builds with helm's own go.mod and go.sum, exactly pinned.
+  go_fetch "helm.sh/helm/v3@v$HELM_VERSION" env GOBIN="$out.tmp" GOFLAGS=-buildvcs=false \
+    go install -trimpath \
+    -ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+    "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+  log "built helm in $((SECONDS - started))s"
+}
+
+# ---------------------------------------------------------------------------- prometheus
+# From Debian (the ordinary way to get it here); linked into the cache by version so the
+# env.sh paths name the version that the tests ran with.
+link_prometheus() {
+  local bin
+  for bin in prometheus promtool; do
+    command -v "$bin" >/dev/null 2>&1 ||
+      die "'$bin' is missing: install Debian's package with 'apt-get install prometheus' (.ci/run does this), then rerun 'make testbin'"
+  done
+  local version
+  version="$(prometheus --version 2>&1 | sed -n 's/^prometheus, version \([^ ]*\).*/\1/p')"
+  [ -n "$version" ] || die "could not read the version of $(command -v prometheus)"
+  local out="$TESTBIN_CACHE/prometheus-$version"
+  mkdir -p "$out"
+  for bin in prometheus promtool; do
+    ln -sfn "$(readlink -f "$(command -v "$bin")")" "$out/$bin"
+  done
+  PROMETHEUS_DIR="$out"
+}
+
+log "cache: $TESTBIN_CACHE"
+build_kube kube-apiserver kubectl
+build_etcd
+build_helm
+link_prometheus
+
+cat >"$TESTBIN_CACHE/env.sh.tmp" <<EOF
+# Generated by tests/cluster/testbin.sh; source it before running the real-cluster tests.
+export TOOLGATE_KUBE_APISERVER='$TESTBIN_CACHE/kube-apiserver-$KUBE_VERSION/kube-apiserver'
+export TOOLGATE_KUBECTL='$TESTBIN_CACHE/kubectl-$KUBE_VERSION/kubectl'
+export TOOLGATE_ETCD='$TESTBIN_CACHE/etcd-$ETCD_VERSION/etcd'
+export TOOLGATE_HELM='$TESTBIN_CACHE/helm-$HELM_VERSION/helm'
+export TOOLGATE_PROMETHEUS='$PROMETHEUS_DIR/prometheus'
+export TOOLGATE_PROMTOOL='$PROMETHEUS_DIR/promtool'
+EOF
+mv "$TESTBIN_CACHE/env.sh.tmp" "$TESTBIN_CACHE/env.sh"
+rm -rf "$TESTBIN_CACHE/.build"
+log "ready; wrote $TESTBIN_CACHE/env.sh"
