@@ -32,6 +32,7 @@ mod error;
 mod eval;
 mod limiter;
 mod parse;
+mod strict;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,7 @@ pub use error::{Error, Problem, Result};
 pub use eval::{Call, Caller, Decision, DecisionKind};
 pub use limiter::{CounterKey, Demand, Limiter, Refusal, Reservation};
 pub use parse::{MAX_DOCUMENT_BYTES, SourceFormat, document_from_value, parse_document, parse_document_with_format};
+pub use strict::{StrictValue, from_slice_strict};
 
 /// A set of compiled documents that all apply together: a call passes only if every
 /// document passes it; hides are the union; every limit applies; approval if any

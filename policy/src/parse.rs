@@ -36,75 +36,8 @@ pub fn parse_document_with_format(text: &str) -> Result<(Document, SourceFormat)
     if text.len() > MAX_DOCUMENT_BYTES {
         return Err(Error::TooLarge { size: text.len(), limit: MAX_DOCUMENT_BYTES });
     }
-    let StrictValue(value) = serde_norway::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
+    let crate::strict::StrictValue(value) = serde_norway::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
     document_from_value(value)
-}
-
-/// A JSON value that refuses duplicate keys in any mapping, at any depth: "last one
-/// wins" would let a reviewer read one rule while another one applies.
-struct StrictValue(Value);
-
-impl<'de> Deserialize<'de> for StrictValue {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor).map(StrictValue)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> serde::de::Visitor<'de> for StrictVisitor {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any YAML or JSON value")
-    }
-    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
-        Ok(v.into())
-    }
-    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
-        Ok(v.into())
-    }
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Value, E> {
-        serde_json::Number::from_f64(v)
-            .map(Value::Number)
-            .ok_or_else(|| E::custom("NaN and infinite numbers are not allowed"))
-    }
-    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
-        Ok(Value::String(v))
-    }
-    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_none<E>(self) -> std::result::Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
-        StrictValue::deserialize(d).map(|v| v.0)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
-        let mut out = Vec::new();
-        while let Some(StrictValue(v)) = seq.next_element()? {
-            out.push(v);
-        }
-        Ok(Value::Array(out))
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
-        let mut out = serde_json::Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            let StrictValue(v) = map.next_value()?;
-            if out.contains_key(&key) {
-                return Err(serde::de::Error::custom(format_args!("duplicate key {key:?}")));
-            }
-            out.insert(key, v);
-        }
-        Ok(Value::Object(out))
-    }
 }
 
 /// Builds a native [`Document`] from an already parsed value (e.g. an McpPolicy spec).
