@@ -1,7 +1,225 @@
-//! toolgate-proxy: the sidecar / standalone MCP proxy (work in progress).
+//! toolgate-proxy: puts a toolgate policy in front of an MCP server.
+//!
+//! ```text
+//! toolgate-proxy --policy FILE [--listen 127.0.0.1:8080] [--admin-listen 127.0.0.1:9090]
+//!                (--upstream http://HOST:PORT/PATH | [--stdio] -- CMD ARGS...)
+//! ```
 #![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!("toolgate-proxy: not implemented yet");
-    std::process::exit(2);
+mod audit;
+mod gate;
+mod jsonrpc;
+mod metrics;
+mod policy_files;
+mod server;
+mod sse;
+mod stdio;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::gate::{Gate, IdentitySource};
+use crate::metrics::Metrics;
+use crate::server::App;
+use crate::upstream::{HttpUpstream, StdioSessions, Upstream};
+
+/// Deterministic rules in front of every MCP tool call.
+#[derive(Parser, Debug)]
+#[command(name = "toolgate-proxy", version, about)]
+struct Args {
+    /// Policy file (YAML or JSON, native or Intercept). Repeat to apply several documents
+    /// together. Watched: valid edits apply at once, invalid ones keep the last good policy.
+    #[arg(long = "policy", short = 'p', env = "TOOLGATE_POLICY", value_delimiter = ',', required = true)]
+    policies: Vec<PathBuf>,
+
+    /// Client-facing MCP endpoint (served at /mcp).
+    #[arg(long, env = "TOOLGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Admin endpoint: /metrics, /healthz, /readyz, /policy.
+    #[arg(long, env = "TOOLGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+
+    /// Upstream Streamable-HTTP MCP endpoint, e.g. http://127.0.0.1:3000/mcp.
+    #[arg(long, env = "TOOLGATE_UPSTREAM", conflicts_with = "command")]
+    upstream: Option<hyper::Uri>,
+
+    /// Speak MCP over stdio to the client (for desktop clients) instead of HTTP.
+    #[arg(long, env = "TOOLGATE_STDIO", requires = "command")]
+    stdio: bool,
+
+    /// Trust this header (set by a gateway in front of toolgate) as the caller identity
+    /// instead of the fingerprint of the Authorization header.
+    #[arg(long, env = "TOOLGATE_IDENTITY_HEADER")]
+    identity_header: Option<hyper::header::HeaderName>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "TOOLGATE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_body_bytes: usize,
+
+    /// Write raw argument values into audit lines (off: only keys and a hash).
+    #[arg(long, env = "TOOLGATE_AUDIT_ARGUMENTS")]
+    audit_arguments: bool,
+
+    /// How often the policy files are checked for changes, in milliseconds.
+    #[arg(long, env = "TOOLGATE_RELOAD_INTERVAL_MS", default_value_t = 500)]
+    reload_interval_ms: u64,
+
+    /// Most concurrent MCP sessions (child processes) in `-- CMD` mode.
+    #[arg(long, env = "TOOLGATE_MAX_SESSIONS", default_value_t = 32)]
+    max_sessions: usize,
+
+    /// Idle time after which a session's child process is stopped, in seconds.
+    #[arg(long, env = "TOOLGATE_SESSION_IDLE_SECONDS", default_value_t = 1800)]
+    session_idle_seconds: u64,
+
+    /// Time to wait for an upstream answer (response head), in seconds.
+    #[arg(long, env = "TOOLGATE_UPSTREAM_TIMEOUT_SECONDS", default_value_t = 300)]
+    upstream_timeout_seconds: u64,
+
+    /// Pod name for audit lines (the sidecar gets it from the downward API).
+    #[arg(long, env = "TOOLGATE_POD_NAME")]
+    pod_name: Option<String>,
+
+    /// The MCP server to run as a child process, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Logs go to stderr; stdout carries audit lines (or, with --stdio, the protocol).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TOOLGATE_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    if args.upstream.is_none() && args.command.is_empty() {
+        eprintln!("toolgate-proxy: give an upstream: --upstream URL, or -- CMD ARGS to run the MCP server as a child");
+        return ExitCode::from(64);
+    }
+    // Invalid policies stop us before any port is bound.
+    let policy = match policy_files::load(&args.policies) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("toolgate-proxy: invalid policy:\n{e}");
+            return ExitCode::from(78);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("toolgate-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, policy)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("toolgate-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args, policy: toolgate_policy::Policy) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    metrics.policy_enforced(Some(policy.revision()));
+    metrics.learn_tools(
+        policy
+            .documents()
+            .flat_map(|(_, d)| d.tools.keys().chain(d.grants.iter().flat_map(|g| g.tools.keys())).map(String::as_str)),
+    );
+    tracing::info!(revision = policy.revision(), files = ?args.policies, "policy loaded");
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
+    tokio::spawn(policy_files::watch(
+        args.policies.clone(),
+        Duration::from_millis(args.reload_interval_ms.max(50)),
+        policy_tx,
+        metrics.clone(),
+    ));
+    let identity = match args.identity_header.clone() {
+        Some(h) => IdentitySource::Header(h),
+        None => IdentitySource::Authorization,
+    };
+    let gate = Arc::new(Gate::new(policy_rx, metrics.clone(), identity, args.audit_arguments, args.pod_name.clone()));
+    if args.stdio {
+        audit::to_stderr();
+    }
+
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+
+    if args.stdio {
+        let app = Arc::new(App { gate: gate.clone(), upstream: placeholder_upstream(), max_body: args.max_body_bytes });
+        let admin = tokio::spawn(server::serve(admin_listener, app, server::admin, shutdown_rx));
+        let result = stdio::run(gate, &args.command, args.max_body_bytes).await;
+        let _ = shutdown_tx.send(true);
+        let _ = admin.await;
+        return result;
+    }
+
+    let upstream = match &args.upstream {
+        Some(uri) => {
+            if uri.scheme_str() != Some("http") {
+                anyhow::bail!("--upstream must be an http:// URL (TLS to the upstream is not supported yet)");
+            }
+            Upstream::Http(HttpUpstream::new(uri.clone(), Duration::from_secs(args.upstream_timeout_seconds)))
+        }
+        None => Upstream::Stdio(StdioSessions::new(
+            args.command.clone(),
+            args.max_sessions.max(1),
+            Duration::from_secs(args.session_idle_seconds),
+            Duration::from_secs(args.upstream_timeout_seconds),
+        )),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, admin = %args.admin_listen, "serving MCP at /mcp");
+    let app = Arc::new(App { gate, upstream, max_body: args.max_body_bytes });
+    let admin = tokio::spawn(server::serve(admin_listener, app.clone(), server::admin, shutdown_rx.clone()));
+    let main = tokio::spawn(server::serve(listener, app.clone(), server::handle, shutdown_rx));
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight calls");
+    let _ = shutdown_tx.send(true);
+    let _ = main.await;
+    let _ = admin.await;
+    if let Upstream::Stdio(s) = &app.upstream {
+        s.shutdown();
+    }
+    Ok(())
+}
+
+/// In `--stdio` mode the HTTP upstream is unused; the admin listener only needs the gate.
+fn placeholder_upstream() -> Upstream {
+    Upstream::Http(HttpUpstream::new(hyper::Uri::from_static("http://127.0.0.1:9/"), Duration::from_secs(1)))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -1,0 +1,486 @@
+//! The enforcement layer: decides every `tools/call` of a request before anything is
+//! forwarded, answers refusals itself, and inspects the upstream's answers to commit or
+//! roll back reserved quota and to filter `tools/list` results per caller.
+//!
+//! The live policy is read from a `watch` channel per request, so a new policy applies
+//! to the next call, mid-connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::HeaderMap;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use toolgate_policy::{Call, Caller, Decision, DecisionKind, DenialStyle, Limiter, Policy, Reservation};
+
+use crate::audit;
+use crate::jsonrpc::{self, Body, Kind, code};
+use crate::metrics::Metrics;
+
+/// How callers are identified.
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    /// SHA-256 fingerprint of the `Authorization` header value.
+    Authorization,
+    /// The value of a header set by a trusted gateway.
+    Header(hyper::header::HeaderName),
+}
+
+/// Everything the enforcement layer needs, shared by all connections.
+#[derive(Debug)]
+pub struct Gate {
+    pub policy: watch::Receiver<Arc<Policy>>,
+    pub limiter: Limiter,
+    pub metrics: Arc<Metrics>,
+    pub identity: IdentitySource,
+    pub audit_arguments: bool,
+    pub pod: Option<String>,
+    epoch: Instant,
+}
+
+impl Gate {
+    pub fn new(
+        policy: watch::Receiver<Arc<Policy>>,
+        metrics: Arc<Metrics>,
+        identity: IdentitySource,
+        audit_arguments: bool,
+        pod: Option<String>,
+    ) -> Self {
+        Self { policy, limiter: Limiter::default(), metrics, identity, audit_arguments, pod, epoch: Instant::now() }
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        self.policy.borrow().clone()
+    }
+
+    pub fn caller(&self, headers: &HeaderMap, policy: &Policy) -> Caller {
+        let identity = match &self.identity {
+            IdentitySource::Authorization => headers
+                .get(hyper::header::AUTHORIZATION)
+                .map(|v| toolgate_policy::fingerprint(&String::from_utf8_lossy(v.as_bytes())))
+                .unwrap_or_default(),
+            IdentitySource::Header(name) => {
+                headers.get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_owned()).unwrap_or_default()
+            }
+        };
+        let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let wanted = policy.header_names();
+        let headers = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            wanted
+                .iter()
+                .filter_map(|n| {
+                    headers.get(n.as_str()).and_then(|v| v.to_str().ok()).map(|v| (n.clone(), v.to_owned()))
+                })
+                .collect()
+        };
+        Caller { identity, session, headers }
+    }
+}
+
+/// Requests of one POST whose answers must be inspected, keyed by the id's JSON text.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    calls: HashMap<String, Reservation>,
+    lists: HashMap<String, ()>,
+}
+
+impl Tracker {
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty() && self.lists.is_empty()
+    }
+
+    /// Takes over the entries of another tracker (stdio mode keeps one for the session).
+    pub fn absorb(&mut self, other: Tracker) {
+        self.calls.extend(other.calls);
+        self.lists.extend(other.lists);
+    }
+
+    /// The call never completed upstream (transport error, error status, stream ended
+    /// without its answer): give its quota back.
+    pub fn rollback_all(&mut self) {
+        for (_, r) in self.calls.drain() {
+            r.rollback();
+        }
+        self.lists.clear();
+    }
+}
+
+/// The outcome of checking a POST body.
+#[derive(Debug)]
+pub enum Checked {
+    /// Forward the original bytes; inspect answers with the tracker.
+    Forward(Tracker),
+    /// Answer with this JSON (nothing is forwarded).
+    Answer(Value),
+}
+
+fn id_key(id: &Value) -> String {
+    id.to_string()
+}
+
+impl Gate {
+    /// Decides every message of a body. A batch with any refused element is refused
+    /// whole (no element is forwarded), so nothing unchecked ever reaches the upstream.
+    pub fn check(
+        &self,
+        body: &Body,
+        caller: &Caller,
+        policy: &Policy,
+        header_method: Option<&str>,
+        header_name: Option<&str>,
+    ) -> Checked {
+        if let Some(answer) = check_headers(body, header_method, header_name) {
+            return Checked::Answer(answer);
+        }
+        let mut tracker = Tracker::default();
+        let mut answers: Vec<Option<Value>> = Vec::with_capacity(body.messages.len());
+        let mut refused = false;
+        let mut seen_ids = HashMap::new();
+        for msg in &body.messages {
+            let answer = match msg.kind() {
+                Kind::Request { id, method } => {
+                    if seen_ids.insert(id_key(id), ()).is_some() {
+                        Some(jsonrpc::error(id.clone(), code::INVALID_REQUEST, "duplicate request id in batch", None))
+                    } else if method == "tools/call" {
+                        match jsonrpc::tool_call(msg) {
+                            Err(e) => Some(jsonrpc::error(id.clone(), code::INVALID_PARAMS, e, None)),
+                            Ok(tc) => {
+                                let started = Instant::now();
+                                let call = Call { tool: tc.name, arguments: tc.arguments, caller };
+                                let mut d = policy.decide(&self.limiter, &call, self.now());
+                                self.record(&call, &d, policy, started);
+                                match d.reservation.take() {
+                                    Some(r) if d.kind.is_allow() => {
+                                        tracker.calls.insert(id_key(id), r);
+                                        None
+                                    }
+                                    _ => Some(refusal(id.clone(), &d, policy.is_empty())),
+                                }
+                            }
+                        }
+                    } else {
+                        if method == "tools/list" {
+                            tracker.lists.insert(id_key(id), ());
+                        }
+                        None
+                    }
+                }
+                Kind::Notification { method } if method == "tools/call" => Some(jsonrpc::error(
+                    Value::Null,
+                    code::INVALID_REQUEST,
+                    "tools/call must be a request with an id",
+                    None,
+                )),
+                Kind::Notification { .. } | Kind::Response => None,
+                Kind::Invalid => {
+                    Some(jsonrpc::error(msg.id(), code::INVALID_REQUEST, "not a valid JSON-RPC 2.0 message", None))
+                }
+            };
+            refused |= answer.is_some();
+            answers.push(answer);
+        }
+        if !refused {
+            return Checked::Forward(tracker);
+        }
+        tracker.rollback_all();
+        if !body.batch {
+            return Checked::Answer(answers.into_iter().flatten().next().unwrap_or(Value::Null));
+        }
+        let out: Vec<Value> = body
+            .messages
+            .iter()
+            .zip(answers)
+            .filter_map(|(msg, a)| match (a, msg.kind()) {
+                (Some(a), _) => Some(a),
+                (None, Kind::Request { id, .. }) => Some(jsonrpc::error(
+                    id.clone(),
+                    code::DENIED,
+                    "batch refused: another element of this batch was refused, so none was forwarded",
+                    None,
+                )),
+                _ => None,
+            })
+            .collect();
+        Checked::Answer(Value::Array(out))
+    }
+
+    fn record(&self, call: &Call<'_>, d: &Decision, policy: &Policy, started: Instant) {
+        self.metrics.decision(call.tool, d.kind.as_str(), d.policy.as_deref(), d.rule.as_deref());
+        let record = audit::Record {
+            ts: audit::now_rfc3339(),
+            kind: "decision",
+            pod: self.pod.as_deref(),
+            session: call.caller.session.as_deref(),
+            identity: &call.caller.identity,
+            grant: d.grant.as_deref(),
+            tool: call.tool,
+            decision: d.kind.as_str(),
+            policy: d.policy.as_deref(),
+            rule: d.rule.as_deref(),
+            revision: policy.revision(),
+            reason: d.reason.as_deref(),
+            retry_after_seconds: d.retry_after.map(retry_secs),
+            argument_keys: audit::argument_keys(call.arguments),
+            arguments_sha256: audit::arguments_digest(call.arguments),
+            arguments: self.audit_arguments.then_some(call.arguments),
+            latency_us: started.elapsed().as_micros() as u64,
+        };
+        audit::write(&record);
+    }
+
+    /// Inspects one message the upstream sent back. Returns a replacement when the
+    /// message must change (a filtered tools/list result).
+    pub fn inspect_answer(&self, msg: &Value, tracker: &mut Tracker, caller: &Caller) -> Option<Value> {
+        let key = msg.get("id").map(id_key);
+        if let Some(k) = &key
+            && let Some(r) = tracker.calls.remove(k)
+        {
+            // A JSON-RPC error means the call did not happen: give the quota back. A
+            // result, even one with isError, spent it.
+            if msg.get("error").is_some() {
+                r.rollback()
+            } else {
+                r.commit()
+            }
+            return None;
+        }
+        let tracked_list = key.as_ref().is_some_and(|k| tracker.lists.remove(k).is_some());
+        // Untracked answers that look like a tools/list result (e.g. replayed on a
+        // resumed stream) are filtered too: a hidden tool must never be shown.
+        let tools = msg.get("result").and_then(|r| r.get("tools")).and_then(Value::as_array)?;
+        if !tracked_list && !tools.iter().all(|t| t.get("name").is_some_and(Value::is_string)) {
+            return None;
+        }
+        let policy = self.current();
+        self.metrics.learn_tools(tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)));
+        let kept: Vec<Value> = tools
+            .iter()
+            .filter(|t| t.get("name").and_then(Value::as_str).is_some_and(|n| policy.lists_tool(n, caller)))
+            .cloned()
+            .collect();
+        let mut out = msg.clone();
+        out["result"]["tools"] = Value::Array(kept);
+        Some(out)
+    }
+
+    /// Inspects a JSON answer body (one message or a batch). None = unchanged.
+    pub fn inspect_body(&self, body: &[u8], tracker: &mut Tracker, caller: &Caller) -> Option<Vec<u8>> {
+        let value: Value = serde_json::from_slice(body).ok()?;
+        let replaced = match &value {
+            Value::Array(items) => {
+                let mut changed = false;
+                let out: Vec<Value> = items
+                    .iter()
+                    .map(|m| match self.inspect_answer(m, tracker, caller) {
+                        Some(r) => {
+                            changed = true;
+                            r
+                        }
+                        None => m.clone(),
+                    })
+                    .collect();
+                changed.then_some(Value::Array(out))
+            }
+            other => self.inspect_answer(other, tracker, caller),
+        };
+        replaced.and_then(|v| serde_json::to_vec(&v).ok())
+    }
+}
+
+fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&str>) -> Option<Value> {
+    if header_method.is_none() && header_name.is_none() {
+        return None;
+    }
+    let first = body.messages.first();
+    let id = first.map(jsonrpc::Message::id).unwrap_or(Value::Null);
+    let mismatch = |what: &str| {
+        Some(jsonrpc::error(id.clone(), code::INVALID_REQUEST, format!("{what} header does not match the body"), None))
+    };
+    if body.batch {
+        return mismatch("Mcp-Method/Mcp-Name (not allowed with a batch)");
+    }
+    let msg = first?;
+    let method = msg.value.get("method").and_then(Value::as_str);
+    if let Some(h) = header_method
+        && Some(h) != method
+    {
+        return mismatch("Mcp-Method");
+    }
+    if let Some(h) = header_name
+        && method == Some("tools/call")
+        && msg.value.get("params").and_then(|p| p.get("name")).and_then(Value::as_str) != Some(h)
+    {
+        return mismatch("Mcp-Name");
+    }
+    None
+}
+
+pub fn retry_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// The answer for a refused call: a JSON-RPC error, or (if the policy asks) a tool
+/// result with `isError: true`.
+pub fn refusal(id: Value, d: &Decision, no_policy: bool) -> Value {
+    let reason = d.reason.clone().unwrap_or_else(|| "refused by policy".into());
+    let mut data = json!({
+        "decision": d.kind.as_str(),
+        "policy": d.policy.as_deref(),
+        "rule": d.rule.as_deref(),
+        "reason": reason,
+    });
+    if let Some(r) = d.retry_after {
+        data["retryAfterSeconds"] = json!(retry_secs(r));
+    }
+    let (code, kind) = match d.kind {
+        DecisionKind::RateLimited => (code::RATE_LIMITED, "rate limited"),
+        DecisionKind::Approval => (code::APPROVAL_REQUIRED, "approval required"),
+        _ if no_policy => (code::NO_POLICY, "no policy loaded"),
+        _ => (code::DENIED, "denied"),
+    };
+    if d.kind == DecisionKind::Approval {
+        data["decision"] = json!("approval");
+        data["reason"] = json!(format!("approval required: {reason}"));
+    }
+    let message = format!("toolgate: {kind}: {}", data["reason"].as_str().unwrap_or(""));
+    match d.denial {
+        DenialStyle::Error => jsonrpc::error(id, code, message, Some(data)),
+        DenialStyle::ToolResult => json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "result": {
+                "content": [{ "type": "text", "text": message }],
+                "isError": true,
+                "_meta": { "toolgate": data },
+            }
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jsonrpc::parse_body;
+
+    fn gate(policy: &str) -> (Gate, Arc<Policy>) {
+        let p = Arc::new(Policy::from_text("test", policy).expect("valid"));
+        let (_tx, rx) = watch::channel(p.clone());
+        (Gate::new(rx, Arc::new(Metrics::new()), IdentitySource::Authorization, false, None), p)
+    }
+
+    const SEED: &str = r#"{"version":"1","default":"deny","tools":{"start-pod":{"limits":[{"counter":"start-pod_rate","window":"minute","max":2,"scope":"grant"}]}}}"#;
+
+    fn call(id: u64, tool: &str) -> String {
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}","arguments":{{}}}}}}"#)
+    }
+
+    #[test]
+    fn single_denial_is_answered() {
+        let (g, p) = gate(SEED);
+        let body = parse_body(call(7, "delete-pod").as_bytes()).expect("parses");
+        let Checked::Answer(a) = g.check(&body, &Caller::default(), &p, None, None) else { panic!("must refuse") };
+        assert_eq!(a["id"], 7);
+        assert_eq!(a["error"]["code"], code::DENIED);
+        assert_eq!(a["error"]["data"]["decision"], "deny");
+        assert_eq!(a["error"]["data"]["rule"], "default");
+    }
+
+    #[test]
+    fn batch_with_one_refusal_is_refused_whole_and_spends_nothing() {
+        let (g, p) = gate(SEED);
+        let text = format!("[{},{}]", call(1, "start-pod"), call(2, "delete-pod"));
+        let body = parse_body(text.as_bytes()).expect("parses");
+        let Checked::Answer(Value::Array(a)) = g.check(&body, &Caller::default(), &p, None, None) else {
+            panic!("must refuse")
+        };
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0]["error"]["code"], code::DENIED);
+        // Quota was not spent by the refused batch: two calls still pass.
+        for id in 3..5 {
+            let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");
+            assert!(matches!(g.check(&b, &Caller::default(), &p, None, None), Checked::Forward(_)));
+        }
+        let b = parse_body(call(9, "start-pod").as_bytes()).expect("parses");
+        let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("limit") };
+        assert_eq!(a["error"]["code"], code::RATE_LIMITED);
+        assert!(a["error"]["data"]["retryAfterSeconds"].as_u64().is_some_and(|s| s > 0 && s <= 60));
+    }
+
+    #[test]
+    fn error_answer_rolls_back_and_result_spends() {
+        let (g, p) = gate(SEED);
+        let caller = Caller::default();
+        for round in 0..3 {
+            let b = parse_body(call(round, "start-pod").as_bytes()).expect("parses");
+            let Checked::Forward(mut t) = g.check(&b, &caller, &p, None, None) else { panic!("room") };
+            let answer = json!({"jsonrpc":"2.0","id":round,"error":{"code":-32603,"message":"boom"}});
+            assert!(g.inspect_answer(&answer, &mut t, &caller).is_none());
+        }
+        for id in 10..12 {
+            let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");
+            let Checked::Forward(mut t) = g.check(&b, &caller, &p, None, None) else { panic!("room") };
+            let answer = json!({"jsonrpc":"2.0","id":id,"result":{"content":[],"isError":true}});
+            g.inspect_answer(&answer, &mut t, &caller);
+        }
+        let b = parse_body(call(20, "start-pod").as_bytes()).expect("parses");
+        assert!(matches!(g.check(&b, &caller, &p, None, None), Checked::Answer(_)));
+    }
+
+    #[test]
+    fn tools_list_is_filtered() {
+        let (g, p) = gate(SEED);
+        let caller = Caller::default();
+        let b = parse_body(br#"{"jsonrpc":"2.0","id":"l","method":"tools/list"}"#).expect("parses");
+        let Checked::Forward(mut t) = g.check(&b, &caller, &p, None, None) else { panic!("forward") };
+        let answer = json!({"jsonrpc":"2.0","id":"l","result":{"tools":[{"name":"start-pod"},{"name":"delete-pod"}],"nextCursor":"c2"}});
+        let out = g.inspect_answer(&answer, &mut t, &caller).expect("filtered");
+        assert_eq!(out["result"]["tools"], json!([{"name":"start-pod"}]));
+        assert_eq!(out["result"]["nextCursor"], "c2");
+    }
+
+    #[test]
+    fn headers_must_match_body() {
+        let (g, p) = gate(SEED);
+        let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
+        assert!(matches!(
+            g.check(&b, &Caller::default(), &p, Some("tools/call"), Some("delete-pod")),
+            Checked::Answer(_)
+        ));
+        assert!(matches!(g.check(&b, &Caller::default(), &p, Some("tools/list"), None), Checked::Answer(_)));
+        assert!(matches!(
+            g.check(&b, &Caller::default(), &p, Some("tools/call"), Some("start-pod")),
+            Checked::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn malformed_tool_calls_are_refused_not_forwarded() {
+        let (g, p) = gate(r#"{"version":"1","default":"allow"}"#);
+        for text in [
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"x"}}"#,
+            r#"{"jsonrpc":"2.0","id":null,"method":"tools/call","params":{"name":"x"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":"{}"}}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}},{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"y"}}]"#,
+        ] {
+            let b = parse_body(text.as_bytes()).expect("parses");
+            assert!(matches!(g.check(&b, &Caller::default(), &p, None, None), Checked::Answer(_)), "{text}");
+        }
+    }
+
+    #[test]
+    fn no_policy_refuses_everything() {
+        let p = Arc::new(Policy::empty());
+        let (_tx, rx) = watch::channel(p.clone());
+        let g = Gate::new(rx, Arc::new(Metrics::new()), IdentitySource::Authorization, false, None);
+        let b = parse_body(call(1, "list-pods").as_bytes()).expect("parses");
+        let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refuse") };
+        assert_eq!(a["error"]["code"], code::NO_POLICY);
+    }
+}

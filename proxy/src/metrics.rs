@@ -1,0 +1,250 @@
+//! Prometheus metrics of the proxy. Every label value comes from a bounded set: tool
+//! names are those the policy names or the upstream listed (capped), everything else is
+//! reported as `_other`, so a client calling a million random tool names creates no
+//! new series.
+
+use std::collections::HashSet;
+use std::sync::RwLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Most distinct tool names used as label values.
+pub const MAX_TOOL_LABELS: usize = 512;
+/// Label value for anything outside the bounded sets.
+pub const OTHER: &str = "_other";
+
+const KNOWN_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/roots/list_changed",
+    "response",
+    "batch",
+    "get",
+    "delete",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    tool: String,
+    decision: &'static str,
+    policy: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevisionLabels {
+    revision: String,
+}
+
+type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// All proxy metrics, registered once.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+    upstream_errors: Family<KindLabels, Counter>,
+    policy_loaded: Gauge,
+    policy_info: Family<RevisionLabels, Gauge>,
+    reload_errors: Counter,
+    known_tools: RwLock<HashSet<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "toolgate_decisions",
+            "Policy decisions on tools/call, by tool, decision (allow, deny, hidden, approval, rate_limited), policy and rule",
+            decisions.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "toolgate_requests",
+            "MCP HTTP requests by JSON-RPC method and HTTP status",
+            requests.clone(),
+        );
+        let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "toolgate_request_duration_seconds",
+            "Time from request to response head, by JSON-RPC method",
+            duration.clone(),
+        );
+        let upstream_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "toolgate_upstream_errors",
+            "Failures talking to the upstream MCP server, by kind",
+            upstream_errors.clone(),
+        );
+        let policy_loaded = Gauge::default();
+        registry.register(
+            "toolgate_policy_loaded",
+            "1 when a valid policy is enforced, 0 otherwise",
+            policy_loaded.clone(),
+        );
+        let policy_info = Family::<RevisionLabels, Gauge>::default();
+        registry.register("toolgate_policy_info", "The enforced policy revision (value 1)", policy_info.clone());
+        let reload_errors = Counter::default();
+        registry.register(
+            "toolgate_policy_reload_errors",
+            "Policy updates that were refused (the last good policy stays enforced)",
+            reload_errors.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+            requests,
+            duration,
+            upstream_errors,
+            policy_loaded,
+            policy_info,
+            reload_errors,
+            known_tools: RwLock::default(),
+        }
+    }
+
+    /// Makes `names` valid tool label values (up to [`MAX_TOOL_LABELS`]).
+    pub fn learn_tools<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut known = self.known_tools.write().unwrap_or_else(|p| p.into_inner());
+        for n in names {
+            if known.len() >= MAX_TOOL_LABELS {
+                break;
+            }
+            if n.len() <= 128 && !known.contains(n) {
+                known.insert(n.to_owned());
+            }
+        }
+    }
+
+    fn tool_label(&self, tool: &str) -> String {
+        let known = self.known_tools.read().unwrap_or_else(|p| p.into_inner());
+        if known.contains(tool) { tool.to_owned() } else { OTHER.to_owned() }
+    }
+
+    pub fn decision(&self, tool: &str, decision: &'static str, policy: Option<&str>, rule: Option<&str>) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                tool: self.tool_label(tool),
+                decision,
+                policy: policy.unwrap_or("").to_owned(),
+                rule: rule.unwrap_or("").to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn method_label(method: &str) -> &'static str {
+        KNOWN_METHODS.iter().find(|m| **m == method).copied().unwrap_or(OTHER)
+    }
+
+    pub fn request(&self, method: &'static str, code: u16, seconds: f64) {
+        self.requests.get_or_create(&RequestLabels { method, code }).inc();
+        self.duration.get_or_create(&MethodLabels { method }).observe(seconds);
+    }
+
+    pub fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn policy_enforced(&self, revision: Option<&str>) {
+        self.policy_info.clear();
+        match revision {
+            Some(r) => {
+                self.policy_loaded.set(1);
+                self.policy_info.get_or_create(&RevisionLabels { revision: r.to_owned() }).set(1);
+            }
+            None => {
+                self.policy_loaded.set(0);
+            }
+        }
+    }
+
+    pub fn reload_error(&self) {
+        self.reload_errors.inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_tools_share_one_series() {
+        let m = Metrics::new();
+        m.learn_tools(["start-pod"]);
+        for i in 0..1000 {
+            m.decision(&format!("random-{i}"), "deny", Some("p"), Some("default"));
+        }
+        m.decision("start-pod", "allow", Some("p"), Some("tools.start-pod"));
+        let text = m.encode();
+        let series = text.lines().filter(|l| l.starts_with("toolgate_decisions_total{")).count();
+        assert_eq!(series, 2, "{text}");
+        assert!(text.contains(r#"tool="_other",decision="deny""#), "{text}");
+        assert!(text.contains(
+            r#"toolgate_decisions_total{tool="start-pod",decision="allow",policy="p",rule="tools.start-pod"} 1"#
+        ));
+    }
+
+    #[test]
+    fn tool_labels_are_capped() {
+        let m = Metrics::new();
+        let names: Vec<String> = (0..MAX_TOOL_LABELS + 50).map(|i| format!("t{i}")).collect();
+        m.learn_tools(names.iter().map(String::as_str));
+        assert_eq!(m.known_tools.read().map(|k| k.len()).unwrap_or(0), MAX_TOOL_LABELS);
+    }
+}

@@ -1,0 +1,373 @@
+//! The client-facing MCP endpoint (`/mcp`, Streamable HTTP) and the admin listener.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use toolgate_policy::Caller;
+
+use crate::gate::{Checked, Gate, Tracker};
+use crate::jsonrpc::{self, code};
+use crate::metrics::Metrics;
+use crate::sse;
+use crate::upstream::Upstream;
+
+/// A concrete body error type: boxed trait objects trip a higher-ranked lifetime
+/// limitation of the compiler inside hyper's service bounds.
+pub type BoxError = std::io::Error;
+pub type RespBody = BoxBody<Bytes, BoxError>;
+
+/// Largest upstream JSON answer the proxy reads to inspect.
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug)]
+pub struct App {
+    pub gate: Arc<Gate>,
+    pub upstream: Upstream,
+    pub max_body: usize,
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> RespBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<RespBody> {
+    let mut r = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn rpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> Response<RespBody> {
+    json_response(status, &jsonrpc::error(Value::Null, code, message, None))
+}
+
+/// Routes `/mcp`; everything else is 404.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+    let started = Instant::now();
+    if req.uri().path() != "/mcp" {
+        return Ok(rpc_error(StatusCode::NOT_FOUND, code::INVALID_REQUEST, "not found: the MCP endpoint is /mcp"));
+    }
+    let (resp, method) = match *req.method() {
+        Method::POST => post(&app, req).await,
+        Method::GET => (forward_stream(&app, req).await, "get"),
+        Method::DELETE => (forward_stream(&app, req).await, "delete"),
+        _ => {
+            let mut r = rpc_error(StatusCode::METHOD_NOT_ALLOWED, code::INVALID_REQUEST, "use POST, GET or DELETE");
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
+            (r, Metrics::method_label(""))
+        }
+    };
+    app.gate.metrics.request(method, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'static str) {
+    let (parts, body) = req.into_parts();
+    let ct = header_str(&parts.headers, "content-type").unwrap_or("");
+    if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) {
+        return (
+            rpc_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code::INVALID_REQUEST,
+                "Content-Type must be application/json",
+            ),
+            "_other",
+        );
+    }
+    // Encoded bodies would be checked as bytes the upstream reads differently: refuse.
+    if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING)
+        && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return (
+            rpc_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code::INVALID_REQUEST,
+                "Content-Encoding is not supported: send the body uncompressed",
+            ),
+            "_other",
+        );
+    }
+    let too_large = || {
+        rpc_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::INVALID_REQUEST,
+            format!("body larger than {} bytes", app.max_body),
+        )
+    };
+    if header_str(&parts.headers, "content-length")
+        .and_then(|l| l.parse::<u64>().ok())
+        .is_some_and(|l| l > app.max_body as u64)
+    {
+        return (too_large(), "_other");
+    }
+    let bytes = match Limited::new(body, app.max_body).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => return (too_large(), "_other"),
+    };
+    let parsed = match jsonrpc::parse_body(&bytes) {
+        Ok(b) => b,
+        Err(e) => return (rpc_error(StatusCode::BAD_REQUEST, e.code(), e.to_string()), "_other"),
+    };
+    let method = if parsed.batch {
+        "batch"
+    } else {
+        match parsed.messages[0].kind() {
+            jsonrpc::Kind::Request { method, .. } | jsonrpc::Kind::Notification { method } => {
+                Metrics::method_label(method)
+            }
+            jsonrpc::Kind::Response => "response",
+            jsonrpc::Kind::Invalid => "_other",
+        }
+    };
+    let policy = app.gate.current();
+    let caller = app.gate.caller(&parts.headers, &policy);
+    let checked = app.gate.check(
+        &parsed,
+        &caller,
+        &policy,
+        header_str(&parts.headers, "mcp-method"),
+        header_str(&parts.headers, "mcp-name"),
+    );
+    drop(parsed);
+    let mut tracker = match checked {
+        Checked::Answer(v) => {
+            let status = if v.get("error").is_some_and(|e| e["code"] == code::INVALID_REQUEST) && !v.is_array() {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::OK
+            };
+            return (json_response(status, &v), method);
+        }
+        Checked::Forward(t) => t,
+    };
+    let resp = match app.upstream.send(&parts.method, &parts.headers, bytes).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracker.rollback_all();
+            app.gate.metrics.upstream_error(e.kind());
+            tracing::warn!(error = %e, "upstream request failed");
+            return (
+                rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream MCP server failed: {e}")),
+                method,
+            );
+        }
+    };
+    (answer(app, resp, tracker, caller).await, method)
+}
+
+/// Passes an upstream answer to the client, inspecting what must be inspected.
+async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, caller: Caller) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.status.is_success() {
+        tracker.rollback_all();
+        if parts.status.is_server_error() {
+            app.gate.metrics.upstream_error("status");
+        }
+        return Response::from_parts(parts, body);
+    }
+    let ct = header_str(&parts.headers, "content-type").unwrap_or("").to_ascii_lowercase();
+    if ct.starts_with("text/event-stream") {
+        // Events may be rewritten, so the upstream's length no longer holds.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(parts, sse_body(app, body, tracker, caller));
+    }
+    if tracker.is_empty() || !ct.starts_with("application/json") {
+        // Nothing to inspect (202 for notifications, etc.). Reservations of calls the
+        // upstream did not answer are rolled back.
+        tracker.rollback_all();
+        return Response::from_parts(parts, body);
+    }
+    let bytes = match Limited::new(body, MAX_ANSWER_BYTES).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            tracker.rollback_all();
+            app.gate.metrics.upstream_error("body");
+            return rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream answer unreadable: {e}"));
+        }
+    };
+    let out = match app.gate.inspect_body(&bytes, &mut tracker, &caller) {
+        Some(v) => Bytes::from(v),
+        None => bytes,
+    };
+    tracker.rollback_all();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, full(out))
+}
+
+/// Streams SSE from the upstream, inspecting each event's JSON-RPC message.
+fn sse_body(app: &App, mut body: RespBody, mut tracker: Tracker, caller: Caller) -> RespBody {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
+    let gate = app.gate.clone();
+    tokio::spawn(async move {
+        let mut splitter = sse::Splitter::default();
+        loop {
+            match body.frame().await {
+                None => break,
+                Some(Err(e)) => {
+                    gate.metrics.upstream_error("stream");
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    let events = match splitter.push(&data) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            gate.metrics.upstream_error("stream");
+                            let _ = tx.send(Err(std::io::Error::other(e))).await;
+                            break;
+                        }
+                    };
+                    for ev in events {
+                        let out = rewrite_event(&gate, ev, &mut tracker, &caller);
+                        if tx.send(Ok(Frame::data(out))).await.is_err() {
+                            // The client left; the upstream may still complete the call,
+                            // so its quota stays spent.
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let rest = splitter.rest();
+        if !rest.is_empty() {
+            let _ = tx.send(Ok(Frame::data(rest))).await;
+        }
+        // The upstream ended the stream without answering these calls.
+        tracker.rollback_all();
+    });
+    StreamBody::new(ReceiverStream::new(rx)).boxed()
+}
+
+fn rewrite_event(gate: &Gate, event: Bytes, tracker: &mut Tracker, caller: &Caller) -> Bytes {
+    let Some(data) = sse::data(&event) else { return event };
+    let Ok(msg) = serde_json::from_str::<Value>(&data) else { return event };
+    let replaced = match &msg {
+        Value::Array(_) => gate.inspect_body(data.as_bytes(), tracker, caller).and_then(|b| String::from_utf8(b).ok()),
+        _ => gate.inspect_answer(&msg, tracker, caller).and_then(|v| serde_json::to_string(&v).ok()),
+    };
+    match replaced {
+        Some(new) => sse::replace_data(&event, &new),
+        None => event,
+    }
+}
+
+/// GET (the server-to-client stream) and DELETE (end of session) go straight through;
+/// SSE answers are still inspected so a replayed tools/list result is filtered.
+async fn forward_stream(app: &App, req: Request<Incoming>) -> Response<RespBody> {
+    let (parts, _body) = req.into_parts();
+    let policy = app.gate.current();
+    let caller = app.gate.caller(&parts.headers, &policy);
+    match app.upstream.send(&parts.method, &parts.headers, Bytes::new()).await {
+        Ok(resp) => answer(app, resp, Tracker::default(), caller).await,
+        Err(e) => {
+            app.gate.metrics.upstream_error(e.kind());
+            rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream MCP server failed: {e}"))
+        }
+    }
+}
+
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(name);
+    }
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz`, `/policy`.
+pub async fn admin(app: Arc<App>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+    let policy = app.gate.current();
+    let text = |status: StatusCode, body: String, ct: &'static str| {
+        let mut r = Response::new(full(body));
+        *r.status_mut() = status;
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        r
+    };
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            app.gate.metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        (&Method::GET, "/readyz") if policy.is_empty() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "no policy loaded: every tool call is refused\n".into(), "text/plain")
+        }
+        (&Method::GET, "/readyz") => text(StatusCode::OK, format!("ok revision {}\n", policy.revision()), "text/plain"),
+        (&Method::GET, "/policy") => {
+            let docs: Vec<Value> =
+                policy.documents().map(|(name, doc)| json!({"name": name, "document": doc})).collect();
+            json_response(
+                StatusCode::OK,
+                &json!({"revision": policy.revision(), "loaded": !policy.is_empty(), "documents": docs}),
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: /metrics /healthz /readyz /policy\n".into(), "text/plain"),
+    })
+}
+
+/// Accepts connections until `shutdown` resolves, then lets in-flight ones finish.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    app: Arc<App>,
+    handler: F,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) where
+    F: Fn(Arc<App>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<RespBody>, Infallible>> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer): (_, SocketAddr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let svc = hyper::service::service_fn(move |req| handler(app.clone(), req));
+                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    // In-flight calls get a bounded time to finish.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown()).await;
+}
