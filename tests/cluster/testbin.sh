@@ -42,15 +42,25 @@ die() {
 need_go() {
   command -v go >/dev/null 2>&1 ||
     die "the 'go' command is missing: install Go >= 1.24 (it builds kube-apiserver, kubectl, etcd and helm from the Go module proxy)"
+  local v
+  v="$(go env GOVERSION)"
+  v="${v#go}"
+  [ "$(printf '%s\n' 1.24 "${v%%[!0-9.]*}" | sort -V | head -n1)" = 1.24 ] ||
+    die "Go $v is too old: Kubernetes $KUBE_VERSION needs Go >= 1.24"
 }
 
-# Run a go command that talks to the module proxy; on failure say which registry it was.
+# Run a go command that downloads from the module proxy, its chatter ("go: downloading ...")
+# into a log; on failure show the log's end and say which registry it was.
 go_fetch() {
-  local what=$1
+  local what=$1 log
   shift
-  if ! "$@"; then
-    die "could not obtain $what from the Go module proxy ($(go env GOPROXY)); check network access to it (GOPROXY/GONOSUMDB settings) and rerun 'make testbin'"
+  log="$(mktemp "$TESTBIN_CACHE/.go-XXXXXX.log")"
+  if ! "$@" >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    rm -f "$log"
+    die "could not obtain $what from the Go module proxy ($(go env GOPROXY)); check access to it (GOPROXY, GONOSUMDB, GOFLAGS) and rerun 'make testbin'"
   fi
+  rm -f "$log"
 }
 
 # ---------------------------------------------------------------- kube-apiserver, kubectl
@@ -65,14 +75,16 @@ build_kube() {
   done
   [ ${#want[@]} -eq 0 ] && return 0
   need_go
-  log "building ${want[*]} v$KUBE_VERSION from k8s.io/kubernetes (cold: ~15-25 min on 2 cores)"
+  log "building ${want[*]} v$KUBE_VERSION from k8s.io/kubernetes (cold: ~10 min on 2 cores)"
   local started=$SECONDS
-  local work="$TESTBIN_CACHE/.build/kubernetes-$KUBE_VERSION"
-  rm -rf "$work"
-  mkdir -p "$work"
-  local gomod
-  gomod="$(go_fetch "k8s.io/kubernetes@v$KUBE_VERSION" go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" |
-    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
+  local work
+  work="$(mktemp -d "$TESTBIN_CACHE/.build-kubernetes-XXXXXX")"
+  local gomod info
+  info="$(cd "$work" && go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" 2>&1)" || {
+    printf '%s\n' "$info" >&2
+    die "could not obtain k8s.io/kubernetes@v$KUBE_VERSION from the Go module proxy ($(go env GOPROXY))"
+  }
+  gomod="$(printf '%s\n' "$info" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
   [ -f "$gomod" ] || die "no go.mod for k8s.io/kubernetes@v$KUBE_VERSION in the module cache"
   local staging_version="v0.${KUBE_VERSION#1.}"
   {
@@ -101,12 +113,14 @@ build_kube() {
     cd "$work"
     go_fetch "the dependencies of k8s.io/kubernetes@v$KUBE_VERSION" go mod tidy
     for bin in "${want[@]}"; do
-      local out="$TESTBIN_CACHE/$bin-$KUBE_VERSION"
-      mkdir -p "$out.tmp"
-      log "  go build k8s.io/kubernetes/cmd/$bin"
-      go build -trimpath -ldflags="-s -w$x" -o "$out.tmp/$bin" "k8s.io/kubernetes/cmd/$bin" ||
+      local out="$TESTBIN_CACHE/$bin-$KUBE_VERSION" t0=$SECONDS
+      mkdir -p "$work/out-$bin"
+      go build -trimpath -ldflags="-s -w$x" -o "$work/out-$bin/$bin" "k8s.io/kubernetes/cmd/$bin" ||
         die "go build k8s.io/kubernetes/cmd/$bin failed (see above)"
-      rm -rf "$out" && mv "$out.tmp" "$out"
+      rm -rf "$out" && mv "$work/out-$bin" "$out"
+      local version_args=(--version)
+      [ "$bin" = kubectl ] && version_args=(version --client)
+      log "  built $bin in $((SECONDS - t0))s: $("$out/$bin" "${version_args[@]}" 2>&1 | head -n1)"
     done
   )
   rm -rf "$work"
@@ -123,21 +137,20 @@ build_etcd() {
   local out="$TESTBIN_CACHE/etcd-$ETCD_VERSION"
   [ -x "$out/etcd" ] && return 0
   need_go
-  log "building etcd v$ETCD_VERSION from go.etcd.io/etcd/server/v3 (cold: ~2-4 min)"
+  log "building etcd v$ETCD_VERSION from go.etcd.io/etcd/server/v3 (cold: ~1 min)"
   local started=$SECONDS
-  local work="$TESTBIN_CACHE/.build/etcd-$ETCD_VERSION"
-  rm -rf "$work"
-  mkdir -p "$work" "$out.tmp"
+  local work
+  work="$(mktemp -d "$TESTBIN_CACHE/.build-etcd-XXXXXX")"
   printf 'module toolgate.local/testbin/etcd\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 v%s\n' "$ETCD_VERSION" >"$work/go.mod"
   printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' >"$work/main.go"
   (
     cd "$work"
     go_fetch "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" go mod tidy
-    go build -trimpath -ldflags="-s -w" -o "$out.tmp/etcd" . || die "go build of etcd failed (see above)"
+    go build -trimpath -ldflags="-s -w" -o "$work/out/etcd" . || die "go build of etcd failed (see above)"
   )
-  rm -rf "$out" && mv "$out.tmp" "$out"
+  rm -rf "$out" && mv "$work/out" "$out"
   rm -rf "$work"
-  log "built etcd in $((SECONDS - started))s"
+  log "built etcd in $((SECONDS - started))s: $("$out/etcd" --version 2>&1 | head -n1)"
 }
 
 # ---------------------------------------------------------------------------------- helm
@@ -145,16 +158,17 @@ build_helm() {
   local out="$TESTBIN_CACHE/helm-$HELM_VERSION"
   [ -x "$out/helm" ] && return 0
   need_go
-  log "building helm v$HELM_VERSION from helm.sh/helm/v3 (cold: ~3-6 min)"
-  local started=$SECONDS
-  mkdir -p "$out.tmp"
+  log "building helm v$HELM_VERSION from helm.sh/helm/v3 (cold: ~3 min)"
+  local started=$SECONDS work
+  work="$(mktemp -d "$TESTBIN_CACHE/.build-helm-XXXXXX")"
   # `go install pkg@version` builds with helm's own go.mod and go.sum, exactly pinned.
-  go_fetch "helm.sh/helm/v3@v$HELM_VERSION" env GOBIN="$out.tmp" GOFLAGS=-buildvcs=false \
+  go_fetch "helm.sh/helm/v3@v$HELM_VERSION" env GOBIN="$work/out" GOFLAGS=-buildvcs=false \
     go install -trimpath \
     -ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
     "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
-  rm -rf "$out" && mv "$out.tmp" "$out"
-  log "built helm in $((SECONDS - started))s"
+  rm -rf "$out" && mv "$work/out" "$out"
+  rm -rf "$work"
+  log "built helm in $((SECONDS - started))s: $("$out/helm" version --short 2>&1 | head -n1)"
 }
 
 # ---------------------------------------------------------------------------- prometheus
@@ -177,6 +191,13 @@ link_prometheus() {
   PROMETHEUS_DIR="$out"
 }
 
+# One run at a time per cache (a second one waits, then finds everything built).
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$TESTBIN_CACHE/.lock"
+  flock 9
+fi
+# Scratch modules of this run (also after a failure; the lock makes them ours).
+trap 'rm -rf "$TESTBIN_CACHE"/.build-* "$TESTBIN_CACHE"/.go-*.log' EXIT
 log "cache: $TESTBIN_CACHE"
 build_kube kube-apiserver kubectl
 build_etcd
@@ -193,5 +214,4 @@ export TOOLGATE_PROMETHEUS='$PROMETHEUS_DIR/prometheus'
 export TOOLGATE_PROMTOOL='$PROMETHEUS_DIR/promtool'
 EOF
 mv "$TESTBIN_CACHE/env.sh.tmp" "$TESTBIN_CACHE/env.sh"
-rm -rf "$TESTBIN_CACHE/.build"
 log "ready; wrote $TESTBIN_CACHE/env.sh"
