@@ -168,6 +168,9 @@ enum DocOutcome<'a> {
 
 static EMPTY_ARGS: Value = Value::Null;
 
+/// The first allowing document, its deciding rule path and the caller's grant there.
+type FirstAllow<'a> = (&'a CompiledDoc, Arc<str>, Option<&'a Arc<str>>);
+
 pub(crate) fn decide(docs: &[CompiledDoc], limiter: &Limiter, call: &Call<'_>, now: Duration) -> Decision {
     if docs.is_empty() {
         return Decision::deny_without_policy("no policy is loaded; every tool call is refused");
@@ -184,13 +187,13 @@ pub(crate) fn decide(docs: &[CompiledDoc], limiter: &Limiter, call: &Call<'_>, n
     };
     let mut demands = Vec::new();
     let mut approval: Option<Decision> = None;
-    let mut first_allow: Option<(&CompiledDoc, Arc<str>, Option<&Arc<str>>)> = None;
-    for doc in docs {
+    let mut first_allow: Option<FirstAllow<'_>> = None;
+    for (i, doc) in docs.iter().enumerate() {
         match eval_doc(doc, call, args) {
-            DocOutcome::Refused(d) => return d,
+            DocOutcome::Refused(d) => return hide_outranks(&docs[i + 1..], call, d),
             DocOutcome::Approval { rules, rule, grant } => {
                 if let Err(d) = collect_demands(doc, rules, Some(rule), grant, call, args, &mut demands) {
-                    return d;
+                    return hide_outranks(&docs[i + 1..], call, d);
                 }
                 approval.get_or_insert_with(|| Decision {
                     kind: DecisionKind::Approval,
@@ -211,7 +214,7 @@ pub(crate) fn decide(docs: &[CompiledDoc], limiter: &Limiter, call: &Call<'_>, n
             }
             DocOutcome::Allow { rules, rule, grant } => {
                 if let Err(d) = collect_demands(doc, rules, rule, grant, call, args, &mut demands) {
-                    return d;
+                    return hide_outranks(&docs[i + 1..], call, d);
                 }
                 let path = rule.map_or_else(|| rules.default_path.clone(), |r| r.path.clone());
                 first_allow.get_or_insert((doc, path, grant));
@@ -322,6 +325,33 @@ fn find_rule<'a>(rules: &'a RuleSet, tool: &str) -> Option<&'a CompiledRule> {
     rules.globs.iter().find(|(g, _)| g.is_match(tool)).map(|(_, i)| &rules.rules[*i])
 }
 
+/// Hiding is the union over documents, and tools/list leaves a tool out whichever
+/// document hides it; so a refusal by one document becomes `Hidden` when a later one
+/// hides the tool, and the kind does not depend on the order of the documents.
+/// (Earlier documents passed the call, so they do not hide it.)
+fn hide_outranks(later: &[CompiledDoc], call: &Call<'_>, refusal: Decision) -> Decision {
+    if refusal.kind == DecisionKind::Hidden {
+        return refusal;
+    }
+    later.iter().find_map(|doc| hidden(doc, call)).unwrap_or(refusal)
+}
+
+/// The `Hidden` refusal of `doc`, if it hides the tool from this caller.
+fn hidden(doc: &CompiledDoc, call: &Call<'_>) -> Option<Decision> {
+    let (rules, grant) = select(doc, call.caller)?;
+    is_hidden(rules, call.tool).then(|| hidden_refusal(doc, rules, grant, call.tool))
+}
+
+fn hidden_refusal(doc: &CompiledDoc, rules: &RuleSet, grant: Option<&Arc<str>>, tool: &str) -> Decision {
+    Decision::refusal(
+        DecisionKind::Hidden,
+        doc,
+        grant,
+        rules.hide_path.clone(),
+        format!("tool {tool:?} is hidden by policy"),
+    )
+}
+
 fn eval_doc<'a>(doc: &'a CompiledDoc, call: &Call<'_>, args: &Value) -> DocOutcome<'a> {
     let Some((rules, grant)) = select(doc, call.caller) else {
         return DocOutcome::Refused(Decision::refusal(
@@ -334,13 +364,7 @@ fn eval_doc<'a>(doc: &'a CompiledDoc, call: &Call<'_>, args: &Value) -> DocOutco
     };
     let tool = call.tool;
     if is_hidden(rules, tool) {
-        return DocOutcome::Refused(Decision::refusal(
-            DecisionKind::Hidden,
-            doc,
-            grant,
-            rules.hide_path.clone(),
-            format!("tool {tool:?} is hidden by policy"),
-        ));
+        return DocOutcome::Refused(hidden_refusal(doc, rules, grant, tool));
     }
     let rule = find_rule(rules, tool);
     let Some(rule) = rule else {
@@ -375,6 +399,7 @@ fn eval_doc<'a>(doc: &'a CompiledDoc, call: &Call<'_>, args: &Value) -> DocOutco
     DocOutcome::Allow { rules, rule: Some(rule), grant }
 }
 
+#[expect(clippy::result_large_err, reason = "the error is the refusal itself, built once per refused call")]
 fn check_arguments(
     doc: &CompiledDoc,
     grant: Option<&Arc<str>>,
@@ -502,6 +527,7 @@ fn scope_key(scope: Scope, grant: Option<&Arc<str>>, caller: &Caller) -> Box<str
     }
 }
 
+#[expect(clippy::result_large_err, reason = "the error is the refusal itself, built once per refused call")]
 fn collect_demands(
     doc: &CompiledDoc,
     rules: &RuleSet,
@@ -516,7 +542,7 @@ fn collect_demands(
             let amount = match &l.increment {
                 Increment::Fixed(n) => *n,
                 Increment::From(segs) => {
-                    match lookup(args, segs).and_then(|v| as_number(v)).filter(|n| *n >= 0.0 && n.fract() == 0.0) {
+                    match lookup(args, segs).and_then(as_number).filter(|n| *n >= 0.0 && n.fract() == 0.0) {
                         Some(n) if n <= u64::MAX as f64 => n as u64,
                         _ => {
                             return Err(Decision::refusal(
@@ -571,4 +597,38 @@ pub(crate) fn lists_tool(docs: &[CompiledDoc], tool: &str, caller: &Caller) -> b
                 Some(r) => r.action != crate::document::Action::Deny,
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::{Call, Caller, DecisionKind, Limiter, Policy};
+
+    fn policy(texts: &[&str]) -> Policy {
+        let docs = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("d{i}"), crate::parse_document(t).expect("parses")))
+            .collect();
+        Policy::compile(docs).expect("valid")
+    }
+
+    /// Found by tests/differential.rs: with the hiding document second, the call used to
+    /// be reported as `deny` by the first document's default, although tools/list hid it.
+    #[test]
+    fn a_hide_in_any_document_outranks_other_refusals_whatever_the_order() {
+        let deny_all = r#"{"version":"1"}"#;
+        let hides = r#"{"version":"1","default":"allow","hide":["delete-*"]}"#;
+        let caller = Caller::default();
+        let args = json!({});
+        let call = Call { tool: "delete-pod", arguments: &args, caller: &caller };
+        for order in [[deny_all, hides], [hides, deny_all]] {
+            let p = policy(&order);
+            let d = p.decide(&Limiter::default(), &call, std::time::Duration::ZERO);
+            assert_eq!(d.kind, DecisionKind::Hidden, "{order:?}");
+            assert_eq!(d.rule.as_deref(), Some("hide"));
+            assert!(!p.lists_tool("delete-pod", &caller));
+        }
+    }
 }

@@ -11,7 +11,7 @@
 //! Time is passed in as a [`Duration`] since an arbitrary origin, so tests inject it.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -150,9 +150,7 @@ impl Limiter {
     }
 
     fn shard(&self, key: &CounterKey) -> MutexGuard<'_, Shard> {
-        let mut h = self.inner.hasher.build_hasher();
-        key.hash(&mut h);
-        let i = (h.finish() as usize) % SHARDS;
+        let i = (self.inner.hasher.hash_one(key) as usize) % SHARDS;
         // A poisoned lock only means another thread panicked mid-update of plain data
         // whose invariants are re-established by `expire`; keep serving.
         self.inner.shards[i].lock().unwrap_or_else(|p| p.into_inner())
@@ -187,7 +185,7 @@ impl Limiter {
         }
         let mut shard = self.shard(&d.key);
         shard.ops = shard.ops.wrapping_add(1);
-        if shard.ops % SWEEP_EVERY == 0 {
+        if shard.ops.is_multiple_of(SWEEP_EVERY) {
             self.sweep(&mut shard, now);
         }
         let w = match shard.map.get_mut(&d.key) {
@@ -281,6 +279,7 @@ impl Reservation {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

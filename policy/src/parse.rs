@@ -279,6 +279,7 @@ fn parse_rate_limit(spec: &str) -> std::result::Result<(u64, &str), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
