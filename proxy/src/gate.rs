@@ -172,7 +172,7 @@ impl Gate {
                         None
                     }
                 }
-                Kind::Notification { method } if method == "tools/call" => Some(jsonrpc::error(
+                Kind::Notification { method: "tools/call" } => Some(jsonrpc::error(
                     Value::Null,
                     code::INVALID_REQUEST,
                     "tools/call must be a request with an id",

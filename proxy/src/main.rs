@@ -172,7 +172,7 @@ async fn run(args: Args, policy: toolgate_policy::Policy) -> anyhow::Result<()> 
             if uri.scheme_str() != Some("http") {
                 anyhow::bail!("--upstream must be an http:// URL (TLS to the upstream is not supported yet)");
             }
-            Upstream::Http(HttpUpstream::new(uri.clone(), Duration::from_secs(args.upstream_timeout_seconds)))
+            Upstream::Http(Box::new(HttpUpstream::new(uri.clone(), Duration::from_secs(args.upstream_timeout_seconds))))
         }
         None => Upstream::Stdio(StdioSessions::new(
             args.command.clone(),
@@ -201,7 +201,7 @@ async fn run(args: Args, policy: toolgate_policy::Policy) -> anyhow::Result<()> 
 
 /// In `--stdio` mode the HTTP upstream is unused; the admin listener only needs the gate.
 fn placeholder_upstream() -> Upstream {
-    Upstream::Http(HttpUpstream::new(hyper::Uri::from_static("http://127.0.0.1:9/"), Duration::from_secs(1)))
+    Upstream::Http(Box::new(HttpUpstream::new(hyper::Uri::from_static("http://127.0.0.1:9/"), Duration::from_secs(1))))
 }
 
 async fn shutdown_signal() {

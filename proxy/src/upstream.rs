@@ -51,7 +51,7 @@ impl UpstreamError {
 
 #[derive(Debug)]
 pub enum Upstream {
-    Http(HttpUpstream),
+    Http(Box<HttpUpstream>),
     Stdio(Arc<StdioSessions>),
 }
 
