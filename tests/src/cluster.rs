@@ -92,7 +92,14 @@ impl TestCluster {
                 runtime.block_on(TestCluster::start()).map_err(|e| format!("{e:#}"))
             })
             .join()
-            .unwrap_or_else(|_| Err("the cluster start-up thread panicked".to_owned()))
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "the start-up thread panicked".to_owned());
+                Err(message)
+            })
         });
         match cluster {
             Ok(cluster) => cluster,
@@ -296,6 +303,22 @@ impl TestCluster {
             .arg("--cache-dir")
             .arg(self.work_dir.join("kubectl-cache"));
         cmd
+    }
+
+    /// `kubectl apply` of a YAML manifest (one or more documents; objects without a
+    /// namespace go to `namespace` if given); returns kubectl's output.
+    pub async fn kubectl_apply(&self, namespace: Option<&str>, manifest_yaml: &str) -> String {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let path = self.work_dir.join(format!("manifest-{}.yaml", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&path, manifest_yaml).expect("writing the manifest to the work directory");
+        let mut cmd = self.kubectl();
+        cmd.arg("apply").arg("-f").arg(&path);
+        if let Some(ns) = namespace {
+            cmd.arg("--namespace").arg(ns);
+        }
+        let out = crate::tools::run_ok(&mut cmd).await;
+        let _ = std::fs::remove_file(&path);
+        out
     }
 
     /// `helm --kubeconfig <admin kubeconfig>`, with helm's cache, config and data

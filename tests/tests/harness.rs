@@ -37,10 +37,10 @@ fn is_forbidden<T: std::fmt::Debug>(result: &Result<T, kube::Error>) -> bool {
 #[tokio::test]
 async fn kubectl_applies_a_crd_and_a_custom_object() {
     let cluster = TestCluster::shared();
-    let crd = write_file(
-        cluster,
-        "widgets-crd.yaml",
-        r#"apiVersion: apiextensions.k8s.io/v1
+    cluster
+        .kubectl_apply(
+            None,
+            r#"apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata:
   name: widgets.harness.toolgate.dev
@@ -62,8 +62,8 @@ spec:
               color: {type: string}
               size: {type: integer, minimum: 1}
 "#,
-    );
-    run_ok(cluster.kubectl().arg("apply").arg("-f").arg(&crd)).await;
+        )
+        .await;
     run_ok(cluster.kubectl().args([
         "wait",
         "--for=condition=Established",
