@@ -302,3 +302,36 @@ fn runpod_4_pack_behaves_as_its_comments_say() {
     assert!(!reached.iter().any(|(m, _, _)| m == "DELETE"), "{reached:?}");
     assert!(!reached.iter().any(|(m, p, _)| m == "POST" && p == "/v2/pods"), "no pod created: {reached:?}");
 }
+
+#[test]
+fn sigterm_exits_zero_and_invalid_policy_exits_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_policy(dir.path(), "good.yaml", "version: '1'\n");
+    let p = proxy(&[&good], &["--upstream".into(), "http://127.0.0.1:9/mcp".into()], &[]);
+    let pid = p.proc.child.id().to_string();
+    let mut p = p;
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = p.proc.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "proxy did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+
+    let bad =
+        write_policy(dir.path(), "bad.yaml", "version: '1'\ntools:\n  x:\n    limits: [{window: fortnight, max: 1}]\n");
+    let port = free_port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate-proxy"))
+        .arg("--policy")
+        .arg(&bad)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", "http://127.0.0.1:9/mcp"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tools.x.limits[0].window"), "{err}");
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "no port was bound");
+}
