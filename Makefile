@@ -6,7 +6,7 @@ CARGO ?= cargo
 TESTBIN_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/toolgate-testbin
 export TESTBIN_CACHE
 
-.PHONY: all build test unit lint fmt clippy bench testbin node crds help
+.PHONY: all build test unit lint fmt clippy bench bench-proxy testbin node crds help
 
 all: build
 
@@ -35,6 +35,9 @@ test: lint testbin node
 
 bench:
 	$(CARGO) bench -p toolgate-policy --bench decide
+
+bench-proxy:
+	bash bench/run.sh
 
 testbin:
 	bash tests/cluster/testbin.sh

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# `make bench-proxy`: toolgate-proxy against a direct connection to the same upstream.
+#
+# Builds the release binaries, starts mock-mcp (the upstream) and toolgate-proxy in front
+# of it, then runs mcp-load for 1 and 8 sessions directly and through the proxy,
+# interleaved (direct-1, proxy-1, direct-8, proxy-8) so slow drift of a shared machine
+# hits both sides alike. Proxy RSS is read from /proc/<pid>/status: idle (after start,
+# before any load), peak (sampled every 100 ms during the 8-session proxied run) and after.
+# Prints a table and writes target/bench-proxy.json. Every process started here is
+# stopped on exit.
+#
+# Environment:
+#   BENCH_WARMUP_SECS (5)  BENCH_SECS (10)   warm-up and measured time of each of the 4 runs
+#   BENCH_LOAD_THREADS (1) BENCH_MOCK_THREADS (1)  runtime threads of mcp-load / mock-mcp
+#   BENCH_PIN=1            pin: mcp-load + mock-mcp on CPU 0, toolgate-proxy on CPU 1 (taskset)
+#   BENCH_OUT (target/bench-proxy.json)   BENCH_NO_BUILD=1  skip cargo build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+WARMUP=${BENCH_WARMUP_SECS:-5}
+SECS=${BENCH_SECS:-10}
+LOAD_THREADS=${BENCH_LOAD_THREADS:-1}
+MOCK_THREADS=${BENCH_MOCK_THREADS:-1}
+OUT=${BENCH_OUT:-target/bench-proxy.json}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+
+if [[ -z ${BENCH_NO_BUILD:-} ]]; then
+  echo "building release binaries (toolgate-proxy, mock-mcp, mcp-load)..."
+  cargo build --release --locked --quiet -p toolgate-proxy -p toolgate-bench --bins
+fi
+
+PIN_LOAD=() PIN_PROXY=()
+if [[ -n ${BENCH_PIN:-} ]] && command -v taskset >/dev/null && (($(nproc) >= 2)); then
+  PIN_LOAD=(taskset -c 0) PIN_PROXY=(taskset -c 1)
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/bench-proxy.XXXXXX")
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# A loopback port nobody listens on (bash's /dev/tcp fails to connect).
+free_port() {
+  local p i
+  for i in $(seq 1 100); do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"
+      return 0
+    fi
+  done
+  echo "no free port found" >&2
+  return 1
+}
+
+# --- upstream ---------------------------------------------------------------------------
+"${PIN_LOAD[@]}" "$BIN/mock-mcp" 0 --threads "$MOCK_THREADS" >"$WORK/mock.out" 2>"$WORK/mock.err" &
+PIDS+=($!)
+MOCK_PID=$!
+for _ in $(seq 1 100); do
+  grep -q '^LISTENING ' "$WORK/mock.out" 2>/dev/null && break
+  kill -0 "$MOCK_PID" 2>/dev/null || { cat "$WORK/mock.err" >&2; exit 1; }
+  sleep 0.05
+done
+MOCK_PORT=$(awk '/^LISTENING/ {print $2; exit}' "$WORK/mock.out")
+[[ -n $MOCK_PORT ]] || { echo "mock-mcp did not start" >&2; exit 1; }
+
+# --- proxy ------------------------------------------------------------------------------
+PROXY_PORT=${BENCH_PROXY_PORT:-$(free_port)}
+ADMIN_PORT=${BENCH_ADMIN_PORT:-$(free_port)}
+# Audit lines (stdout) go through a pipe, as to a container runtime; they are counted.
+TOOLGATE_LOG=warn "${PIN_PROXY[@]}" "$BIN/toolgate-proxy" \
+  --policy bench/policy.yaml \
+  --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+  --upstream "http://127.0.0.1:$MOCK_PORT/mcp" \
+  > >(wc -l >"$WORK/audit.count") 2>"$WORK/proxy.err" &
+PROXY_PID=$!
+PIDS+=("$PROXY_PID")
+for i in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 && break
+  kill -0 "$PROXY_PID" 2>/dev/null || { cat "$WORK/proxy.err" >&2; exit 1; }
+  ((i < 100)) || { echo "toolgate-proxy not ready" >&2; cat "$WORK/proxy.err" >&2; exit 1; }
+  sleep 0.05
+done
+sleep 1
+RSS_IDLE=$(rss_kib "$PROXY_PID")
+
+MACHINE="$(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $MACHINE"
+echo "mock-mcp :$MOCK_PORT (pid $MOCK_PID), toolgate-proxy :$PROXY_PORT admin :$ADMIN_PORT (pid $PROXY_PID), idle RSS ${RSS_IDLE} KiB"
+echo "each run: ${WARMUP}s warm-up + ${SECS}s measured"
+
+load() { # name sessions url
+  echo "  $1 ..."
+  "${PIN_LOAD[@]}" "$BIN/mcp-load" run --label "$1" --sessions "$2" --url "$3" \
+    --warmup-secs "$WARMUP" --secs "$SECS" --threads "$LOAD_THREADS" \
+    --auth "Bearer bench-token" >"$WORK/$1.json"
+}
+DIRECT=http://127.0.0.1:$MOCK_PORT/mcp
+PROXIED=http://127.0.0.1:$PROXY_PORT/mcp
+
+load direct-1 1 "$DIRECT"
+load proxy-1 1 "$PROXIED"
+load direct-8 8 "$DIRECT"
+
+# The 8-session proxied run, with the RSS sampled while it runs.
+echo 0 >"$WORK/rss.peak"
+(
+  peak=0
+  while kill -0 "$PROXY_PID" 2>/dev/null && [[ ! -e $WORK/load.done ]]; do
+    r=$(rss_kib "$PROXY_PID")
+    ((r > peak)) && peak=$r && echo "$peak" >"$WORK/rss.peak"
+    sleep 0.1
+  done
+) &
+SAMPLER=$!
+PIDS+=("$SAMPLER")
+load proxy-8 8 "$PROXIED"
+touch "$WORK/load.done"
+wait "$SAMPLER" 2>/dev/null || true
+RSS_LOAD=$(cat "$WORK/rss.peak")
+RSS_AFTER=$(rss_kib "$PROXY_PID")
+
+# Stop the proxy so its audit pipe closes and the line count is final.
+kill "$PROXY_PID" 2>/dev/null || true
+wait "$PROXY_PID" 2>/dev/null || true
+for _ in $(seq 1 50); do [[ -s $WORK/audit.count ]] && break; sleep 0.05; done
+AUDIT=$(tr -d ' ' <"$WORK/audit.count" 2>/dev/null || echo 0)
+
+mkdir -p "$(dirname "$OUT")"
+"$BIN/mcp-load" report \
+  --direct-1 "$WORK/direct-1.json" --proxy-1 "$WORK/proxy-1.json" \
+  --direct-8 "$WORK/direct-8.json" --proxy-8 "$WORK/proxy-8.json" \
+  --rss-idle-kib "$RSS_IDLE" --rss-load-kib "$RSS_LOAD" --rss-after-kib "$RSS_AFTER" \
+  --audit-lines "${AUDIT:-0}" --machine "$MACHINE" --out "$OUT"
+echo "audit lines written by the proxy: ${AUDIT:-0} (one per decided tools/call, warm-up included)"

@@ -1,0 +1,426 @@
+//! mcp-load: a closed-loop load generator for Streamable-HTTP MCP servers, and the
+//! report of `make bench-proxy`.
+//!
+//! ```text
+//! mcp-load run --url http://127.0.0.1:PORT/mcp [--sessions N] [--warmup-secs 5] [--secs 10] [--count N]
+//! mcp-load report --direct-1 F --proxy-1 F --direct-8 F --proxy-8 F --rss-idle-kib K --rss-load-kib K --out F
+//! ```
+//!
+//! `run`: N sessions, each on its own keep-alive HTTP/1.1 connection: `initialize`,
+//! `notifications/initialized`, then `tools/call` in a loop (closed loop: the next call
+//! leaves when the answer to the previous one is read). Calls that start after the warm-up
+//! and end inside the measured window are recorded in an HDR histogram (nanoseconds, 3
+//! significant digits). Prints one JSON object: latency percentiles in µs and calls/s.
+//! Any refused or failed call is an error: the exit status is then 1.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(name = "mcp-load", version, about = "Closed-loop MCP load generator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a load and print its latency/throughput as JSON.
+    Run(RunArgs),
+    /// Combine direct and proxied runs into the benchmark table and JSON file.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// MCP endpoint, e.g. http://127.0.0.1:8080/mcp.
+    #[arg(long)]
+    url: Uri,
+    /// Concurrent sessions (one connection each).
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
+    /// Warm-up before measuring, in seconds (calls made then are not recorded).
+    #[arg(long, default_value_t = 5.0)]
+    warmup_secs: f64,
+    /// Measured duration, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// Stop each session after this many measured calls (the duration stays an upper bound).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Runtime worker threads of the generator (1 = a single-threaded runtime).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Tool to call.
+    #[arg(long, default_value = "echo")]
+    tool: String,
+    /// `arguments` of each call (a JSON object).
+    #[arg(long, default_value = r#"{"message":"hello toolgate","count":3}"#)]
+    arguments: String,
+    /// Authorization header value to send (e.g. "Bearer x").
+    #[arg(long)]
+    auth: Option<String>,
+    /// A label copied into the output.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReportArgs {
+    #[arg(long)]
+    direct_1: PathBuf,
+    #[arg(long)]
+    proxy_1: PathBuf,
+    #[arg(long)]
+    direct_8: PathBuf,
+    #[arg(long)]
+    proxy_8: PathBuf,
+    /// Proxy VmRSS after start, before any load (KiB).
+    #[arg(long)]
+    rss_idle_kib: u64,
+    /// Highest proxy VmRSS sampled during the 8-session run (KiB).
+    #[arg(long)]
+    rss_load_kib: u64,
+    /// Proxy VmRSS after the loads (KiB).
+    #[arg(long)]
+    rss_after_kib: Option<u64>,
+    /// Audit lines the proxy wrote (one per decided call).
+    #[arg(long)]
+    audit_lines: Option<u64>,
+    /// Free text about the machine, copied into the JSON.
+    #[arg(long, default_value = "")]
+    machine: String,
+    /// Where to write the combined JSON.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// What one session measured.
+struct SessionResult {
+    hist: Histogram<u64>,
+    calls: u64,
+    errors: u64,
+    first_error: Option<String>,
+    last_end: Option<Instant>,
+}
+
+struct Target {
+    host: String,
+    port: u16,
+    path: String,
+    host_header: HeaderValue,
+}
+
+/// The clock starts once every session is connected and initialised.
+static START: OnceLock<Instant> = OnceLock::new();
+
+fn new_hist() -> anyhow::Result<Histogram<u64>> {
+    // 1 ns .. 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).context("histogram bounds")
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    session: Option<HeaderValue>,
+}
+
+impl Conn {
+    async fn open(t: &Target) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
+            .await
+            .with_context(|| format!("cannot connect to {}:{}", t.host, t.port))?;
+        stream.set_nodelay(true).context("TCP_NODELAY")?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.context("handshake")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self { sender, session: None })
+    }
+
+    async fn post(
+        &mut self,
+        t: &Target,
+        auth: Option<&HeaderValue>,
+        body: Bytes,
+    ) -> anyhow::Result<(StatusCode, Option<HeaderValue>, Bytes)> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = Uri::try_from(t.path.as_str()).context("path")?;
+        let h = req.headers_mut();
+        h.insert(header::HOST, t.host_header.clone());
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+        h.insert("mcp-protocol-version", HeaderValue::from_static("2025-06-18"));
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, a.clone());
+        }
+        if let Some(s) = &self.session {
+            h.insert("mcp-session-id", s.clone());
+        }
+        self.sender.ready().await.context("connection closed")?;
+        let resp = self.sender.send_request(req).await.context("request failed")?;
+        let status = resp.status();
+        let sid = resp.headers().get("mcp-session-id").cloned();
+        let body = resp.into_body().collect().await.context("body")?.to_bytes();
+        Ok((status, sid, body))
+    }
+}
+
+async fn session(
+    args: Arc<RunArgs>,
+    target: Arc<Target>,
+    ready: Arc<tokio::sync::Barrier>,
+) -> anyhow::Result<SessionResult> {
+    let auth = args.auth.as_deref().map(HeaderValue::from_str).transpose().context("--auth")?;
+    let mut conn = Conn::open(&target).await?;
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"mcp-load","version":"0.1.0"}}}"#;
+    let (status, sid, body) = conn.post(&target, auth.as_ref(), Bytes::from_static(init.as_bytes())).await?;
+    if status != StatusCode::OK || !contains(&body, b"\"result\"") {
+        bail!("initialize failed: {status} {}", String::from_utf8_lossy(&body));
+    }
+    conn.session = sid;
+    let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let (status, _, body) = conn.post(&target, auth.as_ref(), Bytes::from_static(note.as_bytes())).await?;
+    if status != StatusCode::ACCEPTED {
+        bail!("notifications/initialized: expected 202, got {status} {}", String::from_utf8_lossy(&body));
+    }
+    let tool = serde_json::to_string(&args.tool).context("tool name")?;
+    let prefix = format!(
+        r#"{{"jsonrpc":"2.0","method":"tools/call","params":{{"name":{tool},"arguments":{}}},"id":"#,
+        args.arguments
+    );
+
+    ready.wait().await;
+    let start = *START.get_or_init(Instant::now);
+    let warm_end = start + Duration::from_secs_f64(args.warmup_secs);
+    let end = warm_end + Duration::from_secs_f64(args.secs);
+    let mut res = SessionResult { hist: new_hist()?, calls: 0, errors: 0, first_error: None, last_end: None };
+    let mut id: u64 = 1;
+    let mut body = Vec::with_capacity(prefix.len() + 24);
+    loop {
+        body.clear();
+        body.extend_from_slice(prefix.as_bytes());
+        body.extend_from_slice(id.to_string().as_bytes());
+        body.push(b'}');
+        id += 1;
+        let t0 = Instant::now();
+        if t0 >= end || args.count.is_some_and(|c| res.calls >= c) {
+            break;
+        }
+        let outcome = conn.post(&target, auth.as_ref(), Bytes::copy_from_slice(&body)).await;
+        let t1 = Instant::now();
+        let problem = match &outcome {
+            Ok((StatusCode::OK, _, b)) if contains(b, b"\"result\"") && !contains(b, b"\"isError\":true") => None,
+            Ok((s, _, b)) => Some(format!("{s}: {}", String::from_utf8_lossy(b))),
+            Err(e) => Some(format!("{e:#}")),
+        };
+        if t0 >= warm_end && t1 <= end {
+            res.hist.saturating_record(t1.duration_since(t0).as_nanos() as u64);
+            res.calls += 1;
+            res.last_end = Some(t1);
+        }
+        if let Some(p) = problem {
+            res.errors += 1;
+            res.first_error.get_or_insert(p);
+            if outcome.is_err() {
+                // The connection is unusable.
+                break;
+            }
+        }
+    }
+    Ok(res)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let host = args.url.host().context("--url needs a host")?.to_owned();
+    let port = args.url.port_u16().unwrap_or(80);
+    if args.url.scheme_str() != Some("http") {
+        bail!("--url must be http://");
+    }
+    let target = Arc::new(Target {
+        host_header: HeaderValue::from_str(&format!("{host}:{port}")).context("host")?,
+        host,
+        port,
+        path: args.url.path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned()),
+    });
+    serde_json::from_str::<serde_json::Map<String, Value>>(&args.arguments)
+        .context("--arguments must be a JSON object")?;
+    let sessions = args.sessions.max(1);
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
+    }
+    .context("cannot start the runtime")?;
+    let args = Arc::new(args);
+    let results = runtime.block_on(async {
+        let ready = Arc::new(tokio::sync::Barrier::new(sessions));
+        let tasks: Vec<_> =
+            (0..sessions).map(|_| tokio::spawn(session(args.clone(), target.clone(), ready.clone()))).collect();
+        let mut out = Vec::with_capacity(sessions);
+        for t in tasks {
+            out.push(t.await.context("session task")??);
+        }
+        anyhow::Ok(out)
+    })?;
+
+    let mut hist = new_hist()?;
+    let (mut calls, mut errors, mut first_error, mut last_end) = (0, 0, None, None);
+    for r in results {
+        hist.add(&r.hist).context("merge histograms")?;
+        calls += r.calls;
+        errors += r.errors;
+        first_error = first_error.or(r.first_error);
+        last_end = last_end.max(r.last_end);
+    }
+    let start = START.get().copied().context("no session started")?;
+    let warm_end = start + Duration::from_secs_f64(args.warmup_secs);
+    // With --count the sessions may finish early: divide by the time actually measured.
+    let measured = match (args.count, last_end) {
+        (Some(_), Some(e)) => e.saturating_duration_since(warm_end).as_secs_f64(),
+        _ => args.secs,
+    };
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let out = json!({
+        "label": args.label,
+        "url": args.url.to_string(),
+        "sessions": sessions,
+        "tool": args.tool,
+        "warmup_secs": args.warmup_secs,
+        "measured_secs": measured,
+        "calls": calls,
+        "errors": errors,
+        "first_error": first_error,
+        "rps": if measured > 0.0 { calls as f64 / measured } else { 0.0 },
+        "latency_us": {
+            "p50": us(0.50),
+            "p90": us(0.90),
+            "p99": us(0.99),
+            "p999": us(0.999),
+            "max": hist.max() as f64 / 1000.0,
+            "mean": hist.mean() / 1000.0,
+        },
+    });
+    println!("{out}");
+    Ok(errors == 0 && calls > 0)
+}
+
+fn load(path: &PathBuf) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+fn num(v: &Value, ptr: &str) -> f64 {
+    v.pointer(ptr).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn report(a: ReportArgs) -> anyhow::Result<bool> {
+    let (d1, p1, d8, p8) = (load(&a.direct_1)?, load(&a.proxy_1)?, load(&a.direct_8)?, load(&a.proxy_8)?);
+    let added_p50_1 = num(&p1, "/latency_us/p50") - num(&d1, "/latency_us/p50");
+    let added_p99_1 = num(&p1, "/latency_us/p99") - num(&d1, "/latency_us/p99");
+    let added_p50_8 = num(&p8, "/latency_us/p50") - num(&d8, "/latency_us/p50");
+    let added_p99_8 = num(&p8, "/latency_us/p99") - num(&d8, "/latency_us/p99");
+    let ratio_1 = num(&p1, "/rps") / num(&d1, "/rps");
+    let ratio_8 = num(&p8, "/rps") / num(&d8, "/rps");
+    let idle_mib = a.rss_idle_kib as f64 / 1024.0;
+    let load_mib = a.rss_load_kib as f64 / 1024.0;
+    let targets = json!([
+        {"what": "added p50 at 1 session (µs)", "target": "<= 20", "value": added_p50_1, "met": added_p50_1 <= 20.0},
+        {"what": "added p99 at 1 session (µs)", "target": "<= 50", "value": added_p99_1, "met": added_p99_1 <= 50.0},
+        {"what": "throughput ratio at 8 sessions", "target": ">= 0.85", "value": ratio_8, "met": ratio_8 >= 0.85},
+        {"what": "idle RSS (MiB)", "target": "<= 8", "value": idle_mib, "met": idle_mib <= 8.0},
+    ]);
+
+    println!();
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "scenario", "p50 µs", "p90 µs", "p99 µs", "max µs", "calls/s", "errors"
+    );
+    for (name, v) in [("direct-1", &d1), ("proxy-1", &p1), ("direct-8", &d8), ("proxy-8", &p8)] {
+        println!(
+            "{:<10} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>8}",
+            name,
+            num(v, "/latency_us/p50"),
+            num(v, "/latency_us/p90"),
+            num(v, "/latency_us/p99"),
+            num(v, "/latency_us/max"),
+            num(v, "/rps"),
+            num(v, "/errors"),
+        );
+    }
+    println!();
+    println!(
+        "added latency, 1 session:  p50 {added_p50_1:+.1} µs  p99 {added_p99_1:+.1} µs  (throughput ratio {ratio_1:.3})"
+    );
+    println!(
+        "added latency, 8 sessions: p50 {added_p50_8:+.1} µs  p99 {added_p99_8:+.1} µs  (throughput ratio {ratio_8:.3})"
+    );
+    print!("proxy RSS: idle {idle_mib:.1} MiB, peak under 8-session load {load_mib:.1} MiB");
+    if let Some(after) = a.rss_after_kib {
+        print!(", after the loads {:.1} MiB", after as f64 / 1024.0);
+    }
+    println!();
+    println!();
+    let mut all_met = true;
+    for t in targets.as_array().into_iter().flatten() {
+        let met = t["met"].as_bool().unwrap_or(false);
+        all_met &= met;
+        println!(
+            "  [{}] {} {} (measured {:.3})",
+            if met { "met " } else { "MISS" },
+            t["what"].as_str().unwrap_or(""),
+            t["target"].as_str().unwrap_or(""),
+            t["value"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let out = json!({
+        "machine": a.machine,
+        "runs": {"direct_1": d1, "proxy_1": p1, "direct_8": d8, "proxy_8": p8},
+        "added_latency_us": {
+            "sessions_1": {"p50": added_p50_1, "p99": added_p99_1},
+            "sessions_8": {"p50": added_p50_8, "p99": added_p99_8},
+        },
+        "throughput_ratio": {"sessions_1": ratio_1, "sessions_8": ratio_8},
+        "proxy_rss_kib": {"idle": a.rss_idle_kib, "load_peak": a.rss_load_kib, "after": a.rss_after_kib},
+        "audit_lines": a.audit_lines,
+        "targets": targets,
+        "all_targets_met": all_met,
+    });
+    let text = serde_json::to_string_pretty(&out).context("encode")?;
+    std::fs::write(&a.out, text + "\n").with_context(|| format!("cannot write {}", a.out.display()))?;
+    println!("\nwrote {}", a.out.display());
+    Ok(true)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Report(a) => report(a),
+    };
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("mcp-load: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
