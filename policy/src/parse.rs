@@ -36,8 +36,43 @@ pub fn parse_document_with_format(text: &str) -> Result<(Document, SourceFormat)
     if text.len() > MAX_DOCUMENT_BYTES {
         return Err(Error::TooLarge { size: text.len(), limit: MAX_DOCUMENT_BYTES });
     }
+    check_flow_depth(text)?;
     let crate::strict::StrictValue(value) = serde_norway::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
     document_from_value(value)
+}
+
+/// Deepest `[`/`{` nesting accepted; the YAML reader refuses more than 128 levels anyway.
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Refuses deeply nested flow collections before the YAML reader sees them: it reads
+/// every level before its own depth limit applies, in time quadratic in the depth
+/// (100 000 levels of `{"a":`, 500 KB, took a minute of CPU). Brackets inside quoted
+/// strings and comments do not count.
+fn check_flow_depth(text: &str) -> Result<()> {
+    let (mut depth, mut quote, mut escaped, mut comment) = (0usize, None, false, false);
+    let mut prev = b'\n';
+    for &b in text.as_bytes() {
+        let boundary = prev.is_ascii_whitespace() || matches!(prev, b'[' | b'{' | b',' | b':');
+        match (quote, b) {
+            _ if comment => comment = b != b'\n',
+            (Some(b'"'), _) if escaped => escaped = false,
+            (Some(b'"'), b'\\') => escaped = true,
+            (Some(q), _) if b == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'"' | b'\'') if boundary => quote = Some(b),
+            (None, b'#') if prev.is_ascii_whitespace() => comment = true,
+            (None, b'[' | b'{') => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Err(Error::Syntax(format!("nested more than {MAX_FLOW_DEPTH} levels deep")));
+                }
+            }
+            (None, b']' | b'}') => depth = depth.saturating_sub(1),
+            (None, _) => {}
+        }
+        prev = b;
+    }
+    Ok(())
 }
 
 /// Builds a native [`Document`] from an already parsed value (e.g. an McpPolicy spec).
@@ -330,6 +365,29 @@ mod tests {
         assert!(parse_document("[1, 2]").is_err());
         assert!(parse_document("just text").is_err());
         assert!(parse_document("").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_quickly() {
+        for text in ["{\"a\":".repeat(200_000), "[".repeat(500_000), "a: {b: ".repeat(100_000)] {
+            let start = std::time::Instant::now();
+            let err = parse_document(&text).unwrap_err();
+            assert!(err.to_string().contains("nested more than 128 levels deep"), "{err}");
+            assert!(start.elapsed() < std::time::Duration::from_secs(1), "{:?}", start.elapsed());
+        }
+        // Brackets in quoted strings and comments are not nesting.
+        let quoted = format!(
+            "version: '1'\ndescription: \"{0}\"\n# {0}\ntools:\n  a: {{require: [{{path: args.x, op: regex, value: '{0}'}}]}}\n",
+            "[{".repeat(200)
+        );
+        assert!(parse_document(&quoted).is_ok());
+        // Real nesting within the limit is fine.
+        let nested = format!(
+            "version: '1'\ndescription: x\ntools: {{a: {{arguments: {}1{}}}}}\n",
+            "[".repeat(60),
+            "]".repeat(60)
+        );
+        assert!(parse_document(&nested).is_ok());
     }
 
     #[test]
