@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use toolgate_policy::{Call, Caller, Limiter, Policy, SourceFormat};
 
+mod scan;
+
 #[derive(Parser, Debug)]
 #[command(name = "toolgate", version, about = "Deterministic rules for MCP tool calls: check and dry-run policies")]
 struct Cli {
@@ -63,6 +65,23 @@ enum Command {
         /// metadata.namespace.
         #[arg(long)]
         namespace: Option<String>,
+    },
+    /// Connect to a live MCP server, read its tools/list (every page) and print a policy
+    /// scaffold: each tool with its description and parameters as comments, a suggested
+    /// class (read, write, execute, destructive) and a conservative rule per class.
+    Scan {
+        /// A Streamable-HTTP MCP endpoint, e.g. http://127.0.0.1:3000/mcp.
+        #[arg(long, conflicts_with = "command")]
+        upstream: Option<String>,
+        /// A request header `NAME: VALUE` for --upstream (e.g. "Authorization: Bearer …"); repeatable.
+        #[arg(long = "header", requires = "upstream")]
+        headers: Vec<String>,
+        /// Write the scaffold here instead of stdout.
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+        /// The MCP server to run over stdio, after `--`.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Print the identity fingerprint of a credential (the Authorization header value),
     /// for `grants[].match.fingerprints`. Reads the credential from stdin when omitted.
@@ -173,6 +192,34 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 "spec": doc,
             });
             print!("{}", serde_norway::to_string(&manifest)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scan { upstream, headers, output, command } => {
+            let (target, source) = match upstream {
+                Some(url) => {
+                    let headers = headers
+                        .iter()
+                        .map(|h| {
+                            h.split_once(':')
+                                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                                .ok_or_else(|| anyhow::anyhow!("--header {h:?} is not NAME: VALUE"))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    (scan::Target::Url { url: url.clone(), headers }, url)
+                }
+                None if !command.is_empty() => (scan::Target::Command(command.clone()), command.join(" ")),
+                None => bail!("give --upstream URL or -- CMD ARGS"),
+            };
+            let result = scan::scan(&target)?;
+            let text = scan::scaffold(&result, &source);
+            // The scaffold must be a valid policy, or scan has a bug.
+            Policy::from_text("scan", &text)
+                .map_err(|e| anyhow::anyhow!("generated scaffold is invalid (a bug):\n{e}"))?;
+            match output {
+                Some(p) => std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?,
+                None => print!("{text}"),
+            }
+            eprintln!("{} tools from {}", result.tools.len(), result.server);
             Ok(ExitCode::SUCCESS)
         }
         Command::Fingerprint { credential } => {
