@@ -335,3 +335,42 @@ fn sigterm_exits_zero_and_invalid_policy_exits_before_binding() {
     assert!(err.contains("tools.x.limits[0].window"), "{err}");
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "no port was bound");
 }
+
+#[test]
+fn runpod_1_pack_behaves_as_its_comments_say() {
+    let fake = fake_runpod();
+    let mut tail = vec!["--".to_owned()];
+    tail.extend(runpod_1_stdio_command());
+    let proxy = proxy(
+        &[&examples().join("runpod-1.1.0.yaml")],
+        &tail,
+        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
+    );
+    let good = json!({"name": "x", "imageName": "runpod/pytorch:2", "gpuCount": 1, "cloudType": "SECURE"});
+    let out = mcp_client(
+        &over_http(&proxy, "k"),
+        &json!([
+            {"op": "list"},
+            call("list-pods", json!({})),
+            call("create-pod", good.clone()),
+            call("create-pod", json!({"name": "x", "imageName": "runpod/pytorch:2", "gpuCount": 8})),
+            call("create-pod", json!({"name": "x", "imageName": "evil/miner:latest", "gpuCount": 1})),
+            call("create-pod", json!({"name": "x", "imageName": "runpod/pytorch:2"})),
+            call("delete-pod", json!({"podId": "pod-1"})),
+        ]),
+    );
+    let listed = out[0]["result"]["tools"].as_array().unwrap().len();
+    assert!(listed >= 20, "most tools are listed: {listed}");
+    assert_eq!(out[1]["ok"], true, "{}", out[1]);
+    assert_eq!(out[2]["ok"], true, "{}", out[2]);
+    assert_eq!(out[3]["error"]["data"]["reason"], "at most 2 GPUs per pod", "{}", out[3]);
+    assert_eq!(error_code(&out[4]), Some(-32010), "image allow-list: {}", out[4]);
+    assert_eq!(error_code(&out[5]), Some(-32010), "gpuCount must be stated: {}", out[5]);
+    assert_eq!(error_code(&out[6]), Some(-32012), "delete waits for approval: {}", out[6]);
+    let reached = fake_requests(&fake);
+    let creates: Vec<&Value> =
+        reached.iter().filter(|(m, p, _)| m == "POST" && p == "/v1/pods").map(|(_, _, b)| b).collect();
+    assert_eq!(creates.len(), 1, "only the compliant create reached RunPod: {reached:?}");
+    assert_eq!(creates[0]["gpuCount"], 1);
+    assert!(!reached.iter().any(|(m, _, _)| m == "DELETE"), "{reached:?}");
+}
