@@ -76,6 +76,8 @@ fn scan_reports_a_dead_server() {
     let out = Command::new(env!("CARGO_BIN_EXE_toolgate")).args(["scan", "--", "false"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no answer"), "{err}");
+    // The process may exit before or after the request is written: either way the
+    // error says the server is gone.
+    assert!(err.contains("no answer") || err.contains("stdin is closed"), "{err}");
     assert!(!err.contains("panicked"));
 }
