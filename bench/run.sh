@@ -14,6 +14,7 @@
 #   BENCH_LOAD_THREADS (1) BENCH_MOCK_THREADS (1)  runtime threads of mcp-load / mock-mcp
 #   BENCH_PIN=1            pin: mcp-load + mock-mcp on CPU 0, toolgate-proxy on CPU 1 (taskset)
 #   BENCH_OUT (target/bench-proxy.json)   BENCH_NO_BUILD=1  skip cargo build
+#   BENCH_PROXY_BIN        another toolgate-proxy binary to measure (e.g. a saved older build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -25,6 +26,7 @@ MOCK_THREADS=${BENCH_MOCK_THREADS:-1}
 OUT=${BENCH_OUT:-target/bench-proxy.json}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release
+PROXY_BIN=${BENCH_PROXY_BIN:-$BIN/toolgate-proxy}
 
 if [[ -z ${BENCH_NO_BUILD:-} ]]; then
   echo "building release binaries (toolgate-proxy, mock-mcp, mcp-load)..."
@@ -79,7 +81,7 @@ MOCK_PORT=$(awk '/^LISTENING/ {print $2; exit}' "$WORK/mock.out")
 PROXY_PORT=${BENCH_PROXY_PORT:-$(free_port)}
 ADMIN_PORT=${BENCH_ADMIN_PORT:-$(free_port)}
 # Audit lines (stdout) go through a pipe, as to a container runtime; they are counted.
-TOOLGATE_LOG=warn "${PIN_PROXY[@]}" "$BIN/toolgate-proxy" \
+TOOLGATE_LOG=warn "${PIN_PROXY[@]}" "$PROXY_BIN" \
   --policy bench/policy.yaml \
   --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
   --upstream "http://127.0.0.1:$MOCK_PORT/mcp" \
