@@ -27,6 +27,8 @@
 #![warn(missing_docs)]
 
 mod compile;
+#[cfg(feature = "crd")]
+pub mod crd;
 mod document;
 mod error;
 mod eval;
