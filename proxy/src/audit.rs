@@ -45,14 +45,38 @@ pub struct Record<'a> {
 pub fn arguments_digest(args: &Value) -> String {
     let mut h = Sha256::new();
     canonical(args, &mut h);
-    let d = h.finalize();
-    let mut s = String::with_capacity(7 + 64);
+    sha256_text(&h.finalize())
+}
+
+/// `sha256:<hex>` of a credential: the same text as `toolgate_policy::fingerprint`, without
+/// formatting each byte through `fmt` (this runs on every request).
+pub fn fingerprint(credential: &str) -> String {
+    sha256_text(&Sha256::digest(credential.as_bytes()))
+}
+
+fn sha256_text(digest: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(7 + 2 * digest.len());
     s.push_str("sha256:");
-    for b in d {
-        use std::fmt::Write as _;
-        let _ = write!(s, "{b:02x}");
+    for b in digest {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     s
+}
+
+/// Feeds JSON text straight into the hash (no intermediate strings).
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn canonical(v: &Value, h: &mut Sha256) {
@@ -62,7 +86,8 @@ fn canonical(v: &Value, h: &mut Sha256) {
             keys.sort();
             h.update(b"{");
             for k in keys {
-                h.update(serde_json::to_string(k).unwrap_or_default().as_bytes());
+                // The key as a JSON string, exactly as `serde_json::to_string` writes it.
+                let _ = serde_json::to_writer(HashWriter(h), k);
                 h.update(b":");
                 canonical(&m[k], h);
                 h.update(b",");
@@ -77,7 +102,10 @@ fn canonical(v: &Value, h: &mut Sha256) {
             }
             h.update(b"]");
         }
-        other => h.update(other.to_string().as_bytes()),
+        // Scalars as compact JSON (what `Value`'s Display writes).
+        other => {
+            let _ = serde_json::to_writer(HashWriter(h), other);
+        }
     }
 }
 
@@ -145,6 +173,24 @@ mod tests {
         let c = arguments_digest(&json!({"a": 2, "b": [1, {"x": "y", "w": 2}]}));
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn digest_is_stable() {
+        // Pinned: audit lines written before and after any change must correlate.
+        let v = json!({"b": [1, {"x": "y\"q", "w": 2.5}], "a": "é\n", "c": null, "d": true});
+        assert_eq!(arguments_digest(&v), "sha256:f9ea6cb7266d73f4a2a2590f0c4223bdfc2ed1ac2feb65ebb9641781e786df1b");
+    }
+
+    #[test]
+    fn fingerprint_matches_the_policy_crate() {
+        for c in ["", "Bearer bench-token", "Basic dXNlcjpwYXNz", "é \u{fffd} x"] {
+            assert_eq!(fingerprint(c), toolgate_policy::fingerprint(c), "{c:?}");
+        }
+        assert_eq!(
+            fingerprint("Bearer bench-token"),
+            "sha256:2266689a4bad04fcdf44edb46a3b4b6b1a16875737397a49d27c49e1629be133"
+        );
     }
 
     #[test]

@@ -62,7 +62,7 @@ impl Gate {
         let identity = match &self.identity {
             IdentitySource::Authorization => headers
                 .get(hyper::header::AUTHORIZATION)
-                .map(|v| toolgate_policy::fingerprint(&String::from_utf8_lossy(v.as_bytes())))
+                .map(|v| audit::fingerprint(&String::from_utf8_lossy(v.as_bytes())))
                 .unwrap_or_default(),
             IdentitySource::Header(name) => {
                 headers.get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_owned()).unwrap_or_default()
@@ -272,6 +272,23 @@ impl Gate {
 
     /// Inspects a JSON answer body (one message or a batch). None = unchanged.
     pub fn inspect_body(&self, body: &[u8], tracker: &mut Tracker, caller: &Caller) -> Option<Vec<u8>> {
+        // The common answer, one message to a tracked tools/call, only needs its id and
+        // whether it is an error: read just those (the rest is validated, not built).
+        // Anything else (batches, duplicate keys, untracked ids, tools/list) takes the
+        // full path below.
+        if !tracker.calls.is_empty()
+            && body.trim_ascii_start().first() == Some(&b'{')
+            && let Ok(head) = serde_json::from_slice::<AnswerHead>(body)
+            && let Some(id) = &head.id
+            && let Some(r) = tracker.calls.remove(&id_key(id))
+        {
+            if head.error {
+                r.rollback()
+            } else {
+                r.commit()
+            }
+            return None;
+        }
         let value: Value = serde_json::from_slice(body).ok()?;
         let replaced = match &value {
             Value::Array(items) => {
@@ -292,6 +309,20 @@ impl Gate {
         };
         replaced.and_then(|v| serde_json::to_vec(&v).ok())
     }
+}
+
+/// The parts of one answer message that settle a tracked call.
+#[derive(serde::Deserialize)]
+struct AnswerHead {
+    #[serde(default)]
+    id: Option<Value>,
+    /// Present at all (even `null`), as `msg.get("error").is_some()` in `inspect_answer`.
+    #[serde(default, deserialize_with = "present")]
+    error: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    <serde::de::IgnoredAny as serde::Deserialize>::deserialize(d).map(|_| true)
 }
 
 fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&str>) -> Option<Value> {
@@ -431,6 +462,36 @@ mod tests {
         }
         let b = parse_body(call(20, "start-pod").as_bytes()).expect("parses");
         assert!(matches!(g.check(&b, &caller, &p, None, None), Checked::Answer(_)));
+    }
+
+    #[test]
+    fn answer_bodies_settle_tracked_calls_like_the_full_path() {
+        let caller = Caller::default();
+        // (answer body to call id 1, whether the call's quota is spent afterwards)
+        for (body, spent) in [
+            (r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#, true),
+            (r#" {"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#, true),
+            (r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#, true),
+            (r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"boom"}}"#, false),
+            (r#"{"jsonrpc":"2.0","id":1,"error":null}"#, false),
+            // Not an answer to this call: the caller of inspect_body rolls it back.
+            (r#"{"jsonrpc":"2.0","id":"1","result":{}}"#, false),
+            (r#"[1, null]"#, false),
+            (r#"[1, {}]"#, false),
+            (r#"{"jsonrpc":"2.0","id":1,"result":{}} x"#, false),
+        ] {
+            // The seed allows two start-pod calls per minute.
+            let (g, p) = gate(SEED);
+            let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
+            let Checked::Forward(mut t) = g.check(&b, &caller, &p, None, None) else { panic!("room") };
+            assert!(g.inspect_body(body.as_bytes(), &mut t, &caller).is_none(), "{body}");
+            t.rollback_all();
+            let b = parse_body(call(2, "start-pod").as_bytes()).expect("parses");
+            let Checked::Forward(_held) = g.check(&b, &caller, &p, None, None) else { panic!("room: {body}") };
+            let b = parse_body(call(3, "start-pod").as_bytes()).expect("parses");
+            let third = g.check(&b, &caller, &p, None, None);
+            assert_eq!(matches!(third, Checked::Answer(_)), spent, "{body}");
+        }
     }
 
     #[test]

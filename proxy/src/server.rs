@@ -283,18 +283,21 @@ async fn forward_stream(app: &App, req: Request<Incoming>) -> Response<RespBody>
     }
 }
 
+/// Typed names: removing by `&str` parses the name again on every call.
+const HOP_BY_HOP: [header::HeaderName; 9] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    for name in &HOP_BY_HOP {
         h.remove(name);
     }
 }
