@@ -6,5 +6,6 @@
 #![forbid(unsafe_code)]
 
 pub mod crdgen;
+pub mod inject;
 
 pub use toolgate_policy::crd::{McpPolicy, McpPolicySpec, McpPolicyStatus, Mode};

@@ -1,0 +1,214 @@
+//! Sidecar injection as a pure function: a Pod (and its namespace's labels) in, a JSON
+//! patch or the reason for not injecting out. The admission webhook only parses the
+//! `AdmissionReview` and calls [`inject`]; everything that decides lives here and is tested
+//! with JSON fixtures (`operator/tests/fixtures/inject/`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+
+/// Label (on a pod or its namespace) that asks for the sidecar: `enabled`.
+pub const INJECT_LABEL: &str = "toolgate.dev/inject";
+/// Annotation on a pod that opts out of a namespace-wide injection: `disabled`.
+pub const INJECT_ANNOTATION: &str = "toolgate.dev/inject";
+/// Annotation naming the port of the MCP server the sidecar forwards to.
+pub const UPSTREAM_PORT_ANNOTATION: &str = "toolgate.dev/upstream-port";
+/// Annotation with the MCP endpoint path of the upstream (default `/mcp`).
+pub const UPSTREAM_PATH_ANNOTATION: &str = "toolgate.dev/upstream-path";
+/// Marker set on injected pods; its presence makes re-invocation a no-op.
+pub const INJECTED_ANNOTATION: &str = "toolgate.dev/injected";
+/// Name of the injected container.
+pub const CONTAINER_NAME: &str = "toolgate-proxy";
+/// Name of the projected volume with the service-account token (audience `toolgate`).
+pub const TOKEN_VOLUME: &str = "toolgate-token";
+/// Audience of the projected token the sidecar presents to the operator.
+pub const TOKEN_AUDIENCE: &str = "toolgate";
+
+/// What the injected container looks like; from the operator's flags or Helm values.
+#[derive(Clone, Debug)]
+pub struct InjectConfig {
+    /// Image of `toolgate-proxy`.
+    pub image: String,
+    /// Where sidecars stream their policy from (the operator Service).
+    pub operator_url: String,
+    /// ConfigMap (in the pod's namespace) with `ca.crt`, the CA of the operator's serving
+    /// certificate. `None`: the sidecar uses the system roots.
+    pub ca_config_map: Option<String>,
+    /// Port the sidecar serves MCP on (agents connect here).
+    pub proxy_port: u16,
+    /// Port of `/metrics`, `/healthz`, `/readyz`, `/policy`.
+    pub admin_port: u16,
+    /// Resource requests and limits of the sidecar (`cpu`, `memory`).
+    pub requests: BTreeMap<String, String>,
+    /// Resource limits of the sidecar.
+    pub limits: BTreeMap<String, String>,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        let map = |cpu: &str, mem: &str| BTreeMap::from([("cpu".into(), cpu.into()), ("memory".into(), mem.into())]);
+        Self {
+            image: "ghcr.io/toolgate/toolgate-proxy:0.1.0".into(),
+            operator_url: "https://toolgate-operator.toolgate-system.svc:8443".into(),
+            ca_config_map: Some("toolgate-ca".into()),
+            proxy_port: 15080,
+            admin_port: 15090,
+            requests: map("50m", "32Mi"),
+            limits: map("1", "128Mi"),
+        }
+    }
+}
+
+/// Why a pod is admitted unchanged (a metric label, so few and stable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// Neither the pod nor its namespace is labelled `toolgate.dev/inject=enabled`.
+    NotSelected,
+    /// The pod is annotated `toolgate.dev/inject: disabled`.
+    OptedOut,
+    /// The marker annotation or a `toolgate-proxy` container is already there.
+    AlreadyInjected,
+    /// No `toolgate.dev/upstream-port` annotation and no container port.
+    NoUpstreamPort,
+    /// `toolgate.dev/upstream-port` is not a port number.
+    BadUpstreamPort,
+    /// The pod uses the host network, where the sidecar's ports could collide.
+    HostNetwork,
+}
+
+impl Skip {
+    /// The metric label / log reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::NotSelected => "not_selected",
+            Skip::OptedOut => "opted_out",
+            Skip::AlreadyInjected => "already_injected",
+            Skip::NoUpstreamPort => "no_upstream_port",
+            Skip::BadUpstreamPort => "bad_upstream_port",
+            Skip::HostNetwork => "host_network",
+        }
+    }
+}
+
+/// The patch that adds the sidecar to `pod`, or why it is left alone.
+pub fn inject(
+    pod: &Pod,
+    namespace_labels: &BTreeMap<String, String>,
+    config: &InjectConfig,
+) -> Result<json_patch::Patch, Skip> {
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let enabled = |m: &BTreeMap<String, String>| m.get(INJECT_LABEL).is_some_and(|v| v == "enabled");
+    if !enabled(labels) && !enabled(namespace_labels) {
+        return Err(Skip::NotSelected);
+    }
+    if annotations.get(INJECT_ANNOTATION).is_some_and(|v| v == "disabled") {
+        return Err(Skip::OptedOut);
+    }
+    let spec = pod.spec.as_ref().ok_or(Skip::NoUpstreamPort)?;
+    let init = spec.init_containers.as_deref().unwrap_or_default();
+    if annotations.contains_key(INJECTED_ANNOTATION)
+        || init.iter().chain(&spec.containers).any(|c| c.name == CONTAINER_NAME)
+    {
+        return Err(Skip::AlreadyInjected);
+    }
+    if spec.host_network == Some(true) {
+        return Err(Skip::HostNetwork);
+    }
+    let upstream_port = match annotations.get(UPSTREAM_PORT_ANNOTATION) {
+        Some(v) => v.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or(Skip::BadUpstreamPort)?,
+        None => spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .next()
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .ok_or(Skip::NoUpstreamPort)?,
+    };
+    let path = annotations.get(UPSTREAM_PATH_ANNOTATION).map(String::as_str).unwrap_or("/mcp");
+
+    let mut ops = Vec::new();
+    // First among the init containers, so that it also serves the ones after it.
+    let container = sidecar(config, upstream_port, path);
+    if init.is_empty() {
+        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}));
+    }
+    let volume = token_volume(config);
+    if spec.volumes.as_ref().is_none_or(Vec::is_empty) {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+    }
+    let mut add = BTreeMap::from([(INJECTED_ANNOTATION.to_owned(), env!("CARGO_PKG_VERSION").to_owned())]);
+    // Scrape annotations only where the pod has none: never redirect the app's own metrics.
+    if !annotations.keys().any(|k| k.starts_with("prometheus.io/")) {
+        add.insert("prometheus.io/scrape".into(), "true".into());
+        add.insert("prometheus.io/port".into(), config.admin_port.to_string());
+        add.insert("prometheus.io/path".into(), "/metrics".into());
+    }
+    if pod.metadata.annotations.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": add}));
+    } else {
+        for (k, v) in add {
+            ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", escape(&k)), "value": v}));
+        }
+    }
+    // The operations above are well-formed by construction.
+    Ok(serde_json::from_value(Value::Array(ops)).expect("valid JSON patch operations"))
+}
+
+/// JSON Pointer escaping of one path segment (RFC 6901).
+fn escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str) -> Value {
+    let mut args = vec![
+        format!("--listen=0.0.0.0:{}", config.proxy_port),
+        format!("--admin-listen=0.0.0.0:{}", config.admin_port),
+        format!("--upstream=http://127.0.0.1:{upstream_port}{path}"),
+        format!("--operator={}", config.operator_url),
+        "--token-file=/var/run/secrets/toolgate/token".to_owned(),
+    ];
+    if config.ca_config_map.is_some() {
+        args.push("--ca-file=/var/run/secrets/toolgate/ca.crt".into());
+    }
+    json!({
+        "name": CONTAINER_NAME,
+        "image": config.image,
+        "args": args,
+        // A native sidecar: started before, and kept running alongside, the app containers.
+        "restartPolicy": "Always",
+        "env": [{"name": "TOOLGATE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "ports": [
+            {"name": "toolgate-mcp", "containerPort": config.proxy_port, "protocol": "TCP"},
+            {"name": "toolgate-admin", "containerPort": config.admin_port, "protocol": "TCP"},
+        ],
+        // Ready only once a policy is loaded: until then every call would be refused.
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": config.admin_port}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": config.admin_port}, "periodSeconds": 10},
+        "resources": {"requests": config.requests, "limits": config.limits},
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/toolgate", "readOnly": true}],
+    })
+}
+
+fn token_volume(config: &InjectConfig) -> Value {
+    let mut sources = vec![json!({"serviceAccountToken": {
+        "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}})];
+    if let Some(name) = &config.ca_config_map {
+        sources.push(json!({"configMap": {"name": name, "items": [{"key": "ca.crt", "path": "ca.crt"}]}}));
+    }
+    json!({"name": TOKEN_VOLUME, "projected": {"sources": sources}})
+}
