@@ -41,7 +41,7 @@ pub fn full(bytes: impl Into<Bytes>) -> RespBody {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed()
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response<RespBody> {
+pub fn json_response(status: StatusCode, value: &Value) -> Response<RespBody> {
     let mut r = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -2,13 +2,11 @@
 //! it) and runs the MCP server as one child process. Same checks as over HTTP; the
 //! caller is the local user (anonymous identity).
 
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
 use tokio::sync::mpsc;
 use toolgate_policy::Caller;
 
@@ -39,15 +37,7 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 }
 
 pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow::Result<()> {
-    let (prog, args) = command.split_first().context("no command after --")?;
-    let mut child = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {prog}"))?;
+    let mut child = crate::upstream::spawn_server(command).context("cannot start the MCP server")?;
     let mut child_in = child.stdin.take().context("child stdin")?;
     let child_out = child.stdout.take().context("child stdout")?;
     let tracker = Arc::new(Mutex::new(Tracker::default()));

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::jsonrpc::{self, code};
-use crate::server::{BoxError, RespBody, full, strip_hop_by_hop};
+use crate::server::{BoxError, RespBody, full, json_response, strip_hop_by_hop};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -197,15 +197,7 @@ impl StdioSessions {
     }
 
     fn spawn(&self) -> Result<Arc<ChildSession>, UpstreamError> {
-        let (prog, args) = self.command.split_first().ok_or(UpstreamError::Spawn("no command".into()))?;
-        let mut child = Command::new(prog)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| UpstreamError::Spawn(format!("{prog}: {e}")))?;
+        let mut child = spawn_server(&self.command).map_err(|e| UpstreamError::Spawn(e.to_string()))?;
         let stdin = child.stdin.take().ok_or(UpstreamError::Spawn("no stdin".into()))?;
         let stdout = child.stdout.take().ok_or(UpstreamError::Spawn("no stdout".into()))?;
         let (events_tx, events_rx) = mpsc::channel(256);
@@ -295,7 +287,7 @@ impl StdioSessions {
         let (session, new_id) = match (existing, sid) {
             (Some(s), _) => (s, None),
             (None, Some(_)) => {
-                return Ok(json_status(
+                return Ok(json_response(
                     StatusCode::NOT_FOUND,
                     &jsonrpc::error(
                         Value::Null,
@@ -318,7 +310,7 @@ impl StdioSessions {
                 (s, Some(id))
             }
             (None, None) => {
-                return Ok(json_status(
+                return Ok(json_response(
                     StatusCode::BAD_REQUEST,
                     &jsonrpc::error(
                         Value::Null,
@@ -359,20 +351,29 @@ impl StdioSessions {
             }
         }
         let out = if value.is_array() { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
-        Ok(with_session(json_status(StatusCode::OK, &out), new_id))
+        Ok(with_session(json_response(StatusCode::OK, &out), new_id))
     }
+}
+
+/// Starts an MCP server process speaking JSON-RPC lines on stdin/stdout; its stderr is
+/// ours, and it dies with the proxy.
+pub fn spawn_server(command: &[String]) -> std::io::Result<Child> {
+    let (prog, args) = command
+        .split_first()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command after --"))?;
+    Command::new(prog)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{prog}: {e}")))
 }
 
 fn status_only(status: StatusCode) -> Response<RespBody> {
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = status;
-    r
-}
-
-fn json_status(status: StatusCode, v: &Value) -> Response<RespBody> {
-    let mut r = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
