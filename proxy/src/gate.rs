@@ -102,6 +102,14 @@ impl Tracker {
         self.lists.extend(other.lists);
     }
 
+    /// Calls whose outcome is unknown (no answer seen): their units stay spent, since
+    /// the upstream may have acted. Failing closed never admits more than `max`.
+    pub fn keep_spent(self) {
+        for (_, r) in self.calls {
+            r.commit();
+        }
+    }
+
     /// The call never completed upstream (transport error, error status, stream ended
     /// without its answer): give its quota back.
     pub fn rollback_all(&mut self) {
@@ -492,6 +500,20 @@ mod tests {
             let third = g.check(&b, &caller, &p, None, None);
             assert_eq!(matches!(third, Checked::Answer(_)), spent, "{body}");
         }
+    }
+
+    #[test]
+    fn unanswered_calls_stay_spent() {
+        let (g, p) = gate(SEED);
+        let caller = Caller::default();
+        for id in 0..2 {
+            let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");
+            let Checked::Forward(t) = g.check(&b, &caller, &p, None, None) else { panic!("room") };
+            t.keep_spent();
+        }
+        let b = parse_body(call(5, "start-pod").as_bytes()).expect("parses");
+        let Checked::Answer(a) = g.check(&b, &caller, &p, None, None) else { panic!("no room left") };
+        assert_eq!(a["error"]["code"], code::RATE_LIMITED);
     }
 
     #[test]

@@ -188,9 +188,9 @@ async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, calle
         return Response::from_parts(parts, sse_body(app, body, tracker, caller));
     }
     if tracker.is_empty() || !ct.starts_with("application/json") {
-        // Nothing to inspect (202 for notifications, etc.). Reservations of calls the
-        // upstream did not answer are rolled back.
-        tracker.rollback_all();
+        // Nothing to inspect (202 for notifications, etc.). A call accepted without an
+        // answer here may still complete (answered on another stream): it stays spent.
+        tracker.keep_spent();
         return Response::from_parts(parts, body);
     }
     let bytes = match Limited::new(body, MAX_ANSWER_BYTES).collect().await {
@@ -205,7 +205,7 @@ async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, calle
         Some(v) => Bytes::from(v),
         None => bytes,
     };
-    tracker.rollback_all();
+    tracker.keep_spent();
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, full(out))
 }
@@ -249,8 +249,10 @@ fn sse_body(app: &App, mut body: RespBody, mut tracker: Tracker, caller: Caller)
         if !rest.is_empty() {
             let _ = tx.send(Ok(Frame::data(rest))).await;
         }
-        // The upstream ended the stream without answering these calls.
-        tracker.rollback_all();
+        // The upstream ended the stream without answering these calls. The client may
+        // resume the stream and still get the answers, so the calls stay spent: only a
+        // definite failure gives quota back.
+        tracker.keep_spent();
     });
     StreamBody::new(ReceiverStream::new(rx)).boxed()
 }
