@@ -250,13 +250,7 @@ impl Gate {
         if let Some(k) = &key
             && let Some(r) = tracker.calls.remove(k)
         {
-            // A JSON-RPC error means the call did not happen: give the quota back. A
-            // result, even one with isError, spent it.
-            if msg.get("error").is_some() {
-                r.rollback()
-            } else {
-                r.commit()
-            }
+            settle(r, msg.get("error").is_some());
             return None;
         }
         let tracked_list = key.as_ref().is_some_and(|k| tracker.lists.remove(k).is_some());
@@ -290,11 +284,7 @@ impl Gate {
             && let Some(id) = &head.id
             && let Some(r) = tracker.calls.remove(&id_key(id))
         {
-            if head.error {
-                r.rollback()
-            } else {
-                r.commit()
-            }
+            settle(r, head.error);
             return None;
         }
         let value: Value = serde_json::from_slice(body).ok()?;
@@ -317,6 +307,12 @@ impl Gate {
         };
         replaced.and_then(|v| serde_json::to_vec(&v).ok())
     }
+}
+
+/// A JSON-RPC error means the call did not happen: give the quota back. A result, even
+/// one with `isError`, spent it.
+fn settle(r: Reservation, error: bool) {
+    if error { r.rollback() } else { r.commit() }
 }
 
 /// The parts of one answer message that settle a tracked call.

@@ -259,12 +259,7 @@ fn sse_body(app: &App, mut body: RespBody, mut tracker: Tracker, caller: Caller)
 
 fn rewrite_event(gate: &Gate, event: Bytes, tracker: &mut Tracker, caller: &Caller) -> Bytes {
     let Some(data) = sse::data(&event) else { return event };
-    let Ok(msg) = serde_json::from_str::<Value>(&data) else { return event };
-    let replaced = match &msg {
-        Value::Array(_) => gate.inspect_body(data.as_bytes(), tracker, caller).and_then(|b| String::from_utf8(b).ok()),
-        _ => gate.inspect_answer(&msg, tracker, caller).and_then(|v| serde_json::to_string(&v).ok()),
-    };
-    match replaced {
+    match gate.inspect_body(data.as_bytes(), tracker, caller).and_then(|b| String::from_utf8(b).ok()) {
         Some(new) => sse::replace_data(&event, &new),
         None => event,
     }
