@@ -9,30 +9,7 @@ use serde_json::Value;
 
 const SEED: &str = r#"{"version":"1","default":"deny","tools":{"start-pod":{"limits":[{"counter":"start-pod_rate","window":"minute","max":10,"scope":"grant"}]}}}"#;
 
-const INTERCEPT: &str = r#"
-version: "1"
-description: "GitHub, Intercept style"
-hide: [transfer_repository]
-tools:
-  create_issue:
-    rules:
-      - name: hourly issue limit
-        rate_limit: 5/hour
-        on_deny: "Hourly limit of 5 new issues reached"
-  create_charge:
-    rules:
-      - name: max single charge
-        conditions:
-          - {path: args.amount, op: lte, value: 50000}
-        on_deny: too big
-      - name: daily spend cap
-        conditions:
-          - {path: state.create_charge.daily_spend, op: lt, value: 1000000}
-        state: {counter: daily_spend, window: day, increment_from: args.amount}
-  delete_repository:
-    rules:
-      - {name: block, action: deny, on_deny: "no deletes"}
-"#;
+const INTERCEPT: &str = include_str!("../../examples/policies/intercept-github.yaml");
 
 fn toolgate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_toolgate")).args(args).stdin(Stdio::null()).output().expect("runs")

@@ -398,36 +398,7 @@ mod tests {
 
     #[test]
     fn intercept_is_converted() {
-        let text = r#"
-version: "1"
-description: "GitHub"
-hide: [transfer_repository]
-tools:
-  create_issue:
-    rules:
-      - name: hourly issue limit
-        rate_limit: 5/hour
-        on_deny: "Hourly limit of 5 new issues reached"
-  create_charge:
-    rules:
-      - name: max single charge
-        conditions:
-          - {path: args.amount, op: lte, value: 50000}
-        on_deny: too big
-      - name: daily spend cap
-        conditions:
-          - {path: state.create_charge.daily_spend, op: lt, value: 1000000}
-        state: {counter: daily_spend, window: day, increment_from: args.amount}
-  delete_repository:
-    rules:
-      - name: block
-        action: deny
-        on_deny: "no deletes"
-  "*":
-    rules:
-      - name: global
-        rate_limit: 60/minute
-"#;
+        let text = include_str!("../../examples/policies/intercept-github.yaml");
         let (doc, fmt) = parse_document_with_format(text).expect("intercept parses");
         assert_eq!(fmt, SourceFormat::Intercept);
         assert_eq!(doc.default, Some(DefaultAction::Allow));
