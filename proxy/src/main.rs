@@ -130,12 +130,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, policy: toolgate_policy::Policy) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    metrics.policy_enforced(Some(policy.revision()));
-    metrics.learn_tools(
-        policy
-            .documents()
-            .flat_map(|(_, d)| d.tools.keys().chain(d.grants.iter().flat_map(|g| g.tools.keys())).map(String::as_str)),
-    );
+    metrics.policy_enforced(&policy);
     tracing::info!(revision = policy.revision(), files = ?args.policies, "policy loaded");
     let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
     tokio::spawn(policy_files::watch(

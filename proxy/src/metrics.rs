@@ -194,17 +194,21 @@ impl Metrics {
         self.upstream_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
-    pub fn policy_enforced(&self, revision: Option<&str>) {
+    /// Records the policy now enforced (an empty one means nothing is: every call is
+    /// refused) and makes the tool names it names valid label values.
+    pub fn policy_enforced(&self, policy: &toolgate_policy::Policy) {
         self.policy_info.clear();
-        match revision {
-            Some(r) => {
-                self.policy_loaded.set(1);
-                self.policy_info.get_or_create(&RevisionLabels { revision: r.to_owned() }).set(1);
-            }
-            None => {
-                self.policy_loaded.set(0);
-            }
+        if policy.is_empty() {
+            self.policy_loaded.set(0);
+            return;
         }
+        self.policy_loaded.set(1);
+        self.policy_info.get_or_create(&RevisionLabels { revision: policy.revision().to_owned() }).set(1);
+        self.learn_tools(
+            policy.documents().flat_map(|(_, d)| {
+                d.tools.keys().chain(d.grants.iter().flat_map(|g| g.tools.keys())).map(String::as_str)
+            }),
+        );
     }
 
     pub fn reload_error(&self) {

@@ -71,8 +71,7 @@ pub async fn watch(paths: Vec<PathBuf>, every: Duration, tx: watch::Sender<Arc<P
         match tokio::task::spawn_blocking(move || compile(&now)).await {
             Ok(Ok(policy)) => {
                 tracing::info!(revision = policy.revision(), "policy reloaded");
-                metrics.policy_enforced(Some(policy.revision()));
-                metrics.learn_tools(policy.documents().flat_map(|(_, d)| d.tools.keys().map(String::as_str)));
+                metrics.policy_enforced(&policy);
                 if tx.send(Arc::new(policy)).is_err() {
                     return;
                 }
