@@ -34,6 +34,7 @@ mod error;
 mod eval;
 mod limiter;
 mod parse;
+pub mod push;
 mod strict;
 
 use std::sync::Arc;

@@ -1,0 +1,130 @@
+//! The wire format of policy distribution ("push") between the operator and its sidecars.
+//! Only types: the operator serves it, the proxy consumes it (docs/push.md).
+//!
+//! - `GET /v1/stream` with `Authorization: Bearer <projected token, audience toolgate>`:
+//!   `200`, `Content-Type: application/x-ndjson`, one [`Message`] per line, for as long as
+//!   the connection lasts. The first message is always [`Message::Policies`].
+//! - `POST /v1/ack` with the same token and an [`Ack`] body: `204`.
+//! - Refusals: `401` (token missing, invalid, expired or for another audience), `403`
+//!   (token not bound to a pod, or the pod is unknown); body `{"error": "..."}`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Path of the policy stream.
+pub const STREAM_PATH: &str = "/v1/stream";
+/// Path of acknowledgements.
+pub const ACK_PATH: &str = "/v1/ack";
+/// Largest line the sidecar accepts on the stream (a policy set is at most this big).
+pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
+
+/// One line of the stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Message {
+    /// The complete effective policy set for the pod; replaces whatever came before.
+    Policies(PolicySet),
+    /// Nothing changed; the stream is alive. The sidecar reconnects after three missed
+    /// heartbeat intervals.
+    Heartbeat {
+        /// Seconds between heartbeats, so that the sidecar knows when to give up.
+        #[serde(rename = "intervalSeconds")]
+        interval_seconds: u64,
+    },
+}
+
+/// The effective policies of one pod.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySet {
+    /// Content hash of `policies` ([`PolicySet::compute_revision`]); acknowledged by the
+    /// sidecar.
+    pub revision: String,
+    /// Namespace and name of the pod the set is for (from the token, not the sidecar).
+    pub pod: PodRef,
+    /// Every McpPolicy whose selector matches the pod, ordered by name. Empty: deny all.
+    pub policies: Vec<PushedPolicy>,
+}
+
+/// The pod a stream serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    /// Namespace of the pod.
+    pub namespace: String,
+    /// Name of the pod.
+    pub name: String,
+}
+
+/// One McpPolicy as a sidecar enforces it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushedPolicy {
+    /// `metadata.name` of the McpPolicy; the document name in decisions and audit lines.
+    pub name: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `metadata.generation` the document comes from (the last accepted one when the
+    /// newest generation is invalid).
+    pub generation: i64,
+    /// `true`: refusals are only logged and counted (`would_*`), calls go through.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The policy document (the McpPolicy `spec` without `selector` and `mode`).
+    pub document: Value,
+}
+
+/// The sidecar's answer to a [`PolicySet`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ack {
+    /// The revision the sidecar now enforces (or failed to).
+    pub revision: String,
+    /// Set when the sidecar could not compile the set; it keeps its previous policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl PolicySet {
+    /// The revision of a list of policies: 16 hex digits of the SHA-256 of their JSON.
+    pub fn compute_revision(policies: &[PushedPolicy]) -> String {
+        let bytes = serde_json::to_vec(policies).unwrap_or_default();
+        let digest = Sha256::digest(&bytes);
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A set with its revision computed.
+    pub fn new(pod: PodRef, policies: Vec<PushedPolicy>) -> Self {
+        Self { revision: Self::compute_revision(&policies), pod, policies }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_a_stable_tagged_shape() {
+        let set = PolicySet::new(
+            PodRef { namespace: "agents".into(), name: "runpod-0".into() },
+            vec![PushedPolicy {
+                name: "seed".into(),
+                uid: "u1".into(),
+                generation: 2,
+                dry_run: false,
+                document: serde_json::json!({"version": "1"}),
+            }],
+        );
+        let line = serde_json::to_value(Message::Policies(set.clone())).expect("serializes");
+        assert_eq!(line["type"], "policies");
+        assert_eq!(line["policies"][0]["dryRun"], false);
+        assert_eq!(line["revision"].as_str().map(str::len), Some(16));
+        let back: Message = serde_json::from_value(line).expect("parses");
+        assert_eq!(back, Message::Policies(set.clone()));
+        let hb: Message = serde_json::from_str(r#"{"type":"heartbeat","intervalSeconds":10}"#).expect("parses");
+        assert_eq!(hb, Message::Heartbeat { interval_seconds: 10 });
+        let mut other = set.policies.clone();
+        other[0].generation = 3;
+        assert_ne!(PolicySet::compute_revision(&other), set.revision, "a new generation is a new revision");
+    }
+}
