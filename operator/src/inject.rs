@@ -18,6 +18,10 @@ pub const UPSTREAM_PORT_ANNOTATION: &str = "toolgate.dev/upstream-port";
 pub const UPSTREAM_PATH_ANNOTATION: &str = "toolgate.dev/upstream-path";
 /// Marker set on injected pods; its presence makes re-invocation a no-op.
 pub const INJECTED_ANNOTATION: &str = "toolgate.dev/injected";
+/// Label set on injected pods (`true`): the operator watches only pods carrying it.
+pub const INJECTED_LABEL: &str = "toolgate.dev/injected";
+/// Name of the emptyDir where the sidecar persists its last good policy across restarts.
+pub const STATE_VOLUME: &str = "toolgate-state";
 /// Name of the injected container.
 pub const CONTAINER_NAME: &str = "toolgate-proxy";
 /// Name of the projected volume with the service-account token (audience `toolgate`).
@@ -137,11 +141,18 @@ pub fn inject(
     } else {
         ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}));
     }
-    let volume = token_volume(config);
+    let volumes = [token_volume(config), json!({"name": STATE_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})];
     if spec.volumes.as_ref().is_none_or(Vec::is_empty) {
-        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
     } else {
-        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+        for volume in volumes {
+            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+        }
+    }
+    if pod.metadata.labels.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {INJECTED_LABEL: "true"}}));
+    } else {
+        ops.push(json!({"op": "add", "path": format!("/metadata/labels/{}", escape(INJECTED_LABEL)), "value": "true"}));
     }
     let mut add = BTreeMap::from([(INJECTED_ANNOTATION.to_owned(), env!("CARGO_PKG_VERSION").to_owned())]);
     // Scrape annotations only where the pod has none: never redirect the app's own metrics.
@@ -173,6 +184,7 @@ fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str) -> Value {
         format!("--upstream=http://127.0.0.1:{upstream_port}{path}"),
         format!("--operator={}", config.operator_url),
         "--token-file=/var/run/secrets/toolgate/token".to_owned(),
+        "--state-dir=/var/lib/toolgate".to_owned(),
     ];
     if config.ca_config_map.is_some() {
         args.push("--ca-file=/var/run/secrets/toolgate/ca.crt".into());
@@ -200,7 +212,10 @@ fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str) -> Value {
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/toolgate", "readOnly": true}],
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/toolgate", "readOnly": true},
+            {"name": STATE_VOLUME, "mountPath": "/var/lib/toolgate"},
+        ],
     })
 }
 
