@@ -1,11 +1,17 @@
-//! toolgate-operator: the `McpPolicy` CRD generation, and (in progress) the controller,
-//! the sidecar-injecting admission webhook and the policy push to sidecars.
+//! toolgate-operator: the `McpPolicy` controller, the sidecar-injecting admission webhook
+//! and the policy push to sidecars.
 //!
 //! The CRD types themselves live in `toolgate_policy::crd` (feature `crd`) so that the
 //! CLI can use them without depending on this crate.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod crdgen;
+pub mod hub;
 pub mod inject;
+pub mod metrics;
+pub mod server;
+pub mod tls;
+pub mod webhook;
 
 pub use toolgate_policy::crd::{McpPolicy, McpPolicySpec, McpPolicyStatus, Mode};

@@ -1,0 +1,314 @@
+//! The operator's two listeners: HTTPS (admission webhook `/inject`, sidecar policy stream
+//! `/v1/stream` and `/v1/ack`; HTTP/1.1 and h2) and plain HTTP admin (`/metrics`,
+//! `/healthz`, `/readyz`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::Api;
+use kube::runtime::reflector::{ObjectRef, Store};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use toolgate_policy::push::{ACK_PATH, Ack, Message, PolicySet, STREAM_PATH};
+
+use crate::auth::{AuthError, Authenticator, PodIdentity, bearer};
+use crate::hub::{Hub, StreamGuard};
+use crate::inject::InjectConfig;
+use crate::metrics::Metrics;
+use crate::webhook;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Everything the handlers need.
+pub struct Ctx {
+    pub hub: Arc<Hub>,
+    pub auth: Authenticator,
+    pub namespaces: Store<Namespace>,
+    pub namespace_api: Api<Namespace>,
+    pub inject: InjectConfig,
+    pub heartbeat: Duration,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+    /// Caches synced and a serving certificate loaded.
+    pub ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").finish_non_exhaustive()
+    }
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(value.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+    json_response(status, &json!({"error": message.to_string()}))
+}
+
+/// Reads a body up to `max` bytes.
+pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Response<Body>> {
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {max} bytes")))
+        }
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}"))),
+    }
+}
+
+/// Routes of the HTTPS listener.
+pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/inject") => webhook::handle(&ctx, req).await,
+        (&Method::GET, STREAM_PATH) => stream(&ctx, req).await,
+        (&Method::POST, ACK_PATH) => ack(&ctx, req).await,
+        (_, "/inject" | STREAM_PATH | ACK_PATH) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    };
+    Ok(response)
+}
+
+/// Routes of the admin listener.
+pub async fn admin(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let response = match req.uri().path() {
+        "/metrics" => {
+            let mut r = Response::new(full(ctx.metrics.encode()));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            r
+        }
+        "/healthz" => Response::new(full("ok\n")),
+        "/readyz" if ctx.ready.load(Ordering::Relaxed) => Response::new(full("ready\n")),
+        "/readyz" => {
+            let mut r = Response::new(full("not ready: caches or certificate not loaded yet\n"));
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            r
+        }
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    };
+    Ok(response)
+}
+
+/// The caller's pod, authenticated and found in the cache of injected pods.
+async fn caller(ctx: &Ctx, req: &Request<Incoming>) -> Result<(PodIdentity, Arc<Pod>), Response<Body>> {
+    let refuse = |ctx: &Ctx, result: &'static str, status: StatusCode, message: String| {
+        ctx.metrics.stream_request(result);
+        error(status, message)
+    };
+    let token = bearer(req.headers().get(hyper::header::AUTHORIZATION))
+        .map_err(|e| refuse(ctx, "unauthenticated", StatusCode::UNAUTHORIZED, e.to_string()))?;
+    let id = match ctx.auth.authenticate(token).await {
+        Ok(id) => id,
+        Err(e @ AuthError::Unavailable(_)) => {
+            tracing::warn!(error = %e, "TokenReview failed");
+            return Err(refuse(ctx, "review_failed", StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
+        }
+        Err(e @ AuthError::NotPodBound) => return Err(refuse(ctx, "forbidden", StatusCode::FORBIDDEN, e.to_string())),
+        Err(e) => return Err(refuse(ctx, "unauthenticated", StatusCode::UNAUTHORIZED, e.to_string())),
+    };
+    // A pod that was just created may not be in the cache yet: wait a little for it.
+    let key = ObjectRef::new(&id.pod_name).within(&id.namespace);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let pod = loop {
+        if let Some(pod) = ctx.hub.pods.get(&key)
+            && pod.metadata.uid.as_deref() == Some(id.pod_uid.as_str())
+        {
+            break pod;
+        }
+        if Instant::now() >= deadline {
+            return Err(refuse(
+                ctx,
+                "unknown_pod",
+                StatusCode::FORBIDDEN,
+                format!(
+                    "pod {}/{} (uid {}) is not a running pod with the toolgate sidecar",
+                    id.namespace, id.pod_name, id.pod_uid
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
+    if service_account != id.service_account {
+        return Err(refuse(ctx, "forbidden", StatusCode::FORBIDDEN, "token and pod service accounts differ".into()));
+    }
+    Ok((id, pod))
+}
+
+fn line(message: &Message) -> Bytes {
+    let mut v = serde_json::to_vec(message).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+struct StreamState {
+    rx: watch::Receiver<Arc<PolicySet>>,
+    heartbeat: tokio::time::Interval,
+    interval_seconds: u64,
+    first: bool,
+    shutdown: watch::Receiver<bool>,
+    _guard: StreamGuard,
+}
+
+async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let (id, pod) = match caller(ctx, &req).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    ctx.metrics.stream_request("ok");
+    let (guard, rx) = ctx.hub.register(&pod);
+    tracing::info!(pod = %format!("{}/{}", id.namespace, id.pod_name), "sidecar connected");
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ctx.heartbeat, ctx.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = StreamState {
+        rx,
+        heartbeat,
+        interval_seconds: ctx.heartbeat.as_secs().max(1),
+        first: true,
+        shutdown: ctx.shutdown.clone(),
+        _guard: guard,
+    };
+    let frames = futures_util::stream::unfold(state, |mut st| async move {
+        if st.first {
+            st.first = false;
+            let set = st.rx.borrow_and_update().clone();
+            return Some((line(&Message::Policies((*set).clone())), st));
+        }
+        enum Next {
+            Changed(bool),
+            Beat,
+            Stop,
+        }
+        let next = tokio::select! {
+            changed = st.rx.changed() => Next::Changed(changed.is_ok()),
+            _ = st.heartbeat.tick() => Next::Beat,
+            _ = st.shutdown.wait_for(|s| *s) => Next::Stop,
+        };
+        match next {
+            Next::Changed(true) => {
+                let set = st.rx.borrow_and_update().clone();
+                st.heartbeat.reset();
+                Some((line(&Message::Policies((*set).clone())), st))
+            }
+            Next::Beat => {
+                let beat = Message::Heartbeat { interval_seconds: st.interval_seconds };
+                Some((line(&beat), st))
+            }
+            Next::Changed(false) | Next::Stop => None,
+        }
+    })
+    .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/x-ndjson"));
+    headers.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let (id, _pod) = match caller(ctx, &req).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let body = match read_body(req.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let ack: Ack = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not an ack: {e}")),
+    };
+    if let Some(problem) = &ack.error {
+        tracing::warn!(pod = %format!("{}/{}", id.namespace, id.pod_name), revision = %ack.revision, %problem,
+            "sidecar could not apply its policy set; it keeps the previous one");
+        ctx.metrics.stream_request("nack");
+        return Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default();
+    }
+    if ctx.hub.ack(&id.pod_uid, &ack.revision) {
+        ctx.metrics.stream_request("ack");
+        Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default()
+    } else {
+        ctx.metrics.stream_request("ack_unknown");
+        error(StatusCode::CONFLICT, "no stream of this pod holds that revision here (send acks on the stream's connection)")
+    }
+}
+
+/// Serves `listener` (with TLS when `tls` is given) until `shutdown` turns true.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ctx: Arc<Ctx>,
+    handler: F,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    F: Fn(Arc<Ctx>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handler(ctx.clone(), req));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    watcher.watch(conn).await
+                }
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    // Streams end on shutdown by themselves; give in-flight requests a bounded time.
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}

@@ -1,0 +1,94 @@
+//! The mutating admission webhook: parses the `AdmissionReview`, finds the namespace's
+//! labels and answers with the patch of [`crate::inject::inject`] (or none).
+//!
+//! Fail closed: when the namespace's labels cannot be known, the pod is refused rather
+//! than admitted without its sidecar (the webhook configuration only sends opted-in
+//! pods, so nothing else is affected).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::runtime::reflector::ObjectRef;
+
+use crate::inject::inject;
+use crate::server::{Body, Ctx, json_response, read_body};
+
+/// Pods are at most a few MiB (etcd's object limit is 1.5 MiB by default).
+const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
+
+pub async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let body = match read_body(req.into_body(), MAX_REVIEW_BYTES).await {
+        Ok(b) => b,
+        Err(r) => {
+            ctx.metrics.webhook("error", started.elapsed());
+            return r;
+        }
+    };
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.metrics.webhook("error", started.elapsed());
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": format!("not an AdmissionReview of a Pod: {e}")}),
+            );
+        }
+    };
+    let request: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.metrics.webhook("error", started.elapsed());
+            return json_response(StatusCode::BAD_REQUEST, &serde_json::json!({"error": e.to_string()}));
+        }
+    };
+    let (result, response) = decide(ctx, &request).await;
+    ctx.metrics.webhook(result, started.elapsed());
+    json_response(StatusCode::OK, &serde_json::to_value(response.into_review()).unwrap_or_default())
+}
+
+async fn decide(ctx: &Ctx, request: &AdmissionRequest<Pod>) -> (&'static str, AdmissionResponse) {
+    let response = AdmissionResponse::from(request);
+    let Some(pod) = &request.object else {
+        return ("no_object", response);
+    };
+    let namespace = request.namespace.clone().or_else(|| pod.namespace()).unwrap_or_default();
+    let labels = match namespace_labels(ctx, &namespace).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%namespace, error = %e, "cannot read the namespace; refusing the pod rather than admitting it unprotected");
+            return ("error", response.deny(format!("toolgate: cannot read namespace {namespace}: {e}")));
+        }
+    };
+    let pod_name = if pod.metadata.name.is_some() { pod.name_any() } else { pod.metadata.generate_name.clone().unwrap_or_default() };
+    match inject(pod, &labels, &ctx.inject) {
+        Ok(patch) => match response.with_patch(patch) {
+            Ok(r) => {
+                tracing::info!(%namespace, pod = %pod_name, dry_run = request.dry_run, "sidecar injected");
+                ("injected", r)
+            }
+            Err(e) => ("error", AdmissionResponse::from(request).deny(format!("toolgate: cannot encode the patch: {e}"))),
+        },
+        Err(skip) => {
+            tracing::debug!(%namespace, pod = %pod_name, reason = skip.as_str(), "not injected");
+            (skip.as_str(), response)
+        }
+    }
+}
+
+async fn namespace_labels(ctx: &Ctx, namespace: &str) -> Result<BTreeMap<String, String>, String> {
+    if let Some(ns) = ctx.namespaces.get(&ObjectRef::new(namespace)) {
+        return Ok(ns.labels().clone());
+    }
+    // A namespace created a moment ago may not be cached yet.
+    match tokio::time::timeout(Duration::from_secs(2), ctx.namespace_api.get(namespace)).await {
+        Ok(Ok(ns)) => Ok(ns.labels().clone()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
