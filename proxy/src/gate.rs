@@ -4,6 +4,12 @@
 //!
 //! The live policy is read from a `watch` channel per request, so a new policy applies
 //! to the next call, mid-connection.
+//!
+//! What is live is an [`Effective`] set: the enforcing documents decide every call; the
+//! dry-run documents (McpPolicy `mode: dryRun`) are evaluated too, but their refusals are
+//! only recorded (`would_deny`, `would_rate_limit`, `would_require_approval`) and never
+//! answer a call. With only dry-run documents calls pass; with no document at all every
+//! call is refused (fail closed).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,11 +33,131 @@ pub enum IdentitySource {
     Header(hyper::header::HeaderName),
 }
 
+/// Where the live documents came from (shown on `/policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `--policy` files.
+    Files,
+    /// The operator's policy stream (or the set persisted from it).
+    Operator,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Files => "files",
+            Source::Operator => "operator",
+        }
+    }
+}
+
+/// The policy the gate applies: enforcing and dry-run documents and their revision.
+#[derive(Debug)]
+pub struct Effective {
+    /// Decides every call (empty: see [`Effective::decides_nothing`]).
+    pub enforce: Policy,
+    /// Evaluated and recorded, never enforced (empty when there are none).
+    pub dry_run: Policy,
+    /// The revision shown on `/policy`, in audit lines and metrics: the operator's
+    /// `PolicySet` revision, or the files' content hash.
+    pub revision: String,
+    pub source: Source,
+    header_names: Vec<String>,
+}
+
+impl Effective {
+    /// The documents of `--policy` files (all enforced).
+    pub fn files(policy: Policy) -> Self {
+        let revision = policy.revision().to_owned();
+        Self::new(policy, Policy::empty(), revision, Source::Files)
+    }
+
+    /// No document at all: every call is refused.
+    pub fn none(source: Source) -> Self {
+        Self::new(Policy::empty(), Policy::empty(), String::new(), source)
+    }
+
+    pub fn new(enforce: Policy, dry_run: Policy, revision: String, source: Source) -> Self {
+        let mut header_names: Vec<String> =
+            enforce.header_names().iter().chain(dry_run.header_names()).cloned().collect();
+        header_names.sort();
+        header_names.dedup();
+        Self { enforce, dry_run, revision, source, header_names }
+    }
+
+    /// No document at all (neither enforcing nor dry-run): every call is refused and the
+    /// proxy is not ready.
+    pub fn is_empty(&self) -> bool {
+        self.enforce.is_empty() && self.dry_run.is_empty()
+    }
+
+    /// Only dry-run documents: calls pass (they are being tried out), nothing is enforced.
+    pub fn decides_nothing(&self) -> bool {
+        self.enforce.is_empty() && !self.dry_run.is_empty()
+    }
+
+    /// Request headers that grants of any document match on.
+    pub fn header_names(&self) -> &[String] {
+        &self.header_names
+    }
+
+    /// Whether `tools/list` shows `tool`: the enforcing documents decide (with only
+    /// dry-run documents everything is listed, since every call passes).
+    pub fn lists_tool(&self, tool: &str, caller: &Caller) -> bool {
+        if self.decides_nothing() { true } else { self.enforce.lists_tool(tool, caller) }
+    }
+
+    /// Every document with its mode (`enforce` or `dryRun`), enforcing ones first.
+    pub fn documents(&self) -> impl Iterator<Item = (&str, &toolgate_policy::Document, &'static str)> {
+        self.enforce
+            .documents()
+            .map(|(n, d)| (n, d, "enforce"))
+            .chain(self.dry_run.documents().map(|(n, d)| (n, d, "dryRun")))
+    }
+}
+
+/// The label of a dry-run document's refusal: what it would have done.
+pub fn would(kind: DecisionKind) -> &'static str {
+    match kind {
+        DecisionKind::Allow => "allow",
+        DecisionKind::Deny | DecisionKind::Hidden => "would_deny",
+        DecisionKind::RateLimited => "would_rate_limit",
+        DecisionKind::Approval => "would_require_approval",
+    }
+}
+
+/// Quota held for one forwarded call: the enforcing documents' and, if any, the dry-run
+/// documents' (kept apart, so trying a policy out never spends real quota). Both settle
+/// together.
+#[derive(Debug)]
+pub struct Held {
+    enforce: Reservation,
+    dry_run: Option<Reservation>,
+}
+
+impl Held {
+    fn commit(self) {
+        self.enforce.commit();
+        if let Some(d) = self.dry_run {
+            d.commit();
+        }
+    }
+
+    fn rollback(self) {
+        self.enforce.rollback();
+        if let Some(d) = self.dry_run {
+            d.rollback();
+        }
+    }
+}
+
 /// Everything the enforcement layer needs, shared by all connections.
 #[derive(Debug)]
 pub struct Gate {
-    pub policy: watch::Receiver<Arc<Policy>>,
+    pub policy: watch::Receiver<Arc<Effective>>,
     pub limiter: Limiter,
+    /// Counters of dry-run documents, apart from the enforcing ones.
+    pub dry_run_limiter: Limiter,
     pub metrics: Arc<Metrics>,
     pub identity: IdentitySource,
     pub audit_arguments: bool,
@@ -41,24 +167,33 @@ pub struct Gate {
 
 impl Gate {
     pub fn new(
-        policy: watch::Receiver<Arc<Policy>>,
+        policy: watch::Receiver<Arc<Effective>>,
         metrics: Arc<Metrics>,
         identity: IdentitySource,
         audit_arguments: bool,
         pod: Option<String>,
     ) -> Self {
-        Self { policy, limiter: Limiter::default(), metrics, identity, audit_arguments, pod, epoch: Instant::now() }
+        Self {
+            policy,
+            limiter: Limiter::default(),
+            dry_run_limiter: Limiter::default(),
+            metrics,
+            identity,
+            audit_arguments,
+            pod,
+            epoch: Instant::now(),
+        }
     }
 
     fn now(&self) -> Duration {
         self.epoch.elapsed()
     }
 
-    pub fn current(&self) -> Arc<Policy> {
+    pub fn current(&self) -> Arc<Effective> {
         self.policy.borrow().clone()
     }
 
-    pub fn caller(&self, headers: &HeaderMap, policy: &Policy) -> Caller {
+    pub fn caller(&self, headers: &HeaderMap, policy: &Effective) -> Caller {
         let identity = match &self.identity {
             IdentitySource::Authorization => headers
                 .get(hyper::header::AUTHORIZATION)
@@ -87,7 +222,7 @@ impl Gate {
 /// Requests of one POST whose answers must be inspected, keyed by the id's JSON text.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    calls: HashMap<String, Reservation>,
+    calls: HashMap<String, Held>,
     lists: HashMap<String, ()>,
 }
 
@@ -140,7 +275,7 @@ impl Gate {
         &self,
         body: &Body,
         caller: &Caller,
-        policy: &Policy,
+        policy: &Effective,
         header_method: Option<&str>,
         header_name: Option<&str>,
     ) -> Checked {
@@ -160,16 +295,13 @@ impl Gate {
                         match jsonrpc::tool_call(msg) {
                             Err(e) => Some(jsonrpc::error(id.clone(), code::INVALID_PARAMS, e, None)),
                             Ok(tc) => {
-                                let started = Instant::now();
                                 let call = Call { tool: tc.name, arguments: tc.arguments, caller };
-                                let mut d = policy.decide(&self.limiter, &call, self.now());
-                                self.record(&call, &d, policy, started);
-                                match d.reservation.take() {
-                                    Some(r) if d.kind.is_allow() => {
-                                        tracker.calls.insert(id_key(id), r);
+                                match self.decide(id, &call, policy) {
+                                    Ok(held) => {
+                                        tracker.calls.insert(id_key(id), held);
                                         None
                                     }
-                                    _ => Some(refusal(id.clone(), &d, policy.is_empty())),
+                                    Err(answer) => Some(answer),
                                 }
                             }
                         }
@@ -219,22 +351,71 @@ impl Gate {
         Checked::Answer(Value::Array(out))
     }
 
-    fn record(&self, call: &Call<'_>, d: &Decision, policy: &Policy, started: Instant) {
-        self.metrics.decision(call.tool, d.kind.as_str(), d.policy.as_deref(), d.rule.as_deref());
+    /// Decides one call: the enforcing documents decide; dry-run documents are evaluated
+    /// and their refusals recorded. `Ok`: forward, holding the quota; `Err`: the answer
+    /// refusing request `id`.
+    fn decide(&self, id: &Value, call: &Call<'_>, policy: &Effective) -> Result<Held, Value> {
+        let started = Instant::now();
+        let now = self.now();
+        let enforced = if policy.decides_nothing() {
+            // Only dry-run documents: nothing is enforced, the call passes.
+            self.record(call, "allow", None, policy, started);
+            Ok(Reservation::empty(&self.limiter))
+        } else {
+            let mut d = policy.enforce.decide(&self.limiter, call, now);
+            self.record(call, d.kind.as_str(), Some(&d), policy, started);
+            match d.reservation.take() {
+                Some(r) if d.kind.is_allow() => Ok(r),
+                _ => Err(d),
+            }
+        };
+        let dry_run = if policy.dry_run.is_empty() {
+            None
+        } else {
+            let started = Instant::now();
+            let mut d = policy.dry_run.decide(&self.dry_run_limiter, call, now);
+            if !d.kind.is_allow() {
+                self.record(call, would(d.kind), Some(&d), policy, started);
+            }
+            d.reservation.take()
+        };
+        match enforced {
+            Ok(enforce) => Ok(Held { enforce, dry_run }),
+            Err(d) => {
+                // The call does not happen, so the dry-run documents' quota is not spent.
+                if let Some(r) = dry_run {
+                    r.rollback();
+                }
+                Err(refusal(id.clone(), &d, policy.enforce.is_empty()))
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        call: &Call<'_>,
+        decision: &'static str,
+        d: Option<&Decision>,
+        policy: &Effective,
+        started: Instant,
+    ) {
+        let policy_name = d.and_then(|d| d.policy.as_deref());
+        let rule = d.and_then(|d| d.rule.as_deref());
+        self.metrics.decision(call.tool, decision, policy_name, rule);
         let record = audit::Record {
             ts: audit::now_rfc3339(),
             kind: "decision",
             pod: self.pod.as_deref(),
             session: call.caller.session.as_deref(),
             identity: &call.caller.identity,
-            grant: d.grant.as_deref(),
+            grant: d.and_then(|d| d.grant.as_deref()),
             tool: call.tool,
-            decision: d.kind.as_str(),
-            policy: d.policy.as_deref(),
-            rule: d.rule.as_deref(),
-            revision: policy.revision(),
-            reason: d.reason.as_deref(),
-            retry_after_seconds: d.retry_after.map(retry_secs),
+            decision,
+            policy: policy_name,
+            rule,
+            revision: &policy.revision,
+            reason: d.and_then(|d| d.reason.as_deref()),
+            retry_after_seconds: d.and_then(|d| d.retry_after).map(retry_secs),
             argument_keys: audit::argument_keys(call.arguments),
             arguments_sha256: audit::arguments_digest(call.arguments),
             arguments: self.audit_arguments.then_some(call.arguments),
@@ -311,7 +492,7 @@ impl Gate {
 
 /// A JSON-RPC error means the call did not happen: give the quota back. A result, even
 /// one with `isError`, spent it.
-fn settle(r: Reservation, error: bool) {
+fn settle(r: Held, error: bool) {
     if error { r.rollback() } else { r.commit() }
 }
 
@@ -404,8 +585,23 @@ mod tests {
     use super::*;
     use crate::jsonrpc::parse_body;
 
-    fn gate(policy: &str) -> (Gate, Arc<Policy>) {
-        let p = Arc::new(Policy::from_text("test", policy).expect("valid"));
+    fn gate(policy: &str) -> (Gate, Arc<Effective>) {
+        let p = Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid")));
+        let (_tx, rx) = watch::channel(p.clone());
+        (Gate::new(rx, Arc::new(Metrics::new()), IdentitySource::Authorization, false, None), p)
+    }
+
+    /// A gate whose documents are `(name, text, dry_run)`.
+    fn gate_with(docs: &[(&str, &str, bool)]) -> (Gate, Arc<Effective>) {
+        let compile = |dry: bool| {
+            let d: Vec<_> = docs
+                .iter()
+                .filter(|(_, _, dr)| *dr == dry)
+                .map(|(n, t, _)| ((*n).to_owned(), toolgate_policy::parse_document(t).expect("parses")))
+                .collect();
+            if d.is_empty() { Policy::empty() } else { Policy::compile(d).expect("valid") }
+        };
+        let p = Arc::new(Effective::new(compile(false), compile(true), "rev".into(), Source::Operator));
         let (_tx, rx) = watch::channel(p.clone());
         (Gate::new(rx, Arc::new(Metrics::new()), IdentitySource::Authorization, false, None), p)
     }
@@ -555,11 +751,62 @@ mod tests {
 
     #[test]
     fn no_policy_refuses_everything() {
-        let p = Arc::new(Policy::empty());
+        let p = Arc::new(Effective::none(Source::Operator));
         let (_tx, rx) = watch::channel(p.clone());
         let g = Gate::new(rx, Arc::new(Metrics::new()), IdentitySource::Authorization, false, None);
         let b = parse_body(call(1, "list-pods").as_bytes()).expect("parses");
         let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refuse") };
         assert_eq!(a["error"]["code"], code::NO_POLICY);
+    }
+
+    const DENY_START: &str = r#"{"version":"1","default":"allow","tools":{"start-pod":{"action":"deny"}}}"#;
+    const ONE_PER_MINUTE: &str = r#"{"version":"1","default":"allow","all_tools":{"limits":[{"counter":"c","window":"minute","max":1,"scope":"global"}]}}"#;
+
+    #[test]
+    fn dry_run_refusals_are_counted_not_enforced() {
+        let (g, p) = gate_with(&[("seed", SEED, false), ("strict", DENY_START, true)]);
+        let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
+        let Checked::Forward(_) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("enforcing allows") };
+        let text = g.metrics.encode();
+        assert!(text.contains(r#"decision="allow",policy="seed""#), "{text}");
+        assert!(text.contains(r#"decision="would_deny",policy="strict",rule="tools.start-pod""#), "{text}");
+        // The enforcing document still refuses what it refuses, whatever the dry run says.
+        let b = parse_body(call(2, "delete-pod").as_bytes()).expect("parses");
+        let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refuse") };
+        assert_eq!(a["error"]["code"], code::DENIED);
+        assert_eq!(a["error"]["data"]["policy"], "seed");
+    }
+
+    #[test]
+    fn only_dry_run_documents_let_calls_pass_and_list_everything() {
+        let (g, p) = gate_with(&[("strict", DENY_START, true)]);
+        assert!(!p.is_empty() && p.decides_nothing());
+        let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
+        assert!(matches!(g.check(&b, &Caller::default(), &p, None, None), Checked::Forward(_)));
+        assert!(g.metrics.encode().contains(r#"decision="would_deny""#));
+        assert!(p.lists_tool("start-pod", &Caller::default()), "listing follows the enforcing documents");
+    }
+
+    #[test]
+    fn dry_run_limits_use_their_own_counters_and_settle_with_the_call() {
+        let (g, p) = gate_with(&[("seed", SEED, false), ("cap", ONE_PER_MINUTE, true)]);
+        let caller = Caller::default();
+        // A failed call gives the dry-run unit back too.
+        let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
+        let Checked::Forward(mut t) = g.check(&b, &caller, &p, None, None) else { panic!("room") };
+        let failed = json!({"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"boom"}});
+        assert!(g.inspect_answer(&failed, &mut t, &caller).is_none());
+        assert!(!g.metrics.encode().contains(r#"decision="would_rate_limit""#));
+        for id in 2..4 {
+            let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");
+            let Checked::Forward(t) = g.check(&b, &caller, &p, None, None) else { panic!("enforcing has room") };
+            t.keep_spent();
+        }
+        let text = g.metrics.encode();
+        assert!(text.contains(r#"decision="would_rate_limit",policy="cap""#), "{text}");
+        // Real quota (2 per minute) is spent by the two forwarded calls only.
+        let b = parse_body(call(9, "start-pod").as_bytes()).expect("parses");
+        let Checked::Answer(a) = g.check(&b, &caller, &p, None, None) else { panic!("real limit") };
+        assert_eq!(a["error"]["code"], code::RATE_LIMITED);
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::gate::{Gate, IdentitySource};
+use crate::gate::{Effective, Gate, IdentitySource};
 use crate::metrics::Metrics;
 use crate::server::App;
 use crate::upstream::{HttpUpstream, StdioSessions, Upstream};
@@ -130,9 +130,10 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, policy: toolgate_policy::Policy) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    metrics.policy_enforced(&policy);
     tracing::info!(revision = policy.revision(), files = ?args.policies, "policy loaded");
-    let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(policy));
+    let effective = Effective::files(policy);
+    metrics.policy_enforced(&effective);
+    let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(effective));
     tokio::spawn(policy_files::watch(
         args.policies.clone(),
         Duration::from_millis(args.reload_interval_ms.max(50)),

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::gate::Effective;
+
 /// Most distinct tool names used as label values.
 pub const MAX_TOOL_LABELS: usize = 512;
 /// Label value for anything outside the bounded sets.
@@ -71,6 +73,11 @@ struct RevisionLabels {
     revision: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -89,6 +96,7 @@ pub struct Metrics {
     policy_loaded: Gauge,
     policy_info: Family<RevisionLabels, Gauge>,
     reload_errors: Counter,
+    policy_updates: Family<ResultLabels, Counter>,
     known_tools: RwLock<HashSet<String>>,
 }
 
@@ -104,7 +112,7 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "toolgate_decisions",
-            "Policy decisions on tools/call, by tool, decision (allow, deny, hidden, approval, rate_limited), policy and rule",
+            "Policy decisions on tools/call, by tool, decision (allow, deny, hidden, approval, rate_limited; for dry-run documents would_deny, would_rate_limit, would_require_approval), policy and rule",
             decisions.clone(),
         );
         let requests = Family::<RequestLabels, Counter>::default();
@@ -132,12 +140,22 @@ impl Metrics {
             policy_loaded.clone(),
         );
         let policy_info = Family::<RevisionLabels, Gauge>::default();
-        registry.register("toolgate_policy_info", "The enforced policy revision (value 1)", policy_info.clone());
+        registry.register(
+            "toolgate_policy_info",
+            "The enforced policy revision (value 1): the files' content hash or the operator's policy set revision",
+            policy_info.clone(),
+        );
         let reload_errors = Counter::default();
         registry.register(
             "toolgate_policy_reload_errors",
             "Policy updates that were refused (the last good policy stays enforced)",
             reload_errors.clone(),
+        );
+        let policy_updates = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "toolgate_policy_updates",
+            "Policy updates (edited files) by result: applied, or rejected (the last good policy stays)",
+            policy_updates.clone(),
         );
         Self {
             registry,
@@ -148,6 +166,7 @@ impl Metrics {
             policy_loaded,
             policy_info,
             reload_errors,
+            policy_updates,
             known_tools: RwLock::default(),
         }
     }
@@ -194,25 +213,30 @@ impl Metrics {
         self.upstream_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
-    /// Records the policy now enforced (an empty one means nothing is: every call is
-    /// refused) and makes the tool names it names valid label values.
-    pub fn policy_enforced(&self, policy: &toolgate_policy::Policy) {
+    /// Records the policy now enforced and makes the tool names its documents name valid
+    /// label values. Without any document nothing is enforced (every call is refused):
+    /// `toolgate_policy_loaded` is 0; the revision is still shown when there is one (an
+    /// empty set from the operator has one).
+    pub fn policy_enforced(&self, policy: &Effective) {
         self.policy_info.clear();
-        if policy.is_empty() {
-            self.policy_loaded.set(0);
-            return;
+        if !policy.revision.is_empty() {
+            self.policy_info.get_or_create(&RevisionLabels { revision: policy.revision.clone() }).set(1);
         }
-        self.policy_loaded.set(1);
-        self.policy_info.get_or_create(&RevisionLabels { revision: policy.revision().to_owned() }).set(1);
-        self.learn_tools(
-            policy.documents().flat_map(|(_, d)| {
-                d.tools.keys().chain(d.grants.iter().flat_map(|g| g.tools.keys())).map(String::as_str)
-            }),
-        );
+        self.policy_loaded.set(i64::from(!policy.is_empty()));
+        self.learn_tools(policy.documents().flat_map(|(_, d, _)| {
+            d.tools.keys().chain(d.grants.iter().flat_map(|g| g.tools.keys())).map(String::as_str)
+        }));
     }
 
+    /// A new policy (files or operator set) was applied.
+    pub fn policy_applied(&self) {
+        self.policy_updates.get_or_create(&ResultLabels { result: "applied" }).inc();
+    }
+
+    /// A policy update was refused; the last good policy stays.
     pub fn reload_error(&self) {
         self.reload_errors.inc();
+        self.policy_updates.get_or_create(&ResultLabels { result: "rejected" }).inc();
     }
 
     pub fn encode(&self) -> String {

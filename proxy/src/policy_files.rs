@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use toolgate_policy::Policy;
 
+use crate::gate::Effective;
 use crate::metrics::Metrics;
 
 fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
@@ -47,7 +48,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Policy, String> {
     compile(&read_all(paths)?)
 }
 
-pub async fn watch(paths: Vec<PathBuf>, every: Duration, tx: watch::Sender<Arc<Policy>>, metrics: Arc<Metrics>) {
+pub async fn watch(paths: Vec<PathBuf>, every: Duration, tx: watch::Sender<Arc<Effective>>, metrics: Arc<Metrics>) {
     let mut last = read_all(&paths).ok();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -71,8 +72,10 @@ pub async fn watch(paths: Vec<PathBuf>, every: Duration, tx: watch::Sender<Arc<P
         match tokio::task::spawn_blocking(move || compile(&now)).await {
             Ok(Ok(policy)) => {
                 tracing::info!(revision = policy.revision(), "policy reloaded");
-                metrics.policy_enforced(&policy);
-                if tx.send(Arc::new(policy)).is_err() {
+                let effective = Effective::files(policy);
+                metrics.policy_enforced(&effective);
+                metrics.policy_applied();
+                if tx.send(Arc::new(effective)).is_err() {
                     return;
                 }
             }

@@ -318,13 +318,20 @@ pub async fn admin(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Res
         (&Method::GET, "/readyz") if policy.is_empty() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "no policy loaded: every tool call is refused\n".into(), "text/plain")
         }
-        (&Method::GET, "/readyz") => text(StatusCode::OK, format!("ok revision {}\n", policy.revision()), "text/plain"),
+        (&Method::GET, "/readyz") => text(StatusCode::OK, format!("ok revision {}\n", policy.revision), "text/plain"),
         (&Method::GET, "/policy") => {
-            let docs: Vec<Value> =
-                policy.documents().map(|(name, doc)| json!({"name": name, "document": doc})).collect();
+            let docs: Vec<Value> = policy
+                .documents()
+                .map(|(name, doc, mode)| json!({"name": name, "mode": mode, "document": doc}))
+                .collect();
             json_response(
                 StatusCode::OK,
-                &json!({"revision": policy.revision(), "loaded": !policy.is_empty(), "documents": docs}),
+                &json!({
+                    "revision": policy.revision,
+                    "source": policy.source.as_str(),
+                    "loaded": !policy.is_empty(),
+                    "documents": docs,
+                }),
             )
         }
         _ => text(StatusCode::NOT_FOUND, "not found: /metrics /healthz /readyz /policy\n".into(), "text/plain"),
