@@ -1,7 +1,9 @@
 //! toolgate-proxy: puts a toolgate policy in front of an MCP server.
 //!
 //! ```text
-//! toolgate-proxy --policy FILE [--listen 127.0.0.1:8080] [--admin-listen 127.0.0.1:9090]
+//! toolgate-proxy (--policy FILE | --operator https://HOST:PORT --token-file PATH
+//!                 [--ca-file PEM] [--state-dir DIR])
+//!                [--listen 127.0.0.1:8080] [--admin-listen 127.0.0.1:9090]
 //!                (--upstream http://HOST:PORT/PATH | [--stdio] -- CMD ARGS...)
 //! ```
 #![forbid(unsafe_code)]
@@ -10,6 +12,7 @@ mod audit;
 mod gate;
 mod jsonrpc;
 mod metrics;
+mod operator;
 mod policy_files;
 mod server;
 mod sse;
@@ -23,9 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 
-use crate::gate::{Effective, Gate, IdentitySource};
+use crate::gate::{Effective, Gate, IdentitySource, Source};
 use crate::metrics::Metrics;
 use crate::server::App;
 use crate::upstream::{HttpUpstream, StdioSessions, Upstream};
@@ -33,11 +36,33 @@ use crate::upstream::{HttpUpstream, StdioSessions, Upstream};
 /// Deterministic rules in front of every MCP tool call.
 #[derive(Parser, Debug)]
 #[command(name = "toolgate-proxy", version, about)]
+#[command(group(ArgGroup::new("source").required(true).multiple(false).args(["policies", "operator"])))]
 struct Args {
     /// Policy file (YAML or JSON, native or Intercept). Repeat to apply several documents
     /// together. Watched: valid edits apply at once, invalid ones keep the last good policy.
-    #[arg(long = "policy", short = 'p', env = "TOOLGATE_POLICY", value_delimiter = ',', required = true)]
+    /// Exactly one of --policy and --operator.
+    #[arg(long = "policy", short = 'p', env = "TOOLGATE_POLICY", value_delimiter = ',')]
     policies: Vec<PathBuf>,
+
+    /// Get the policy from the toolgate operator's stream at this https:// URL (the
+    /// sidecar mode). Exactly one of --policy and --operator.
+    #[arg(long, env = "TOOLGATE_OPERATOR", value_name = "URL", requires = "token_file")]
+    operator: Option<hyper::Uri>,
+
+    /// Bearer token for the operator (a projected service account token); read again on
+    /// every connection and acknowledgement, since it rotates.
+    #[arg(long, env = "TOOLGATE_TOKEN_FILE", value_name = "PATH", requires = "operator")]
+    token_file: Option<PathBuf>,
+
+    /// PEM file with the roots that sign the operator's certificate (default: the
+    /// platform's roots). Read again on every connection.
+    #[arg(long, env = "TOOLGATE_CA_FILE", value_name = "PATH", requires = "operator")]
+    ca_file: Option<PathBuf>,
+
+    /// Directory where the last good policy set from the operator is kept, so that a
+    /// restarted proxy enforces it at once, before the operator answers.
+    #[arg(long, env = "TOOLGATE_STATE_DIR", value_name = "DIR", requires = "operator")]
+    state_dir: Option<PathBuf>,
 
     /// Client-facing MCP endpoint (served at /mcp).
     #[arg(long, env = "TOOLGATE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -93,8 +118,23 @@ struct Args {
     command: Vec<String>,
 }
 
+/// Where the policy comes from, checked before the runtime starts.
+#[allow(clippy::large_enum_variant, reason = "built once at start")]
+enum Start {
+    Files(toolgate_policy::Policy),
+    /// The operator, and what to enforce until it answers (a persisted set, or nothing).
+    Operator(operator::Config, Effective),
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; every usage error is EX_USAGE.
+            return if e.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
+        }
+    };
     // Logs go to stderr; stdout carries audit lines (or, with --stdio, the protocol).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -104,13 +144,48 @@ fn main() -> ExitCode {
         eprintln!("toolgate-proxy: give an upstream: --upstream URL, or -- CMD ARGS to run the MCP server as a child");
         return ExitCode::from(64);
     }
-    // Invalid policies stop us before any port is bound.
-    let policy = match policy_files::load(&args.policies) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("toolgate-proxy: invalid policy:\n{e}");
-            return ExitCode::from(78);
+    let start = match &args.operator {
+        Some(uri) => {
+            let endpoint = match operator::Endpoint::parse(uri) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("toolgate-proxy: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            let Some(token_file) = args.token_file.clone() else {
+                eprintln!("toolgate-proxy: --operator needs --token-file");
+                return ExitCode::from(64);
+            };
+            // The persisted set is enforced before the operator is even asked. A broken
+            // one is reported and ignored: the proxy then refuses every call until the
+            // operator answers (fail closed), it does not refuse to start.
+            let initial = match args.state_dir.as_deref().map(operator::load_persisted) {
+                Some(Ok(Some(e))) => e,
+                Some(Ok(None)) | None => Effective::none(Source::Operator),
+                Some(Err(e)) => {
+                    tracing::error!(
+                        "ignoring the persisted policy set (every call is refused until the operator answers): {e}"
+                    );
+                    Effective::none(Source::Operator)
+                }
+            };
+            let config = operator::Config {
+                endpoint,
+                token_file,
+                ca_file: args.ca_file.clone(),
+                state_dir: args.state_dir.clone(),
+            };
+            Start::Operator(config, initial)
         }
+        // Invalid policies stop us before any port is bound.
+        None => match policy_files::load(&args.policies) {
+            Ok(p) => Start::Files(p),
+            Err(e) => {
+                eprintln!("toolgate-proxy: invalid policy:\n{e}");
+                return ExitCode::from(78);
+            }
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -119,7 +194,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, policy)) {
+    match runtime.block_on(run(args, start)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("toolgate-proxy: {e:#}");
@@ -128,18 +203,36 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args, policy: toolgate_policy::Policy) -> anyhow::Result<()> {
+async fn run(args: Args, start: Start) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    tracing::info!(revision = policy.revision(), files = ?args.policies, "policy loaded");
-    let effective = Effective::files(policy);
-    metrics.policy_enforced(&effective);
-    let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(effective));
-    tokio::spawn(policy_files::watch(
-        args.policies.clone(),
-        Duration::from_millis(args.reload_interval_ms.max(50)),
-        policy_tx,
-        metrics.clone(),
-    ));
+    let policy_rx = match start {
+        Start::Files(policy) => {
+            tracing::info!(revision = policy.revision(), files = ?args.policies, "policy loaded");
+            let effective = Effective::files(policy);
+            metrics.policy_enforced(&effective);
+            let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(effective));
+            tokio::spawn(policy_files::watch(
+                args.policies.clone(),
+                Duration::from_millis(args.reload_interval_ms.max(50)),
+                policy_tx,
+                metrics.clone(),
+            ));
+            policy_rx
+        }
+        Start::Operator(config, initial) => {
+            let applied = (!initial.revision.is_empty()).then(|| initial.revision.clone());
+            match &applied {
+                Some(r) => {
+                    tracing::info!(revision = r, "enforcing the persisted policy set until the operator answers")
+                }
+                None => tracing::warn!("no policy yet: every tool call is refused until the operator sends one"),
+            }
+            metrics.policy_enforced(&initial);
+            let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(initial));
+            operator::Client::spawn(config, policy_tx, metrics.clone(), applied);
+            policy_rx
+        }
+    };
     let identity = match args.identity_header.clone() {
         Some(h) => IdentitySource::Header(h),
         None => IdentitySource::Authorization,

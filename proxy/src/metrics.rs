@@ -97,6 +97,7 @@ pub struct Metrics {
     policy_info: Family<RevisionLabels, Gauge>,
     reload_errors: Counter,
     policy_updates: Family<ResultLabels, Counter>,
+    operator_connected: Gauge,
     known_tools: RwLock<HashSet<String>>,
 }
 
@@ -154,8 +155,14 @@ impl Metrics {
         let policy_updates = Family::<ResultLabels, Counter>::default();
         registry.register(
             "toolgate_policy_updates",
-            "Policy updates (edited files) by result: applied, or rejected (the last good policy stays)",
+            "Policy updates (edited files, sets from the operator) by result: applied, or rejected (the last good policy stays)",
             policy_updates.clone(),
+        );
+        let operator_connected = Gauge::default();
+        registry.register(
+            "toolgate_operator_connected",
+            "1 while the policy stream from the operator is up, 0 otherwise (always 0 with --policy files)",
+            operator_connected.clone(),
         );
         Self {
             registry,
@@ -167,6 +174,7 @@ impl Metrics {
             policy_info,
             reload_errors,
             policy_updates,
+            operator_connected,
             known_tools: RwLock::default(),
         }
     }
@@ -237,6 +245,10 @@ impl Metrics {
     pub fn reload_error(&self) {
         self.reload_errors.inc();
         self.policy_updates.get_or_create(&ResultLabels { result: "rejected" }).inc();
+    }
+
+    pub fn operator_connected(&self, up: bool) {
+        self.operator_connected.set(i64::from(up));
     }
 
     pub fn encode(&self) -> String {

@@ -1,0 +1,739 @@
+//! Policy from the operator ("push", wire types in `toolgate_policy::push`).
+//!
+//! One task holds one long-lived HTTPS stream, `GET {operator}/v1/stream` with the pod's
+//! projected token, and reads newline-delimited [`Message`]s. Every [`PolicySet`] is
+//! checked (its revision must be the hash of its content), compiled, swapped in for the
+//! next call, persisted to the state directory and acknowledged (`POST /v1/ack`); a set
+//! that does not compile is acknowledged with its error and the previous policy stays.
+//!
+//! Nothing the stream does can loosen the policy: a malformed or over-long line, a set
+//! whose revision does not match, a refused token, a dead stream (three heartbeat
+//! intervals without a line) or an unreachable operator only end the stream; the task
+//! reconnects with jittered exponential backoff while the last good policy stays
+//! enforced. At start the set persisted by a previous run is enforced before the first
+//! connection is tried.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use toolgate_policy::Policy;
+use toolgate_policy::push::{self, Ack, Message, PolicySet};
+
+use crate::gate::{Effective, Source};
+use crate::metrics::Metrics;
+
+/// Connecting, the TLS handshake and the response head must each finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect backoff: doubles from the first to the last, jittered, reset after a
+/// healthy stream.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Heartbeat interval assumed until the operator announces its own.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+/// Announced intervals are clamped to 1 s ..= this, so a dead stream is always noticed.
+const MAX_HEARTBEAT_SECONDS: u64 = 300;
+/// The stream is dead after this many heartbeat intervals without a line.
+const MISSED_HEARTBEATS: u32 = 3;
+/// Acknowledgements are tried this often (unless a newer one supersedes them).
+const ACK_ATTEMPTS: u32 = 5;
+const MAX_TOKEN_BYTES: u64 = 64 * 1024;
+/// Largest error body read from a refusal.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The persisted set in `--state-dir`.
+pub const STATE_FILE: &str = "policyset.json";
+
+/// Where the operator listens: an `https://` URL, possibly with a path prefix.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// Host for the TCP connection and the TLS server name (no brackets around IPv6).
+    host: String,
+    port: u16,
+    /// `Host` header.
+    authority: String,
+    /// Path prefix without a trailing slash (usually empty).
+    prefix: String,
+}
+
+impl Endpoint {
+    pub fn parse(uri: &Uri) -> Result<Self, String> {
+        if uri.scheme_str() != Some("https") {
+            return Err(format!("--operator must be an https:// URL (the policy stream is always TLS), not {uri:?}"));
+        }
+        let Some(authority) = uri.authority() else {
+            return Err(format!("--operator {uri:?} has no host"));
+        };
+        if authority.as_str().contains('@') {
+            return Err("--operator must not carry credentials in the URL; use --token-file".into());
+        }
+        if uri.query().is_some() {
+            return Err(format!("--operator {uri:?} must not have a query"));
+        }
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        Ok(Self {
+            host,
+            port: authority.port_u16().unwrap_or(443),
+            authority: authority.as_str().to_owned(),
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn path(&self, path: &str) -> String {
+        format!("{}{path}", self.prefix)
+    }
+}
+
+/// How to reach the operator and where to keep the last good set.
+#[derive(Debug)]
+pub struct Config {
+    pub endpoint: Endpoint,
+    /// Read on every connect and every ack: projected tokens rotate.
+    pub token_file: PathBuf,
+    /// PEM roots for the operator's certificate; the platform's roots without it. Read on
+    /// every connect, so a rotated CA is picked up.
+    pub ca_file: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Reads the bearer token (trimmed; must not be empty).
+fn read_token(path: &Path) -> Result<HeaderValue, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    if meta.len() > MAX_TOKEN_BYTES {
+        return Err(format!("token file {}: larger than {MAX_TOKEN_BYTES} bytes", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| format!("token file {}: not a valid bearer token", path.display()))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Aborts the connection task when the connection is no longer used.
+#[derive(Debug)]
+struct Driver(tokio::task::JoinHandle<()>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+impl Config {
+    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                    roots.add(cert).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!("CA file {}: no CERTIFICATE in it", path.display()));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for e in &found.errors {
+                    tracing::debug!(error = %e, "a platform root certificate could not be loaded");
+                }
+                roots.add_parsable_certificates(found.certs);
+                if roots.is_empty() {
+                    return Err("no platform root certificates found: give --ca-file".into());
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS configuration: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// One HTTP/1.1 connection over TLS to the operator.
+    async fn connect(&self) -> Result<(Sender, Driver), String> {
+        let tls = self.tls()?;
+        let ep = &self.endpoint;
+        let name = ServerName::try_from(ep.host.clone()).map_err(|e| format!("--operator host {:?}: {e}", ep.host))?;
+        let connecting = async {
+            let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
+                .await
+                .map_err(|e| format!("cannot connect to {}: {e}", ep.authority))?;
+            let _ = tcp.set_nodelay(true);
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with {}: {e}", ep.authority))?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("HTTP with {}: {e}", ep.authority))?;
+            let driver = tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "operator connection ended");
+                }
+            });
+            Ok((sender, Driver(driver)))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("connecting to {} timed out", ep.authority))?
+    }
+
+    fn request(&self, method: Method, path: &str, token: HeaderValue, body: Bytes) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        // A path from a parsed URI and a constant: always a valid request target.
+        *req.uri_mut() = self.endpoint.path(path).parse().unwrap_or_else(|_| Uri::from_static("/"));
+        let h = req.headers_mut();
+        if let Ok(host) = HeaderValue::from_str(&self.endpoint.authority) {
+            h.insert(header::HOST, host);
+        }
+        h.insert(header::AUTHORIZATION, token);
+        h.insert(header::USER_AGENT, HeaderValue::from_static(concat!("toolgate-proxy/", env!("CARGO_PKG_VERSION"))));
+        req
+    }
+
+    /// Sends one acknowledgement on its own connection (the stream's is busy).
+    async fn post_ack(&self, ack: &Ack) -> Result<(), String> {
+        let token = read_token(&self.token_file)?;
+        let (mut sender, _driver) = self.connect().await?;
+        let body = serde_json::to_vec(ack).map_err(|e| e.to_string())?;
+        let mut req = self.request(Method::POST, push::ACK_PATH, token, Bytes::from(body));
+        req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let resp = tokio::time::timeout(CONNECT_TIMEOUT, sender.send_request(req))
+            .await
+            .map_err(|_| "the operator did not answer the acknowledgement in time".to_owned())?
+            .map_err(|e| format!("acknowledgement failed: {e}"))?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(refusal(resp).await)
+    }
+}
+
+/// Describes a non-success answer, with the operator's `{"error": ...}` when there is one.
+async fn refusal(resp: Response<Incoming>) -> String {
+    let status = resp.status();
+    let body =
+        match tokio::time::timeout(CONNECT_TIMEOUT, Limited::new(resp.into_body(), MAX_ERROR_BODY).collect()).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            _ => Bytes::new(),
+        };
+    let why = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
+    let hint = match status {
+        StatusCode::UNAUTHORIZED => " (the token was refused: missing, expired, or not for audience toolgate)",
+        StatusCode::FORBIDDEN => " (the token is not bound to a pod the operator knows)",
+        _ => "",
+    };
+    format!("the operator answered {status}{hint}: {why}")
+}
+
+/// Splits a byte stream into lines of at most `max` bytes (without the newline; a
+/// trailing `\r` is dropped).
+#[derive(Debug)]
+struct Lines {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl Lines {
+    fn new(max: usize) -> Self {
+        Self { buf: Vec::new(), max }
+    }
+
+    fn push(&mut self, mut data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        let mut out = Vec::new();
+        while let Some(i) = data.iter().position(|b| *b == b'\n') {
+            self.check(i)?;
+            self.buf.extend_from_slice(&data[..i]);
+            let mut line = std::mem::take(&mut self.buf);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            out.push(line);
+            data = &data[i + 1..];
+        }
+        self.check(data.len())?;
+        self.buf.extend_from_slice(data);
+        Ok(out)
+    }
+
+    fn check(&self, more: usize) -> Result<(), String> {
+        if self.buf.len() + more > self.max {
+            return Err(format!("a line from the operator is longer than {} bytes", self.max));
+        }
+        Ok(())
+    }
+}
+
+/// Jittered exponential backoff.
+#[derive(Debug)]
+struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Self {
+        Self { first, max, next: first }
+    }
+
+    /// The next wait: uniformly in [d/2, d] for d = first, 2·first, … up to max.
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(self.max);
+        let half = d / 2;
+        let span = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).saturating_add(1);
+        half + Duration::from_nanos(getrandom::u64().unwrap_or(0) % span)
+    }
+
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// Compiles a set: enforcing and dry-run documents, each group with the policy crate.
+/// Errors name the McpPolicy and the path in its document.
+pub fn compile_set(set: &PolicySet) -> Result<Effective, String> {
+    let mut enforce = Vec::new();
+    let mut dry_run = Vec::new();
+    let mut problems = Vec::new();
+    for p in &set.policies {
+        match toolgate_policy::document_from_value(p.document.clone()) {
+            Ok((doc, _)) if p.dry_run => dry_run.push((p.name.clone(), doc)),
+            Ok((doc, _)) => enforce.push((p.name.clone(), doc)),
+            Err(e) => problems.extend(e.problems().iter().map(|pr| format!("{}: {pr}", p.name))),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("\n"));
+    }
+    let enforce = compile_group(enforce)?;
+    let dry_run = compile_group(dry_run)?;
+    Ok(Effective::new(enforce, dry_run, set.revision.clone(), Source::Operator))
+}
+
+fn compile_group(docs: Vec<(String, toolgate_policy::Document)>) -> Result<Policy, String> {
+    if docs.is_empty() {
+        return Ok(Policy::empty());
+    }
+    // With several documents the policy crate names the document in every problem.
+    let single = (docs.len() == 1).then(|| docs[0].0.clone());
+    Policy::compile(docs).map_err(|e| {
+        let lines: Vec<String> = e
+            .problems()
+            .iter()
+            .map(|p| match &single {
+                Some(name) => format!("{name}: {p}"),
+                None => p.to_string(),
+            })
+            .collect();
+        lines.join("\n")
+    })
+}
+
+/// Checks that a set's revision is the hash of its content.
+fn verify(set: &PolicySet) -> Result<(), String> {
+    let expected = PolicySet::compute_revision(&set.policies);
+    if expected == set.revision {
+        Ok(())
+    } else {
+        Err(format!("revision {:?} does not match the content of the set (expected {expected})", set.revision))
+    }
+}
+
+/// Writes the set atomically (temporary file, fsync, rename, fsync of the directory).
+fn persist(dir: &Path, set: &PolicySet) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = serde_json::to_vec(set)?;
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+    // Makes the rename durable; not every platform can open a directory.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The set a previous run persisted, checked and compiled. `Ok(None)`: there is none.
+pub fn load_persisted(dir: &Path) -> Result<Option<Effective>, String> {
+    let path = dir.join(STATE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if bytes.len() > push::MAX_LINE_BYTES {
+        return Err(format!("{}: larger than {} bytes", path.display(), push::MAX_LINE_BYTES));
+    }
+    let set: PolicySet = toolgate_policy::from_slice_strict(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    verify(&set).map_err(|e| format!("{}: {e}", path.display()))?;
+    compile_set(&set).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// What one line was.
+enum Line {
+    Heartbeat(Duration),
+    /// A well-formed set (applied, already enforced, or refused by the compiler).
+    Policies,
+    /// A message type this proxy does not know (a newer operator): ignored.
+    Unknown,
+}
+
+/// The stream task.
+#[derive(Debug)]
+pub struct Client {
+    config: Arc<Config>,
+    policy: watch::Sender<Arc<Effective>>,
+    metrics: Arc<Metrics>,
+    /// The revision of the set enforced now, if it came from the operator.
+    applied: Option<String>,
+    acks: watch::Sender<Option<Ack>>,
+}
+
+impl Client {
+    /// Starts the stream and acknowledgement tasks. `applied` is the revision of the
+    /// persisted set enforced at start, if any.
+    pub fn spawn(
+        config: Config,
+        policy: watch::Sender<Arc<Effective>>,
+        metrics: Arc<Metrics>,
+        applied: Option<String>,
+    ) -> tokio::task::JoinHandle<()> {
+        let config = Arc::new(config);
+        let (acks, ack_rx) = watch::channel(None);
+        tokio::spawn(send_acks(config.clone(), ack_rx));
+        let client = Self { config, policy, metrics, applied, acks };
+        tokio::spawn(client.run())
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
+        loop {
+            let mut healthy = false;
+            let reason = self.stream(&mut healthy).await;
+            self.metrics.operator_connected(false);
+            if healthy {
+                backoff.reset();
+            }
+            let wait = backoff.next();
+            tracing::warn!(
+                reason = %reason,
+                retry_in_ms = wait.as_millis() as u64,
+                enforcing = %self.policy.borrow().revision,
+                "no policy stream from the operator; the last good policy stays enforced"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Holds one stream until it ends; returns why. `healthy` is set once the stream
+    /// delivered a well-formed policy set.
+    async fn stream(&mut self, healthy: &mut bool) -> String {
+        let token = match read_token(&self.config.token_file) {
+            Ok(t) => t,
+            Err(e) => return e,
+        };
+        let (mut sender, _driver) = match self.config.connect().await {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let mut req = self.config.request(Method::GET, push::STREAM_PATH, token, Bytes::new());
+        req.headers_mut().insert(header::ACCEPT, HeaderValue::from_static("application/x-ndjson"));
+        let resp = match tokio::time::timeout(CONNECT_TIMEOUT, sender.send_request(req)).await {
+            Err(_) => return "the operator did not answer the stream request in time".into(),
+            Ok(Err(e)) => return format!("stream request failed: {e}"),
+            Ok(Ok(r)) => r,
+        };
+        if resp.status() != StatusCode::OK {
+            return refusal(resp).await;
+        }
+        let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-ndjson")) {
+            return format!("the stream has Content-Type {ct:?}, not application/x-ndjson");
+        }
+        self.metrics.operator_connected(true);
+        tracing::info!(operator = %self.config.endpoint.authority, "policy stream from the operator connected");
+        let mut body = resp.into_body();
+        let mut lines = Lines::new(push::MAX_LINE_BYTES);
+        let mut interval = DEFAULT_HEARTBEAT;
+        let mut deadline = Instant::now() + interval * MISSED_HEARTBEATS;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => {
+                    return format!(
+                        "no line for {} s ({MISSED_HEARTBEATS} heartbeat intervals): the stream is dead",
+                        (interval * MISSED_HEARTBEATS).as_secs()
+                    );
+                }
+                Ok(None) => return "the operator closed the stream".into(),
+                Ok(Some(Err(e))) => return format!("the stream broke: {e}"),
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            let complete = match lines.push(&data) {
+                Ok(l) => l,
+                Err(e) => return e,
+            };
+            for line in complete {
+                if !line.iter().all(u8::is_ascii_whitespace) {
+                    match self.line(&line).await {
+                        Ok(Line::Heartbeat(every)) => interval = every,
+                        Ok(Line::Policies) => *healthy = true,
+                        Ok(Line::Unknown) => {}
+                        Err(e) => return e,
+                    }
+                }
+                deadline = Instant::now() + interval * MISSED_HEARTBEATS;
+            }
+        }
+    }
+
+    async fn line(&mut self, line: &[u8]) -> Result<Line, String> {
+        let value = toolgate_policy::from_slice_strict(line)
+            .map_err(|e| format!("malformed line from the operator (not JSON): {e}"))?;
+        match value.get("type").and_then(Value::as_str) {
+            Some("policies" | "heartbeat") => {}
+            Some(other) => {
+                tracing::debug!(r#type = other, "ignoring a message type this proxy does not know");
+                return Ok(Line::Unknown);
+            }
+            None => return Err("malformed line from the operator: no \"type\"".into()),
+        }
+        match serde_json::from_value(value).map_err(|e| format!("malformed message from the operator: {e}"))? {
+            Message::Heartbeat { interval_seconds } => {
+                Ok(Line::Heartbeat(Duration::from_secs(interval_seconds.clamp(1, MAX_HEARTBEAT_SECONDS))))
+            }
+            Message::Policies(set) => self.policies(set).await.map(|()| Line::Policies),
+        }
+    }
+
+    /// Applies (or refuses) one set and acknowledges it. `Err` only for a set that must
+    /// not be trusted at all (revision mismatch): the stream is then dropped.
+    async fn policies(&mut self, set: PolicySet) -> Result<(), String> {
+        if let Err(e) = verify(&set) {
+            self.metrics.reload_error();
+            self.ack(&set.revision, Some(e.clone()));
+            return Err(format!("refused a policy set: {e}"));
+        }
+        let revision = set.revision.clone();
+        if self.applied.as_deref() == Some(revision.as_str()) {
+            // A reconnect sends the set again: it is enforced already.
+            tracing::debug!(revision, "policy set unchanged");
+            self.ack(&revision, None);
+            return Ok(());
+        }
+        let compiled = tokio::task::spawn_blocking(move || compile_set(&set).map(|e| (e, set))).await;
+        let (effective, set) = match compiled {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::error!(
+                    revision,
+                    "policy set from the operator refused; the last good policy stays enforced:\n{e}"
+                );
+                self.metrics.reload_error();
+                self.ack(&revision, Some(e));
+                return Ok(());
+            }
+            Err(e) => {
+                self.metrics.reload_error();
+                self.ack(&revision, Some(format!("compiling failed: {e}")));
+                return Ok(());
+            }
+        };
+        let enforced: Vec<&str> = effective.enforce.names().collect();
+        let dry_run: Vec<&str> = effective.dry_run.names().collect();
+        tracing::info!(
+            revision,
+            pod = %format!("{}/{}", set.pod.namespace, set.pod.name),
+            ?enforced,
+            ?dry_run,
+            "policy set from the operator applied"
+        );
+        self.metrics.policy_enforced(&effective);
+        self.metrics.policy_applied();
+        self.policy.send_replace(Arc::new(effective));
+        self.applied = Some(revision.clone());
+        if let Some(dir) = self.config.state_dir.clone() {
+            match tokio::task::spawn_blocking(move || persist(&dir, &set)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot persist the policy set; a restart starts without it"),
+                Err(e) => tracing::warn!(error = %e, "cannot persist the policy set"),
+            }
+        }
+        self.ack(&revision, None);
+        Ok(())
+    }
+
+    fn ack(&self, revision: &str, error: Option<String>) {
+        self.acks.send_replace(Some(Ack { revision: revision.to_owned(), error }));
+    }
+}
+
+/// Sends acknowledgements, newest first: a newer one supersedes one still being retried.
+async fn send_acks(config: Arc<Config>, mut rx: watch::Receiver<Option<Ack>>) {
+    let mut superseded = false;
+    loop {
+        if !superseded && rx.changed().await.is_err() {
+            return;
+        }
+        superseded = false;
+        let Some(ack) = rx.borrow_and_update().clone() else { continue };
+        let mut backoff = Backoff::new(FIRST_BACKOFF, Duration::from_secs(5));
+        for attempt in 1..=ACK_ATTEMPTS {
+            match config.post_ack(&ack).await {
+                Ok(()) => {
+                    tracing::debug!(revision = ack.revision, error = ?ack.error, "acknowledged");
+                    break;
+                }
+                Err(e) if attempt == ACK_ATTEMPTS => {
+                    tracing::error!(revision = ack.revision, error = %e, "giving up acknowledging the policy set; the next connection acknowledges again");
+                }
+                Err(e) => {
+                    tracing::warn!(revision = ack.revision, attempt, error = %e, "cannot acknowledge the policy set; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next()) => {}
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            superseded = true;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use toolgate_policy::push::{PodRef, PushedPolicy};
+
+    fn pushed(name: &str, dry_run: bool, document: Value) -> PushedPolicy {
+        PushedPolicy { name: name.into(), uid: format!("uid-{name}"), generation: 1, dry_run, document }
+    }
+
+    fn set(policies: Vec<PushedPolicy>) -> PolicySet {
+        PolicySet::new(PodRef { namespace: "ns".into(), name: "pod-0".into() }, policies)
+    }
+
+    #[test]
+    fn endpoints_must_be_https() {
+        let ok = Endpoint::parse(&"https://toolgate-operator.toolgate-system.svc:8443".parse().expect("uri"))
+            .expect("valid");
+        assert_eq!(
+            (ok.host.as_str(), ok.port, ok.path(push::STREAM_PATH).as_str()),
+            ("toolgate-operator.toolgate-system.svc", 8443, "/v1/stream")
+        );
+        let v6 = Endpoint::parse(&"https://[::1]/prefix/".parse().expect("uri")).expect("valid");
+        assert_eq!((v6.host.as_str(), v6.port, v6.path(push::ACK_PATH).as_str()), ("::1", 443, "/prefix/v1/ack"));
+        for bad in ["http://op:8443", "https://u:p@op:8443", "https://op/?x=1", "/v1/stream"] {
+            let e = Endpoint::parse(&bad.parse().expect("uri")).expect_err(bad);
+            assert!(e.contains("--operator"), "{e}");
+        }
+    }
+
+    #[test]
+    fn lines_are_split_and_bounded() {
+        let mut l = Lines::new(8);
+        assert_eq!(l.push(b"ab").expect("fits"), Vec::<Vec<u8>>::new());
+        assert_eq!(l.push(b"c\r\n\nde\nf").expect("fits"), vec![b"abc".to_vec(), b"".to_vec(), b"de".to_vec()]);
+        assert_eq!(l.push(b"1234567\n").expect("exactly 8"), vec![b"f1234567".to_vec()]);
+        assert!(l.push(b"123456789").is_err(), "9 bytes without a newline");
+        let mut l = Lines::new(8);
+        assert!(l.push(b"12345\n123456789\n").is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let waits: Vec<Duration> = (0..12).map(|_| b.next()).collect();
+        let mut d = Duration::from_millis(200);
+        for w in &waits {
+            assert!(*w >= d / 2 && *w <= d, "{w:?} not in [{:?}, {d:?}]", d / 2);
+            d = (d * 2).min(Duration::from_secs(30));
+        }
+        assert!(waits[11] >= Duration::from_secs(15));
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn sets_compile_into_enforcing_and_dry_run_documents() {
+        let s = set(vec![
+            pushed("a", false, json!({"version": "1", "default": "allow"})),
+            pushed("b", true, json!({"version": "1", "default": "deny"})),
+        ]);
+        let e = compile_set(&s).expect("compiles");
+        assert_eq!(e.enforce.names().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(e.dry_run.names().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(e.revision, s.revision);
+        assert!(compile_set(&set(vec![])).expect("empty").is_empty());
+        let bad = set(vec![pushed(
+            "limits",
+            false,
+            json!({"version": "1", "tools": {"x": {"limits": [{"window": "fortnight", "max": 1}]}}}),
+        )]);
+        let e = compile_set(&bad).expect_err("invalid");
+        assert!(e.starts_with("limits: tools.x.limits[0]"), "{e}");
+        let not_a_doc = set(vec![pushed("n", false, json!("deny everything"))]);
+        assert!(compile_set(&not_a_doc).expect_err("not a mapping").starts_with("n: "));
+    }
+
+    #[test]
+    fn persisted_sets_round_trip_and_tampering_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(load_persisted(dir.path()).expect("nothing yet").is_none());
+        let s = set(vec![pushed("a", false, json!({"version": "1", "default": "allow"}))]);
+        persist(&dir.path().join("sub"), &s).expect("persists");
+        let back = load_persisted(&dir.path().join("sub")).expect("loads").expect("present");
+        assert_eq!(back.revision, s.revision);
+        assert_eq!(back.source, Source::Operator);
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path().join("sub")).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names, [STATE_FILE], "no temporary file is left behind");
+        let path = dir.path().join("sub").join(STATE_FILE);
+        let tampered = std::fs::read_to_string(&path).expect("read").replace("allow", "deny");
+        std::fs::write(&path, tampered).expect("write");
+        let e = load_persisted(&dir.path().join("sub")).expect_err("revision mismatch");
+        assert!(e.contains("does not match"), "{e}");
+    }
+}
