@@ -162,10 +162,13 @@ impl Hub {
         PolicyView { pushed, error, selector }
     }
 
-    /// Forgets validations of policies that no longer exist.
-    pub fn prune_validations(&self) {
-        let live: std::collections::HashSet<String> = self.policies.state().iter().filter_map(|p| p.uid()).collect();
+    /// Forgets validations and per-policy metrics of policies that no longer exist.
+    pub fn prune(&self) {
+        let state = self.policies.state();
+        let live: std::collections::HashSet<String> = state.iter().filter_map(|p| p.uid()).collect();
         self.validations.lock().expect("validations lock").retain(|uid, _| live.contains(uid));
+        let names = state.iter().map(|p| (p.namespace().unwrap_or_default(), p.name_any())).collect();
+        self.metrics.retain_policies(&names);
     }
 
     /// The effective policy set of a pod: every McpPolicy of its namespace whose selector

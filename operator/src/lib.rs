@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod controller;
 pub mod crdgen;
 pub mod hub;
 pub mod inject;
+pub mod leader;
 pub mod metrics;
 pub mod server;
 pub mod tls;

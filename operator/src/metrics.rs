@@ -2,6 +2,8 @@
 //! come from fixed sets, except `namespace`/`policy` on the per-policy gauges, which are
 //! bounded by the McpPolicy objects that exist.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -42,6 +44,7 @@ pub struct Metrics {
     targets: Family<PolicyLabels, Gauge>,
     enforcing: Family<PolicyLabels, Gauge>,
     cert_rotations: Counter,
+    reported: Mutex<HashSet<(String, String)>>,
 }
 
 impl Default for Metrics {
@@ -124,6 +127,7 @@ impl Metrics {
             targets,
             enforcing,
             cert_rotations,
+            reported: Mutex::default(),
         }
     }
 
@@ -157,15 +161,24 @@ impl Metrics {
     }
 
     pub fn policy_status(&self, namespace: &str, policy: &str, targets: usize, enforcing: usize) {
+        self.reported.lock().expect("metrics lock").insert((namespace.to_owned(), policy.to_owned()));
         let labels = PolicyLabels { namespace: namespace.to_owned(), policy: policy.to_owned() };
         self.targets.get_or_create(&labels).set(i64::try_from(targets).unwrap_or(i64::MAX));
         self.enforcing.get_or_create(&labels).set(i64::try_from(enforcing).unwrap_or(i64::MAX));
     }
 
-    pub fn policy_deleted(&self, namespace: &str, policy: &str) {
-        let labels = PolicyLabels { namespace: namespace.to_owned(), policy: policy.to_owned() };
-        self.targets.remove(&labels);
-        self.enforcing.remove(&labels);
+    /// Drops the per-policy gauges of policies not in `live` (namespace, name).
+    pub fn retain_policies(&self, live: &HashSet<(String, String)>) {
+        let mut known = self.reported.lock().expect("metrics lock");
+        known.retain(|(namespace, policy)| {
+            let keep = live.contains(&(namespace.clone(), policy.clone()));
+            if !keep {
+                let labels = PolicyLabels { namespace: namespace.clone(), policy: policy.clone() };
+                self.targets.remove(&labels);
+                self.enforcing.remove(&labels);
+            }
+            keep
+        });
     }
 
     pub fn certificate_issued(&self) {

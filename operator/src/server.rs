@@ -204,7 +204,7 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         let next = tokio::select! {
             changed = st.rx.changed() => Next::Changed(changed.is_ok()),
             _ = st.heartbeat.tick() => Next::Beat,
-            _ = st.shutdown.wait_for(|s| *s) => Next::Stop,
+            _ = stopped(&mut st.shutdown) => Next::Stop,
         };
         match next {
             Next::Changed(true) => {
@@ -255,6 +255,11 @@ async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
 /// Serves `listener` (with TLS when `tls` is given) until `shutdown` turns true.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
@@ -277,7 +282,7 @@ pub async fn serve<F, Fut>(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = stopped(&mut shutdown) => break,
         };
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
