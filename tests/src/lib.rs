@@ -24,6 +24,7 @@
 
 mod certs;
 mod cluster;
+pub mod mcp;
 mod process;
 mod prometheus;
 mod serve;

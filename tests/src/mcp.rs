@@ -1,0 +1,174 @@
+//! The MCP side of end-to-end tests: the fake RunPod REST API, the real RunPod MCP server
+//! 4.0.0 over Streamable HTTP (tests/node, from npm), the official MCP SDK client driver,
+//! and the workspace's own binaries.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// `tests/node`, with its `node_modules` installed (`make node`).
+pub fn node_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("node");
+    assert!(
+        dir.join("node_modules/runpod-mcp-4").is_dir(),
+        "tests/node/node_modules is missing: run `make node` (npm ci) first"
+    );
+    dir.canonicalize().expect("tests/node exists")
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub port: u16,
+    pub name: &'static str,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a node script that prints `LISTENING <port>` first.
+fn spawn_listening(name: &'static str, mut cmd: Command) -> Proc {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn node");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read LISTENING line");
+    let port = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{name} did not print LISTENING <port>, got {line:?}"));
+    Proc { child, port, name }
+}
+
+/// The fake RunPod REST API (records what reached it: `GET /__requests`).
+pub fn fake_runpod() -> Proc {
+    let mut cmd = Command::new("node");
+    cmd.current_dir(node_dir()).args(["fake-runpod.mjs", "--port", "0"]);
+    spawn_listening("fake-runpod", cmd)
+}
+
+/// RunPod MCP 4.0.0 over Streamable HTTP (`/mcp`, bearer token required), talking to the
+/// fake API.
+pub fn runpod_http(fake: &Proc) -> Proc {
+    let base = format!("http://127.0.0.1:{}", fake.port);
+    let mut cmd = Command::new("node");
+    cmd.current_dir(node_dir())
+        .args(["runpod-http.mjs", "--port", "0"])
+        .env("RUNPOD_API_BASE_URL", &base)
+        .env("RUNPOD_SERVERLESS_API_URL", format!("{base}/runtime/v2"))
+        .env("RUNPOD_AUTHED_GRAPHQL_URL", format!("{base}/graphql"))
+        .env("RUNPOD_PUBLIC_GRAPHQL_URL", format!("{base}/graphql"))
+        .env_remove("POSTHOG_API_KEY");
+    spawn_listening("runpod-http", cmd)
+}
+
+/// A minimal HTTP/1.1 client (`Connection: close`) to loopback, so tests send exactly
+/// the bytes they mean. Returns (status, head, body); status 0 when nothing listens.
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, Vec<u8>) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new(), Vec::new()) };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    if s.write_all(req.as_bytes()).and_then(|()| s.write_all(body)).is_err() {
+        return (0, String::new(), Vec::new());
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").map_or(out.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut body = out[split..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, head, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..i]).unwrap_or("0").trim(), 16).unwrap_or(0);
+        if n == 0 || b.len() < i + 2 + n {
+            break;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + n]);
+        b = b.get(i + 2 + n + 2..).unwrap_or_default();
+    }
+    out
+}
+
+/// The value of the first sample line starting with `prefix` in a Prometheus text page.
+pub fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Runs the official-SDK client driver (tests/node/mcp-client.mjs) with a JSON script;
+/// one JSON value per step.
+pub fn mcp_client(target: &[String], script: &Value) -> Vec<Value> {
+    let mut child = Command::new("node")
+        .current_dir(node_dir())
+        .arg("mcp-client.mjs")
+        .args(target)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mcp-client");
+    child.stdin.take().expect("piped stdin").write_all(script.to_string().as_bytes()).expect("write the script");
+    let out = child.wait_with_output().expect("mcp-client runs");
+    assert!(out.status.success(), "mcp-client failed: {:?}", out.status);
+    String::from_utf8(out.stdout)
+        .expect("mcp-client prints UTF-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("mcp-client prints JSON lines"))
+        .collect()
+}
+
+/// What reached the fake RunPod API: (method, path, body).
+pub fn fake_requests(fake: &Proc) -> Vec<(String, String, Value)> {
+    let (_, _, body) = http(fake.port, "GET", "/__requests", &[], b"");
+    let v: Value = serde_json::from_slice(&body).expect("fake API answers JSON");
+    v.as_array()
+        .expect("a list of requests")
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (s("method"), s("path"), r["body"].clone())
+        })
+        .collect()
+}
+
+/// A binary of this workspace (`target/<profile>/<name>`), built with cargo if missing
+/// (`cargo test --workspace` builds every binary first; a single-package run may not).
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+    let path = dir.join(name);
+    if !path.exists() {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--locked", "-p", package, "--bin", name])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build -p {package} --bin {name} failed");
+    }
+    assert!(path.exists(), "{} missing after the build", path.display());
+    path
+}
