@@ -86,9 +86,23 @@ pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option
             let enforcing = hub.enforcing(&uid, generation, &targets);
             let accepted = condition("Accepted", true, "Valid", "the policy is valid".into(), generation, old);
             let ready = if enforcing == n {
-                condition("Ready", true, "Enforcing", format!("all {n} selected sidecars enforce generation {generation}"), generation, old)
+                condition(
+                    "Ready",
+                    true,
+                    "Enforcing",
+                    format!("all {n} selected sidecars enforce generation {generation}"),
+                    generation,
+                    old,
+                )
             } else {
-                condition("Ready", false, "Pending", format!("{enforcing} of {n} selected sidecars enforce generation {generation}"), generation, old)
+                condition(
+                    "Ready",
+                    false,
+                    "Pending",
+                    format!("{enforcing} of {n} selected sidecars enforce generation {generation}"),
+                    generation,
+                    old,
+                )
             };
             (accepted, ready, enforcing)
         }
@@ -97,8 +111,10 @@ pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option
                 Some(good) => format!("sidecars keep enforcing generation {}", good.generation),
                 None => "the pods it selects deny every tool call until it is fixed".into(),
             };
-            let accepted = condition("Accepted", false, "Invalid", format!("{problem} ({consequence})"), generation, old);
-            let ready = condition("Ready", false, "Invalid", format!("generation {generation} is invalid"), generation, old);
+            let accepted =
+                condition("Accepted", false, "Invalid", format!("{problem} ({consequence})"), generation, old);
+            let ready =
+                condition("Ready", false, "Invalid", format!("generation {generation} is invalid"), generation, old);
             (accepted, ready, 0)
         }
     };
@@ -166,7 +182,12 @@ fn error_policy(policy: Arc<McpPolicy>, error: &Error, ctx: Arc<Ctx>) -> Action 
 }
 
 /// Runs the controller until the future is dropped (when leadership is lost).
-pub async fn run(client: kube::Client, hub: Arc<Hub>, status: mpsc::UnboundedReceiver<ObjectRef<McpPolicy>>, reporter: String) {
+pub async fn run(
+    client: kube::Client,
+    hub: Arc<Hub>,
+    status: mpsc::UnboundedReceiver<ObjectRef<McpPolicy>>,
+    reporter: String,
+) {
     let policies: Api<McpPolicy> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
     let ctx = Arc::new(Ctx {

@@ -207,10 +207,7 @@ impl Hub {
             selected.push((name, pushed));
         }
         selected.sort_by(|a, b| a.0.cmp(&b.0));
-        PolicySet::new(
-            PodRef { namespace, name: pod.name_any() },
-            selected.into_iter().map(|(_, p)| p).collect(),
-        )
+        PolicySet::new(PodRef { namespace, name: pod.name_any() }, selected.into_iter().map(|(_, p)| p).collect())
     }
 
     /// Pods of the policy's namespace that it selects (running or pending, not deleted).
@@ -220,10 +217,7 @@ impl Hub {
         self.pods.state_filter(|pod| {
             pod.namespace() == namespace
                 && pod.metadata.deletion_timestamp.is_none()
-                && !matches!(
-                    pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Succeeded") | Some("Failed")
-                )
+                && !matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
                 && selector.matches(pod.labels())
         })
     }
@@ -236,9 +230,10 @@ impl Hub {
             .iter()
             .filter_map(|p| p.uid())
             .filter(|pod_uid| {
-                slots.get(pod_uid).and_then(|s| s.acked.as_ref()).is_some_and(|acked| {
-                    acked.iter().any(|(u, g)| u == uid && *g == generation)
-                })
+                slots
+                    .get(pod_uid)
+                    .and_then(|s| s.acked.as_ref())
+                    .is_some_and(|acked| acked.iter().any(|(u, g)| u == uid && *g == generation))
             })
             .count()
     }
@@ -308,7 +303,8 @@ impl Hub {
 
     /// Asks the controller to recompute the status of the policy `uid` in `namespace`.
     fn touch(&self, namespace: &str, uid: &str) {
-        if let Some(p) = self.policies.find(|p| p.uid().as_deref() == Some(uid) && p.namespace().as_deref() == Some(namespace))
+        if let Some(p) =
+            self.policies.find(|p| p.uid().as_deref() == Some(uid) && p.namespace().as_deref() == Some(namespace))
         {
             let _ = self.status_tx.send(ObjectRef::from_obj(&*p));
         }
@@ -419,7 +415,10 @@ mod tests {
         let set = w.hub.effective_set(&pod("p", "pu", json!({"app": "runpod"})));
         let names: Vec<_> = set.policies.iter().map(|p| (p.name.as_str(), p.generation)).collect();
         assert_eq!(names, [("a-all", 3), ("b-runpod", 1)]);
-        assert!(set.policies.iter().all(|p| p.document.get("selector").is_none()), "selector is not part of the document");
+        assert!(
+            set.policies.iter().all(|p| p.document.get("selector").is_none()),
+            "selector is not part of the document"
+        );
         let other = w.hub.effective_set(&pod("q", "qu", json!({"app": "none"})));
         assert_eq!(other.policies.len(), 1);
     }

@@ -51,7 +51,8 @@ async fn attempt(api: &Api<Lease>, name: &str, me: &str, timing: &Timing) -> kub
     };
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     let holder = spec.holder_identity.clone().unwrap_or_default();
-    let held_for = spec.lease_duration_seconds.map_or(timing.duration, |s| Duration::from_secs(s.max(0).unsigned_abs().into()));
+    let held_for =
+        spec.lease_duration_seconds.map_or(timing.duration, |s| Duration::from_secs(s.max(0).unsigned_abs().into()));
     let expired = spec.renew_time.as_ref().is_none_or(|t| {
         let age = Timestamp::now().duration_since(t.0);
         age.as_secs() < 0 || age.unsigned_abs() > held_for

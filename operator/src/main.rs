@@ -232,8 +232,9 @@ async fn run(args: Args) -> Result<()> {
         shutdown: shutdown_rx.clone(),
         ready: Default::default(),
     });
-    let listener =
-        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
@@ -383,14 +384,7 @@ async fn load_certificates(
 }
 
 /// Certificate rotation, caBundle and CA ConfigMaps: the leader's periodic duties.
-async fn leader_duties(
-    client: &Client,
-    args: &Args,
-    names: &[String],
-    life: &Lifetimes,
-    certs: &CertStore,
-    hub: &Hub,
-) {
+async fn leader_duties(client: &Client, args: &Args, names: &[String], life: &Lifetimes, certs: &CertStore, hub: &Hub) {
     let mut published: std::collections::HashMap<String, String> = Default::default();
     loop {
         if args.cert_mode == CertMode::Operator {
@@ -446,7 +440,8 @@ async fn publish_ca(
     if ca.is_empty() {
         return;
     }
-    let mut namespaces: std::collections::BTreeSet<String> = hub.pods.state().iter().filter_map(|p| p.namespace()).collect();
+    let mut namespaces: std::collections::BTreeSet<String> =
+        hub.pods.state().iter().filter_map(|p| p.namespace()).collect();
     namespaces.extend(hub.policies.state().iter().filter_map(|p| p.namespace()));
     let ns_api: Api<Namespace> = Api::all(client.clone());
     if let Ok(list) = ns_api.list_metadata(&ListParams::default().labels(&format!("{INJECT_LABEL}=enabled"))).await {
@@ -462,7 +457,9 @@ async fn publish_ca(
             "metadata": {"name": args.ca_config_map, "labels": {"app.kubernetes.io/managed-by": "toolgate-operator"}},
             "data": {"ca.crt": ca},
         });
-        match api.patch(&args.ca_config_map, &PatchParams::apply(controller::FIELD_MANAGER).force(), &Patch::Apply(&cm)).await
+        match api
+            .patch(&args.ca_config_map, &PatchParams::apply(controller::FIELD_MANAGER).force(), &Patch::Apply(&cm))
+            .await
         {
             Ok(_) => {
                 published.insert(ns, ca.clone());

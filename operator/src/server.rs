@@ -251,7 +251,10 @@ async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default()
     } else {
         ctx.metrics.stream_request("ack_unknown");
-        error(StatusCode::CONFLICT, "no stream of this pod holds that revision here (send acks on the stream's connection)")
+        error(
+            StatusCode::CONFLICT,
+            "no stream of this pod holds that revision here (send acks on the stream's connection)",
+        )
     }
 }
 

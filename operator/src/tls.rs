@@ -153,7 +153,12 @@ fn due(pem: &str, now: OffsetDateTime, divisor: i32) -> bool {
 /// with less than a quarter of its life left is replaced (the old one stays trusted until
 /// it expires); a serving certificate with less than a third left, or for other names, is
 /// reissued.
-pub fn plan(current: Option<&Bundle>, names: &[String], now: OffsetDateTime, life: &Lifetimes) -> Result<Option<Bundle>> {
+pub fn plan(
+    current: Option<&Bundle>,
+    names: &[String],
+    now: OffsetDateTime,
+    life: &Lifetimes,
+) -> Result<Option<Bundle>> {
     let Some(current) = current.filter(|b| b.current_ca().is_some() && KeyPair::from_pem(&b.ca_key).is_ok()) else {
         let (ca, ca_key) = issue_ca(now, life.ca)?;
         let (cert, key) = issue_serving(&ca, &ca_key, names, now, life.serving)?;
@@ -288,7 +293,8 @@ impl Default for CertStore {
 impl CertStore {
     /// Installs a certificate (PEM chain + PKCS#8 key); `false` when unchanged.
     pub fn install(&self, cert_pem: &str, key_pem: &str, ca_bundle: &str) -> Result<bool> {
-        if *self.served.read().expect("cert lock") == cert_pem && *self.ca_bundle.read().expect("cert lock") == ca_bundle
+        if *self.served.read().expect("cert lock") == cert_pem
+            && *self.ca_bundle.read().expect("cert lock") == ca_bundle
         {
             return Ok(false);
         }
@@ -322,11 +328,12 @@ impl CertStore {
 
     /// A rustls server configuration that always presents the current certificate.
     pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .with_no_client_auth()
+                .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     }

@@ -65,14 +65,20 @@ async fn decide(ctx: &Ctx, request: &AdmissionRequest<Pod>) -> (&'static str, Ad
             return ("error", response.deny(format!("toolgate: cannot read namespace {namespace}: {e}")));
         }
     };
-    let pod_name = if pod.metadata.name.is_some() { pod.name_any() } else { pod.metadata.generate_name.clone().unwrap_or_default() };
+    let pod_name = if pod.metadata.name.is_some() {
+        pod.name_any()
+    } else {
+        pod.metadata.generate_name.clone().unwrap_or_default()
+    };
     match inject(pod, &labels, &ctx.inject) {
         Ok(patch) => match response.with_patch(patch) {
             Ok(r) => {
                 tracing::info!(%namespace, pod = %pod_name, dry_run = request.dry_run, "sidecar injected");
                 ("injected", r)
             }
-            Err(e) => ("error", AdmissionResponse::from(request).deny(format!("toolgate: cannot encode the patch: {e}"))),
+            Err(e) => {
+                ("error", AdmissionResponse::from(request).deny(format!("toolgate: cannot encode the patch: {e}")))
+            }
         },
         Err(skip) => {
             tracing::debug!(%namespace, pod = %pod_name, reason = skip.as_str(), "not injected");

@@ -1,0 +1,307 @@
+//! A real `toolgate-operator` process against the test apiserver, its webhook
+//! configuration, and a policy-stream client that speaks to it like a sidecar does.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use toolgate_policy::push::{Ack, Message};
+use toolgate_tests::{Supervised, TestCluster, eventually, free_port, install_crypto_provider, run_ok};
+
+pub const TIMEOUT: Duration = Duration::from_secs(90);
+const CRD: &str = include_str!("../../../crds/mcppolicies.toolgate.dev.yaml");
+
+pub async fn install_crd(cluster: &TestCluster) {
+    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    install_crypto_provider();
+    INSTALLED
+        .get_or_init(|| async {
+            cluster.kubectl_apply(None, CRD).await;
+            run_ok(cluster.kubectl().args([
+                "wait",
+                "--for=condition=Established",
+                "--timeout=90s",
+                "crd/mcppolicies.toolgate.dev",
+            ]))
+            .await;
+        })
+        .await;
+}
+
+/// A running operator; its own namespace holds the Secret and the Lease.
+pub struct Operator {
+    pub proc: Option<Supervised>,
+    pub port: u16,
+    pub admin: u16,
+    pub namespace: String,
+    pub webhook: String,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Operator {
+    /// Starts the operator with the admin kubeconfig; the webhook configuration named
+    /// `toolgate-<namespace>` sends pods of `app_namespace` to it.
+    pub async fn start(cluster: &TestCluster, namespace: &str, app_namespace: &str, extra: &[&str]) -> Operator {
+        let port = free_port().unwrap();
+        let admin = free_port().unwrap();
+        let webhook = format!("toolgate-{namespace}");
+        let mut args: Vec<String> = vec![
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--admin-listen=127.0.0.1:{admin}"),
+            format!("--namespace={namespace}"),
+            "--pod-name=operator-a".into(),
+            "--extra-san=127.0.0.1".into(),
+            format!("--webhook-config={webhook}"),
+            format!("--sidecar-operator-url=https://127.0.0.1:{port}"),
+            "--sidecar-image=toolgate-proxy:test".into(),
+            "--heartbeat-seconds=1".into(),
+            "--lease-seconds=4".into(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        create_webhook_config(cluster, &webhook, port, app_namespace).await;
+        let log = cluster.work_dir().join(format!("operator-{namespace}.log"));
+        let mut op = Operator { proc: None, port, admin, namespace: namespace.into(), webhook, log, args };
+        op.restart(cluster).await;
+        op
+    }
+
+    /// Starts the process again (after [`Operator::kill`]) with the same flags.
+    pub async fn restart(&mut self, cluster: &TestCluster) {
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_toolgate-operator"));
+        let script = format!(
+            "KUBECONFIG={} TOOLGATE_LOG=info,toolgate_operator=debug exec {} {}",
+            cluster.kubeconfig_path().display(),
+            bin.display(),
+            self.args.join(" ")
+        );
+        let proc = Supervised::spawn("toolgate-operator", "/bin/sh".as_ref(), &["-c".into(), script], &self.log, None)
+            .expect("spawn the operator");
+        self.proc = Some(proc);
+        let admin = self.admin;
+        let log = self.log.clone();
+        eventually("the operator to be ready", TIMEOUT, || {
+            let log = log.clone();
+            async move {
+                let (status, _, _) = toolgate_tests::mcp::http(admin, "GET", "/readyz", &[], b"");
+                if status == 0 {
+                    // Still starting, or dead: show why if it died.
+                    let tail = toolgate_tests::log_tail(&log, 20);
+                    assert!(!tail.contains("toolgate-operator: "), "operator exited:\n{tail}");
+                }
+                (status == 200).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        String::from_utf8(toolgate_tests::mcp::http(self.admin, "GET", "/metrics", &[], b"").2).unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn create_webhook_config(cluster: &TestCluster, name: &str, port: u16, app_namespace: &str) {
+    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "inject.toolgate.dev",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/inject")},
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+            "reinvocationPolicy": "IfNeeded",
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": app_namespace}},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+        }],
+    }))
+    .unwrap();
+    let api: Api<MutatingWebhookConfiguration> = Api::all(cluster.client());
+    let _ = api.delete(name, &Default::default()).await;
+    api.create(&PostParams::default(), &config).await.expect("create the webhook configuration");
+}
+
+/// Waits until the operator patched the webhook's caBundle and the apiserver uses it:
+/// a pod created in `namespace` comes back injected.
+pub async fn wait_for_webhook(cluster: &TestCluster, name: &str) {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(cluster.client());
+    eventually("the operator to patch the caBundle", TIMEOUT, || {
+        let api = api.clone();
+        async move {
+            let c = api.get(name).await.ok()?;
+            c.webhooks?.first()?.client_config.ca_bundle.as_ref().filter(|b| !b.0.is_empty()).map(|_| ())
+        }
+    })
+    .await;
+}
+
+/// Creates a pod (retrying while the webhook's caBundle propagates) and returns it as
+/// admitted.
+pub async fn create_pod(cluster: &TestCluster, namespace: &str, name: &str, labels: Value) -> Pod {
+    cluster.ensure_service_account(namespace, "agent").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "serviceAccountName": "agent",
+            "containers": [{"name": "runpod-mcp", "image": "node:22-slim", "ports": [{"containerPort": 3000}]}],
+        },
+    }))
+    .unwrap();
+    let api: Api<Pod> = Api::namespaced(cluster.client(), namespace);
+    eventually("the pod to be admitted", TIMEOUT, || {
+        let (api, pod) = (api.clone(), pod.clone());
+        async move {
+            match api.create(&PostParams::default(), &pod).await {
+                Ok(p) => Some(p),
+                Err(kube::Error::Api(e)) if e.code == 409 => api.get(name).await.ok(),
+                Err(e) => {
+                    eprintln!("pod create: {e}");
+                    None
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// The CA bundle the operator published into `namespace`.
+pub async fn published_ca(cluster: &TestCluster, namespace: &str) -> String {
+    let api: Api<ConfigMap> = Api::namespaced(cluster.client(), namespace);
+    eventually("the toolgate-ca ConfigMap", TIMEOUT, || {
+        let api = api.clone();
+        async move { api.get("toolgate-ca").await.ok()?.data?.get("ca.crt").cloned() }
+    })
+    .await
+}
+
+/// A pod's token for the operator (audience toolgate, bound to the pod).
+pub async fn pod_token(cluster: &TestCluster, pod: &Pod) -> String {
+    let ns = pod.metadata.namespace.as_deref().unwrap();
+    cluster
+        .mint_token(
+            ns,
+            "agent",
+            &["toolgate"],
+            Some((pod.metadata.name.as_deref().unwrap(), pod.metadata.uid.as_deref().unwrap())),
+        )
+        .await
+}
+
+fn tls_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in toolgate_tests::pem_blocks(ca_pem, "CERTIFICATE").unwrap() {
+        roots.add(rustls::pki_types::CertificateDer::from(der)).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// A sidecar-like client: one h2 connection carrying the stream and the acks.
+pub struct StreamClient {
+    sender: http2::SendRequest<Full<Bytes>>,
+    token: String,
+    pub messages: mpsc::UnboundedReceiver<Message>,
+}
+
+/// Opens `/v1/stream`; `Err((status, body))` when refused.
+pub async fn open_stream(port: u16, ca_pem: &str, token: &str) -> Result<StreamClient, (u16, String)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls_config(ca_pem));
+    let server = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = connector.connect(server, tcp).await.expect("TLS handshake with the operator");
+    let (mut sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/v1/stream")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    let status = res.status().as_u16();
+    if status != 200 {
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        return Err((status, String::from_utf8_lossy(&body).into_owned()));
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut body = res.into_body();
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else { continue };
+            buf.extend_from_slice(&data);
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                let message: Message = serde_json::from_slice(&line).expect("the operator sends Message lines");
+                if tx.send(message).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(StreamClient { sender, token: token.into(), messages: rx })
+}
+
+impl StreamClient {
+    /// The next policy set (heartbeats skipped).
+    pub async fn next_set(&mut self) -> toolgate_policy::push::PolicySet {
+        loop {
+            match tokio::time::timeout(TIMEOUT, self.messages.recv()).await.expect("a policy set in time") {
+                Some(Message::Policies(set)) => return set,
+                Some(Message::Heartbeat { .. }) => {}
+                None => panic!("the stream ended"),
+            }
+        }
+    }
+
+    /// Whether a heartbeat arrives (skipping sets).
+    pub async fn heartbeat(&mut self) -> bool {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.messages.recv()).await {
+                Ok(Some(Message::Heartbeat { .. })) => return true,
+                Ok(Some(_)) => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Acks a revision on the stream's connection; the HTTP status.
+    pub async fn ack(&mut self, revision: &str) -> u16 {
+        let body = serde_json::to_vec(&Ack { revision: revision.into(), error: None }).unwrap();
+        let req = Request::post("/v1/ack")
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        self.sender.send_request(req).await.unwrap().status().as_u16()
+    }
+}
