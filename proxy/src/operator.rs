@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
@@ -135,7 +135,31 @@ impl Drop for Driver {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+/// One connection to the operator. HTTP/2 (offered first) carries the stream and its
+/// acknowledgements on the same connection, so an acknowledgement reaches the operator
+/// replica that holds the stream; HTTP/1.1 needs a connection per request.
+#[derive(Debug)]
+enum Conn {
+    H1 { sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>, _driver: Driver },
+    H2(H2Conn),
+}
+
+/// An HTTP/2 connection, shared by the stream and its acknowledgements.
+#[derive(Clone, Debug)]
+struct H2Conn {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    _driver: Arc<Driver>,
+}
+
+impl Conn {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, String> {
+        let sent = match self {
+            Conn::H1 { sender, .. } => sender.send_request(req).await,
+            Conn::H2(c) => c.sender.send_request(req).await,
+        };
+        sent.map_err(|e| e.to_string())
+    }
+}
 
 impl Config {
     fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
@@ -168,12 +192,12 @@ impl Config {
             .map_err(|e| format!("TLS configuration: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
 
-    /// One HTTP/1.1 connection over TLS to the operator.
-    async fn connect(&self) -> Result<(Sender, Driver), String> {
+    /// One connection over TLS to the operator (HTTP/2 if it speaks it).
+    async fn connect(&self) -> Result<Conn, String> {
         let tls = self.tls()?;
         let ep = &self.endpoint;
         let name = ServerName::try_from(ep.host.clone()).map_err(|e| format!("--operator host {:?}: {e}", ep.host))?;
@@ -186,28 +210,43 @@ impl Config {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS with {}: {e}", ep.authority))?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("HTTP with {}: {e}", ep.authority))?;
-            let driver = tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "operator connection ended");
-                }
-            });
-            Ok((sender, Driver(driver)))
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = TokioIo::new(stream);
+            let failed = |e: hyper::Error| format!("HTTP with {}: {e}", ep.authority);
+            if h2 {
+                let (sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(failed)?;
+                Ok(Conn::H2(H2Conn { sender, _driver: Arc::new(drive(conn)) }))
+            } else {
+                let (sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(failed)?;
+                Ok(Conn::H1 { sender, _driver: drive(conn) })
+            }
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| format!("connecting to {} timed out", ep.authority))?
     }
 
-    fn request(&self, method: Method, path: &str, token: HeaderValue, body: Bytes) -> Request<Full<Bytes>> {
+    fn request(
+        &self,
+        conn: &Conn,
+        method: Method,
+        path: &str,
+        token: HeaderValue,
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
-        // A path from a parsed URI and a constant: always a valid request target.
-        *req.uri_mut() = self.endpoint.path(path).parse().unwrap_or_else(|_| Uri::from_static("/"));
+        let path = self.endpoint.path(path);
+        // HTTP/2 needs the scheme and authority; HTTP/1.1 gets the origin form and Host.
+        let target = match conn {
+            Conn::H2(..) => format!("https://{}{path}", self.endpoint.authority),
+            Conn::H1 { .. } => path,
+        };
+        // Built from a parsed URI and a constant: always valid.
+        *req.uri_mut() = target.parse().unwrap_or_else(|_| Uri::from_static("/"));
         let h = req.headers_mut();
-        if let Ok(host) = HeaderValue::from_str(&self.endpoint.authority) {
+        if let (Conn::H1 { .. }, Ok(host)) = (conn, HeaderValue::from_str(&self.endpoint.authority)) {
             h.insert(header::HOST, host);
         }
         h.insert(header::AUTHORIZATION, token);
@@ -215,14 +254,18 @@ impl Config {
         req
     }
 
-    /// Sends one acknowledgement on its own connection (the stream's is busy).
-    async fn post_ack(&self, ack: &Ack) -> Result<(), String> {
+    /// Sends one acknowledgement: on the stream's HTTP/2 connection when there is one,
+    /// else on a new connection.
+    async fn post_ack(&self, ack: &Ack, via: Option<&H2Conn>) -> Result<(), String> {
         let token = read_token(&self.token_file)?;
-        let (mut sender, _driver) = self.connect().await?;
+        let mut conn = match via {
+            Some(c) => Conn::H2(c.clone()),
+            None => self.connect().await?,
+        };
         let body = serde_json::to_vec(ack).map_err(|e| e.to_string())?;
-        let mut req = self.request(Method::POST, push::ACK_PATH, token, Bytes::from(body));
+        let mut req = self.request(&conn, Method::POST, push::ACK_PATH, token, Bytes::from(body));
         req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let resp = tokio::time::timeout(CONNECT_TIMEOUT, sender.send_request(req))
+        let resp = tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req))
             .await
             .map_err(|_| "the operator did not answer the acknowledgement in time".to_owned())?
             .map_err(|e| format!("acknowledgement failed: {e}"))?;
@@ -231,6 +274,18 @@ impl Config {
         }
         Err(refusal(resp).await)
     }
+}
+
+/// Runs a connection until it ends or its last user is gone.
+fn drive<F>(conn: F) -> Driver
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    Driver(tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "operator connection ended");
+        }
+    }))
 }
 
 /// Describes a non-success answer, with the operator's `{"error": ...}` when there is one.
@@ -422,7 +477,16 @@ pub struct Client {
     metrics: Arc<Metrics>,
     /// The revision of the set enforced now, if it came from the operator.
     applied: Option<String>,
-    acks: watch::Sender<Option<Ack>>,
+    acks: watch::Sender<Option<PendingAck>>,
+    /// The stream's connection, when acknowledgements can share it.
+    via: Option<H2Conn>,
+}
+
+/// An acknowledgement and the connection to send it on (None: a new one).
+#[derive(Clone, Debug)]
+struct PendingAck {
+    ack: Ack,
+    via: Option<H2Conn>,
 }
 
 impl Client {
@@ -437,7 +501,7 @@ impl Client {
         let config = Arc::new(config);
         let (acks, ack_rx) = watch::channel(None);
         tokio::spawn(send_acks(config.clone(), ack_rx));
-        let client = Self { config, policy, metrics, applied, acks };
+        let client = Self { config, policy, metrics, applied, acks, via: None };
         tokio::spawn(client.run())
     }
 
@@ -446,6 +510,7 @@ impl Client {
         loop {
             let mut healthy = false;
             let reason = self.stream(&mut healthy).await;
+            self.via = None;
             self.metrics.operator_connected(false);
             if healthy {
                 backoff.reset();
@@ -468,13 +533,13 @@ impl Client {
             Ok(t) => t,
             Err(e) => return e,
         };
-        let (mut sender, _driver) = match self.config.connect().await {
+        let mut conn = match self.config.connect().await {
             Ok(c) => c,
             Err(e) => return e,
         };
-        let mut req = self.config.request(Method::GET, push::STREAM_PATH, token, Bytes::new());
+        let mut req = self.config.request(&conn, Method::GET, push::STREAM_PATH, token, Bytes::new());
         req.headers_mut().insert(header::ACCEPT, HeaderValue::from_static("application/x-ndjson"));
-        let resp = match tokio::time::timeout(CONNECT_TIMEOUT, sender.send_request(req)).await {
+        let resp = match tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req)).await {
             Err(_) => return "the operator did not answer the stream request in time".into(),
             Ok(Err(e)) => return format!("stream request failed: {e}"),
             Ok(Ok(r)) => r,
@@ -487,7 +552,16 @@ impl Client {
             return format!("the stream has Content-Type {ct:?}, not application/x-ndjson");
         }
         self.metrics.operator_connected(true);
-        tracing::info!(operator = %self.config.endpoint.authority, "policy stream from the operator connected");
+        // Acknowledgements of this stream's sets travel on its connection (HTTP/2).
+        self.via = match &conn {
+            Conn::H2(c) => Some(c.clone()),
+            Conn::H1 { .. } => None,
+        };
+        tracing::info!(
+            operator = %self.config.endpoint.authority,
+            h2 = self.via.is_some(),
+            "policy stream from the operator connected"
+        );
         let mut body = resp.into_body();
         let mut lines = Lines::new(push::MAX_LINE_BYTES);
         let mut interval = DEFAULT_HEARTBEAT;
@@ -600,22 +674,23 @@ impl Client {
     }
 
     fn ack(&self, revision: &str, error: Option<String>) {
-        self.acks.send_replace(Some(Ack { revision: revision.to_owned(), error }));
+        let ack = Ack { revision: revision.to_owned(), error };
+        self.acks.send_replace(Some(PendingAck { ack, via: self.via.clone() }));
     }
 }
 
 /// Sends acknowledgements, newest first: a newer one supersedes one still being retried.
-async fn send_acks(config: Arc<Config>, mut rx: watch::Receiver<Option<Ack>>) {
+async fn send_acks(config: Arc<Config>, mut rx: watch::Receiver<Option<PendingAck>>) {
     let mut superseded = false;
     loop {
         if !superseded && rx.changed().await.is_err() {
             return;
         }
         superseded = false;
-        let Some(ack) = rx.borrow_and_update().clone() else { continue };
+        let Some(PendingAck { ack, via }) = rx.borrow_and_update().clone() else { continue };
         let mut backoff = Backoff::new(FIRST_BACKOFF, Duration::from_secs(5));
         for attempt in 1..=ACK_ATTEMPTS {
-            match config.post_ack(&ack).await {
+            match config.post_ack(&ack, via.as_ref()).await {
                 Ok(()) => {
                     tracing::debug!(revision = ack.revision, error = ?ack.error, "acknowledged");
                     break;
