@@ -1,0 +1,405 @@
+//! toolgate-proxy in operator mode (`--operator`): the real binary against an in-process
+//! fake operator (HTTPS with a throwaway CA, bearer tokens, NDJSON stream, recorded
+//! acknowledgements) in front of an in-process MCP server that records what reached it.
+//! Loopback only; every wait polls with a deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/fake_operator.rs"]
+mod fake_operator;
+#[path = "support/mock_mcp.rs"]
+mod mock_mcp;
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fake_operator::{AckSeen, FakeOperator};
+use mock_mcp::{Client, MockMcp, error_code};
+use serde_json::{Value, json};
+use support::{Proxy, free_port, http, metrics, sample};
+use toolgate_policy::push::{Ack, PodRef, PolicySet, PushedPolicy};
+
+const DENIED: i64 = -32010;
+const NO_POLICY: i64 = -32013;
+
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    mcp: MockMcp,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mcp = MockMcp::start(&rt);
+        Self { rt, dir: tempfile::tempdir().unwrap(), mcp }
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    fn write_token(&self, token: &str) {
+        // Written like the kubelet does: a new file swapped in.
+        let tmp = self.dir.path().join("token.tmp");
+        std::fs::write(&tmp, format!("{token}\n")).unwrap();
+        std::fs::rename(tmp, self.token_file()).unwrap();
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn operator(&self, token: &str, first: &PolicySet) -> FakeOperator {
+        self.write_token(token);
+        let op = FakeOperator::start(&self.rt, token, first);
+        std::fs::write(self.dir.path().join("ca.crt"), &op.ca_pem).unwrap();
+        op
+    }
+
+    /// Starts the proxy in operator mode, with the arguments the operator injects.
+    fn proxy(&self, operator_url: &str, state_dir: &std::path::Path) -> Proxy {
+        let tail = vec![
+            format!("--operator={operator_url}"),
+            format!("--token-file={}", self.token_file().display()),
+            format!("--ca-file={}", self.dir.path().join("ca.crt").display()),
+            format!("--state-dir={}", state_dir.display()),
+            format!("--upstream={}", self.mcp.url()),
+        ];
+        support::proxy(&[], &tail, &[("TOOLGATE_POD_NAME", "pod-0".into())])
+    }
+}
+
+fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn pushed(name: &str, dry_run: bool, document: Value) -> PushedPolicy {
+    PushedPolicy { name: name.into(), uid: format!("uid-{name}"), generation: 1, dry_run, document }
+}
+
+fn set(policies: Vec<PushedPolicy>) -> PolicySet {
+    PolicySet::new(PodRef { namespace: "agents".into(), name: "pod-0".into() }, policies)
+}
+
+/// A document allowing exactly these tools (default deny).
+fn allow(tools: &[&str]) -> Value {
+    let tools: serde_json::Map<String, Value> = tools.iter().map(|t| ((*t).to_owned(), json!({}))).collect();
+    json!({"version": "1", "default": "deny", "tools": tools})
+}
+
+fn wait_ack(op: &FakeOperator, revision: &str) -> AckSeen {
+    eventually(&format!("an ack of revision {revision}"), || op.acks().into_iter().find(|a| a.ack.revision == revision))
+}
+
+fn admin(proxy: &Proxy, path: &str) -> (u16, String) {
+    let (status, _, body) = http(proxy.admin, "GET", path, &[], b"");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn policy_view(proxy: &Proxy) -> Value {
+    serde_json::from_str(&admin(proxy, "/policy").1).unwrap()
+}
+
+#[test]
+fn pushed_sets_are_enforced_acked_replaced_and_a_bad_one_keeps_the_last_good() {
+    let h = Harness::new();
+    let first = set(vec![pushed("echo-only", false, allow(&["echo"]))]);
+    let op = h.operator("tok-1", &first);
+    let proxy = h.proxy(&op.url(), &h.state_dir());
+
+    let ack = wait_ack(&op, &first.revision);
+    assert_eq!(ack.ack, Ack { revision: first.revision.clone(), error: None });
+    assert!(ack.on_stream_connection, "over h2 the ack travels on the stream's connection: {ack:?}");
+    eventually("ready", || (admin(&proxy, "/readyz").0 == 200).then_some(()));
+
+    let mut client = Client::initialize(proxy.proc.port, "agent");
+    assert!(client.call("echo")["result"].is_object(), "allowed call passes");
+    let refused = client.call("delete-pod");
+    assert_eq!(error_code(&refused), Some(DENIED), "{refused}");
+    assert_eq!(refused["error"]["data"]["policy"], "echo-only");
+    assert_eq!(h.mcp.called("echo"), 1);
+    assert_eq!(h.mcp.called("delete-pod"), 0, "a denied call never reaches the upstream");
+    assert_eq!(client.list(), ["echo"]);
+
+    let view = policy_view(&proxy);
+    assert_eq!(view["revision"], first.revision.as_str());
+    assert_eq!(view["source"], "operator");
+    assert_eq!(view["documents"][0]["name"], "echo-only");
+    assert_eq!(view["documents"][0]["mode"], "enforce");
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, "toolgate_operator_connected "), 1.0, "{m}");
+    assert_eq!(sample(&m, "toolgate_policy_loaded "), 1.0, "{m}");
+    assert_eq!(sample(&m, &format!(r#"toolgate_policy_info{{revision="{}"}}"#, first.revision)), 1.0, "{m}");
+    assert_eq!(sample(&m, r#"toolgate_policy_updates_total{result="applied"}"#), 1.0, "{m}");
+    let audit = eventually("two audit lines", || {
+        let a = proxy.audit.lock().unwrap().clone();
+        (a.len() >= 2).then_some(a)
+    });
+    assert!(audit.iter().all(|a| a["revision"] == first.revision.as_str() && a["pod"] == "pod-0"), "{audit:?}");
+    let persisted: PolicySet =
+        serde_json::from_slice(&std::fs::read(h.state_dir().join("policyset.json")).unwrap()).unwrap();
+    assert_eq!(persisted, first);
+
+    // A new set changes enforcement for the next call of the same session.
+    let second = set(vec![pushed("delete-only", false, allow(&["delete-pod"]))]);
+    op.publish(&second);
+    assert_eq!(wait_ack(&op, &second.revision).ack.error, None);
+    let answer = client.call("delete-pod");
+    assert!(answer["result"].is_object(), "{answer}");
+    assert_eq!(h.mcp.calls().last().unwrap(), &(client.session.clone(), "delete-pod".to_owned()), "same session");
+    assert_eq!(error_code(&client.call("echo")), Some(DENIED));
+    assert_eq!(op.streams(), 1, "the set came on the open stream");
+
+    // An invalid set is acknowledged with its error; the last good policy stays.
+    let invalid = set(vec![pushed(
+        "broken",
+        false,
+        json!({"version": "1", "tools": {"x": {"limits": [{"window": "fortnight", "max": 1}]}}}),
+    )]);
+    op.publish(&invalid);
+    let nack = wait_ack(&op, &invalid.revision);
+    let error = nack.ack.error.expect("an error");
+    assert!(error.contains("broken: tools.x.limits[0].window"), "{error}");
+    assert!(client.call("delete-pod")["result"].is_object(), "the last good policy still allows it");
+    assert_eq!(policy_view(&proxy)["revision"], second.revision.as_str());
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, r#"toolgate_policy_updates_total{result="rejected"}"#), 1.0, "{m}");
+    assert_eq!(sample(&m, &format!(r#"toolgate_policy_info{{revision="{}"}}"#, second.revision)), 1.0, "{m}");
+
+    // No McpPolicy selects the pod any more: deny everything, not ready, persisted.
+    let empty = set(vec![]);
+    op.publish(&empty);
+    assert_eq!(wait_ack(&op, &empty.revision).ack.error, None);
+    let refused = client.call("delete-pod");
+    assert_eq!(error_code(&refused), Some(NO_POLICY), "{refused}");
+    assert_eq!(admin(&proxy, "/readyz").0, 503);
+    assert_eq!(sample(&metrics(&proxy), "toolgate_policy_loaded "), 0.0);
+    let persisted: PolicySet =
+        serde_json::from_slice(&std::fs::read(h.state_dir().join("policyset.json")).unwrap()).unwrap();
+    assert_eq!(persisted, empty);
+    assert_eq!(h.mcp.called("delete-pod"), 2, "only the two allowed deletes reached the upstream");
+}
+
+#[test]
+fn an_operator_outage_keeps_the_policy_and_the_reconnect_uses_the_rotated_token() {
+    let h = Harness::new();
+    let first = set(vec![pushed("echo-only", false, allow(&["echo"]))]);
+    let mut op = h.operator("tok-1", &first);
+    let proxy = h.proxy(&op.url(), &h.state_dir());
+    wait_ack(&op, &first.revision);
+
+    op.kill();
+    eventually("the proxy notices the operator is gone", || {
+        (sample(&metrics(&proxy), "toolgate_operator_connected ") == 0.0).then_some(())
+    });
+    let mut client = Client::initialize(proxy.proc.port, "agent");
+    assert!(client.call("echo")["result"].is_object(), "the last good policy is enforced");
+    assert_eq!(error_code(&client.call("delete-pod")), Some(DENIED));
+    assert_eq!(admin(&proxy, "/readyz").0, 200);
+
+    // While it is down: the projected token rotates and the policy changes.
+    h.write_token("tok-2");
+    op.set_token("tok-2");
+    let second = set(vec![pushed("delete-only", false, allow(&["delete-pod"]))]);
+    op.publish(&second);
+    let seen_before = op.tokens_seen().len();
+    op.restart();
+
+    // The fake now refuses tok-1, so this ack proves the token file was read again.
+    assert_eq!(wait_ack(&op, &second.revision).ack.error, None);
+    let tokens = op.tokens_seen();
+    assert!(tokens[seen_before..].iter().all(|t| t == "tok-2"), "{tokens:?}");
+    assert!(client.call("delete-pod")["result"].is_object());
+    assert_eq!(error_code(&client.call("echo")), Some(DENIED));
+    eventually("connected again", || (sample(&metrics(&proxy), "toolgate_operator_connected ") == 1.0).then_some(()));
+    assert_eq!(op.refused(), 0, "the old token was never presented");
+}
+
+#[test]
+fn a_restarted_proxy_enforces_the_persisted_set_before_the_operator_answers() {
+    let h = Harness::new();
+    let first = set(vec![pushed("echo-only", false, allow(&["echo"]))]);
+    let mut op = h.operator("tok-1", &first);
+    let url = op.url();
+    let proxy = h.proxy(&url, &h.state_dir());
+    wait_ack(&op, &first.revision);
+    drop(proxy);
+    op.kill();
+
+    // Same state dir, operator down: enforcing at once (no wait).
+    let proxy = h.proxy(&url, &h.state_dir());
+    assert_eq!(admin(&proxy, "/readyz").0, 200, "ready from the first check");
+    assert_eq!(policy_view(&proxy)["revision"], first.revision.as_str());
+    let mut client = Client::initialize(proxy.proc.port, "agent");
+    assert!(client.call("echo")["result"].is_object());
+    assert_eq!(error_code(&client.call("delete-pod")), Some(DENIED));
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, "toolgate_operator_connected "), 0.0, "{m}");
+    assert_eq!(sample(&m, "toolgate_policy_loaded "), 1.0, "{m}");
+    drop(proxy);
+
+    // Never had a policy (fresh state dir), operator down: deny all, not ready.
+    let proxy = h.proxy(&url, &h.dir.path().join("fresh"));
+    let (status, text) = admin(&proxy, "/readyz");
+    assert_eq!(status, 503, "{text}");
+    let mut client = Client::initialize(proxy.proc.port, "agent");
+    let refused = client.call("echo");
+    assert_eq!(error_code(&refused), Some(NO_POLICY), "{refused}");
+    assert_eq!(policy_view(&proxy)["loaded"], false);
+    assert_eq!(h.mcp.called("echo"), 1, "only the first proxy's allowed call reached the upstream");
+}
+
+#[test]
+fn garbage_lines_and_wrong_revisions_never_loosen_the_policy() {
+    let h = Harness::new();
+    let first = set(vec![pushed("echo-only", false, allow(&["echo"]))]);
+    let op = h.operator("tok-1", &first);
+    let proxy = h.proxy(&op.url(), &h.state_dir());
+    wait_ack(&op, &first.revision);
+    let mut client = Client::initialize(proxy.proc.port, "agent");
+
+    op.send_raw("this is not JSON\n");
+    eventually("a reconnect after the garbage line", || (op.streams() >= 2).then_some(()));
+    assert_eq!(error_code(&client.call("delete-pod")), Some(DENIED));
+
+    // A set claiming a revision that is not the hash of its content (allow everything).
+    let streams = op.streams();
+    let mut forged = set(vec![pushed("open", false, json!({"version": "1", "default": "allow"}))]);
+    forged.revision = "0123456789abcdef".into();
+    op.send_raw(&fake_operator::line(&toolgate_policy::push::Message::Policies(forged)));
+    let nack = wait_ack(&op, "0123456789abcdef");
+    assert!(nack.ack.error.as_deref().is_some_and(|e| e.contains("does not match")), "{nack:?}");
+    eventually("a reconnect after the forged set", || (op.streams() > streams).then_some(()));
+    assert_eq!(error_code(&client.call("delete-pod")), Some(DENIED));
+    assert_eq!(policy_view(&proxy)["revision"], first.revision.as_str());
+
+    // A policies line whose body is not a policy set, and a JSON value without a type.
+    let streams = op.streams();
+    op.send_raw("{\"type\":\"policies\",\"revision\":1}\n");
+    eventually("a reconnect after the bad set", || (op.streams() > streams).then_some(()));
+    let streams = op.streams();
+    op.send_raw("[1,2,3]\n");
+    eventually("a reconnect after the typeless line", || (op.streams() > streams).then_some(()));
+
+    assert_eq!(error_code(&client.call("delete-pod")), Some(DENIED));
+    assert_eq!(h.mcp.called("delete-pod"), 0);
+    assert!(client.call("echo")["result"].is_object(), "the good policy is still in force");
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, r#"toolgate_policy_updates_total{result="applied"}"#), 1.0, "{m}");
+    let forged_acks = op.acks().iter().filter(|a| a.ack.error.is_some()).count();
+    assert_eq!(forged_acks, 1, "only the forged set is acknowledged (with its error)");
+}
+
+#[test]
+fn dry_run_documents_are_counted_not_enforced() {
+    let h = Harness::new();
+    let both =
+        set(vec![pushed("base", false, allow(&["echo", "start-pod"])), pushed("strict", true, allow(&["echo"]))]);
+    let op = h.operator("tok-1", &both);
+    let proxy = h.proxy(&op.url(), &h.state_dir());
+    wait_ack(&op, &both.revision);
+    let mut client = Client::initialize(proxy.proc.port, "agent");
+
+    let answer = client.call("start-pod");
+    assert!(answer["result"].is_object(), "the dry-run refusal does not refuse: {answer}");
+    assert_eq!(h.mcp.called("start-pod"), 1);
+    let m = metrics(&proxy);
+    assert_eq!(
+        sample(&m, r#"toolgate_decisions_total{tool="start-pod",decision="would_deny",policy="strict""#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(sample(&m, r#"toolgate_decisions_total{tool="start-pod",decision="allow",policy="base""#), 1.0, "{m}");
+    let would = eventually("a would_deny audit line", || {
+        proxy.audit.lock().unwrap().iter().find(|a| a["decision"] == "would_deny").cloned()
+    });
+    assert_eq!((&would["tool"], &would["policy"]), (&json!("start-pod"), &json!("strict")), "{would}");
+    assert_eq!(would["revision"], both.revision.as_str());
+    assert_eq!(error_code(&client.call("delete-pod")), Some(DENIED), "the enforcing document still decides");
+    let mut listed = client.list();
+    listed.sort();
+    assert_eq!(listed, ["echo", "start-pod"], "tools/list follows the enforcing documents only");
+    let view = policy_view(&proxy);
+    let modes: Vec<(&str, &str)> = view["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["mode"].as_str().unwrap()))
+        .collect();
+    assert_eq!(modes, [("base", "enforce"), ("strict", "dryRun")]);
+
+    // Only a dry-run document: calls pass (it is being tried out), and are counted.
+    let dry_only = set(vec![pushed("strict", true, allow(&["echo"]))]);
+    op.publish(&dry_only);
+    wait_ack(&op, &dry_only.revision);
+    assert!(client.call("delete-pod")["result"].is_object());
+    assert_eq!(h.mcp.called("delete-pod"), 1);
+    assert_eq!(admin(&proxy, "/readyz").0, 200);
+    let m = metrics(&proxy);
+    assert_eq!(
+        sample(&m, r#"toolgate_decisions_total{tool="delete-pod",decision="would_deny",policy="strict""#),
+        1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn a_silent_stream_is_dropped_and_http1_acks_use_their_own_connection() {
+    let h = Harness::new();
+    let first = set(vec![pushed("echo-only", false, allow(&["echo"]))]);
+    h.write_token("tok-1");
+    let op = FakeOperator::start_with(&h.rt, "tok-1", &first, &[b"http/1.1"]);
+    std::fs::write(h.dir.path().join("ca.crt"), &op.ca_pem).unwrap();
+    // One heartbeat announcing 1 s, then silence: dead after 3 s.
+    op.set_heartbeat(1, false);
+    let proxy = h.proxy(&op.url(), &h.state_dir());
+
+    let ack = wait_ack(&op, &first.revision);
+    assert!(!ack.on_stream_connection, "HTTP/1.1 cannot share the stream's connection: {ack:?}");
+    eventually("a reconnect after three silent heartbeat intervals", || (op.streams() >= 2).then_some(()));
+    let mut client = Client::initialize(proxy.proc.port, "agent");
+    assert_eq!(error_code(&client.call("delete-pod")), Some(DENIED));
+    assert!(client.call("echo")["result"].is_object());
+}
+
+#[test]
+fn exactly_one_policy_source_and_an_https_operator() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_toolgate-proxy"))
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--upstream", "http://127.0.0.1:9/mcp"])
+            .env_remove("TOOLGATE_POLICY")
+            .env_remove("TOOLGATE_OPERATOR")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.yaml");
+    std::fs::write(&policy, "version: '1'\n").unwrap();
+    let policy = policy.to_str().unwrap();
+
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--policy") && err.contains("--operator"), "{err}");
+    let (code, err) = run(&["--policy", policy, "--operator", "https://op:8443", "--token-file", "/t"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, err) = run(&["--operator", "http://op:8443", "--token-file", "/t"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("https://"), "{err}");
+    let (code, err) = run(&["--operator", "https://op:8443"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--token-file"), "{err}");
+    let (code, err) = run(&["--policy", policy, "--state-dir", "/tmp/x"]);
+    assert_eq!(code, Some(64), "--state-dir means nothing without --operator: {err}");
+}
