@@ -69,6 +69,14 @@ pub fn validate(policy: &McpPolicy) -> Result<Accepted, String> {
 
 type Enforced = Vec<(String, i64)>;
 
+/// Acknowledgements by `policy-uid/generation`, as pod uids (what replicas exchange).
+pub type AckReport = BTreeMap<String, std::collections::BTreeSet<String>>;
+
+/// The key of a policy generation in an [`AckReport`].
+pub fn ack_key(uid: &str, generation: i64) -> String {
+    format!("{uid}/{generation}")
+}
+
 struct Slot {
     id: u64,
     namespace: String,
@@ -88,6 +96,8 @@ pub struct Hub {
     pub pods: Store<Pod>,
     validations: Mutex<HashMap<String, Validation>>,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Acknowledgements of sidecars connected to other replicas (leader only).
+    remote: Mutex<AckReport>,
     next_id: AtomicU64,
     /// Woken whenever a cache changes; the pusher recomputes every stream's set.
     pub changed: Notify,
@@ -128,6 +138,7 @@ impl Hub {
             pods,
             validations: Mutex::default(),
             slots: Mutex::default(),
+            remote: Mutex::default(),
             next_id: AtomicU64::new(1),
             changed: Notify::new(),
             status_tx,
@@ -226,6 +237,9 @@ impl Hub {
     /// the policy `uid`.
     pub fn enforcing(&self, uid: &str, generation: i64, targets: &[Arc<Pod>]) -> usize {
         let slots = self.slots.lock().expect("slots lock");
+        let key = ack_key(uid, generation);
+        let remote = self.remote.lock().expect("remote lock");
+        let remote = remote.get(&key);
         targets
             .iter()
             .filter_map(|p| p.uid())
@@ -234,8 +248,37 @@ impl Hub {
                     .get(pod_uid)
                     .and_then(|s| s.acked.as_ref())
                     .is_some_and(|acked| acked.iter().any(|(u, g)| u == uid && *g == generation))
+                    || remote.is_some_and(|r| r.contains(pod_uid))
             })
             .count()
+    }
+
+    /// What the sidecars connected here acknowledged: `uid/generation` -> pod uids.
+    pub fn local_acks(&self) -> AckReport {
+        let slots = self.slots.lock().expect("slots lock");
+        let mut report = AckReport::new();
+        for (pod_uid, slot) in slots.iter() {
+            for (uid, generation) in slot.acked.iter().flatten() {
+                report.entry(ack_key(uid, *generation)).or_default().insert(pod_uid.clone());
+            }
+        }
+        report
+    }
+
+    /// Installs what the other replicas reported; asks for status reconciles of every
+    /// policy when it changed.
+    pub fn set_remote(&self, report: AckReport) {
+        let changed = {
+            let mut remote = self.remote.lock().expect("remote lock");
+            let changed = *remote != report;
+            *remote = report;
+            changed
+        };
+        if changed {
+            for p in self.policies.state() {
+                let _ = self.status_tx.send(ObjectRef::from_obj(&*p));
+            }
+        }
     }
 
     /// Registers the stream of a pod's sidecar (replacing an older one of the same pod)

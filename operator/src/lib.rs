@@ -5,6 +5,7 @@
 //! CLI can use them without depending on this crate.
 #![forbid(unsafe_code)]
 
+pub mod acks;
 pub mod auth;
 pub mod controller;
 pub mod crdgen;

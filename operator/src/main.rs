@@ -26,7 +26,7 @@ use toolgate_operator::inject::{INJECT_LABEL, INJECTED_LABEL, InjectConfig};
 use toolgate_operator::metrics::Metrics;
 use toolgate_operator::server::{self, Ctx};
 use toolgate_operator::tls::{self, CertStore, Lifetimes};
-use toolgate_operator::{McpPolicy, controller, leader};
+use toolgate_operator::{McpPolicy, acks, controller, leader};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum CertMode {
@@ -267,6 +267,13 @@ async fn run(args: Args) -> Result<()> {
         leader_tx,
         shutdown_rx.clone(),
     ));
+    let reports = tokio::spawn(acks::publish(
+        Api::<Lease>::namespaced(client.clone(), &args.namespace),
+        args.lease_name.clone(),
+        identity.clone(),
+        hub.clone(),
+        shutdown_rx.clone(),
+    ));
     let term_sender: Arc<Mutex<Option<mpsc::UnboundedSender<ObjectRef<McpPolicy>>>>> = Arc::default();
     {
         // The hub's status notifications go to the controller of the current term.
@@ -304,6 +311,7 @@ async fn run(args: Args) -> Result<()> {
                 let term = async {
                     tokio::join!(
                         controller::run(client.clone(), hub.clone(), rx, identity.clone()),
+                        acks::collect(Api::namespaced(client.clone(), &args.namespace), identity.clone(), hub.clone()),
                         leader_duties(&client, &args, &names, &lifetimes, &certs, &hub),
                     )
                 };
@@ -341,6 +349,7 @@ async fn run(args: Args) -> Result<()> {
     lead.abort();
     let _ = https.await;
     let _ = admin.await;
+    let _ = reports.await;
     // Give the leader loop a moment to release the Lease.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
