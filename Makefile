@@ -48,3 +48,30 @@ crds:
 
 node:
 	@if [ -f tests/node/package-lock.json ]; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; fi
+
+# Container images of toolgate-operator and toolgate-proxy (Dockerfile; the build stage runs
+# the same cargo command as `build`). Needs docker (with a reachable daemon), podman or
+# buildah; CONTAINER_ENGINE=... picks one. Tags: $(IMAGE_REGISTRY)/toolgate-operator:$(IMAGE_TAG)
+# and .../toolgate-proxy:$(IMAGE_TAG), the chart's defaults.
+IMAGE_REGISTRY ?= ghcr.io/toolgate
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+RUST_VERSION ?= $(shell sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+CONTAINER_ENGINE ?= $(firstword $(foreach e,docker podman buildah,$(if $(shell command -v $(e) 2>/dev/null),$(e))))
+
+.PHONY: images chart-lint
+images:
+	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+	  echo "make images: no container engine found: install docker, podman or buildah (or set CONTAINER_ENGINE)" >&2; exit 1; fi
+	@if [ "$(CONTAINER_ENGINE)" = docker ] && ! docker info >/dev/null 2>&1; then \
+	  echo "make images: docker is installed but its daemon is not reachable (docker info failed): start it, or use CONTAINER_ENGINE=podman" >&2; exit 1; fi
+	set -e; for target in toolgate-operator toolgate-proxy; do \
+	  $(if $(filter buildah,$(CONTAINER_ENGINE)),buildah build,$(CONTAINER_ENGINE) build) \
+	    --build-arg RUST_VERSION=$(RUST_VERSION) --target $$target \
+	    -t $(IMAGE_REGISTRY)/$$target:$(IMAGE_TAG) -f Dockerfile . ; \
+	done
+
+# helm lint --strict of the chart (helm from `make testbin`, else from PATH).
+chart-lint:
+	@helm="$$( . "$(TESTBIN_CACHE)/env.sh" 2>/dev/null; echo "$${TOOLGATE_HELM:-helm}")"; \
+	"$$helm" lint --strict charts/toolgate && \
+	"$$helm" lint --strict charts/toolgate --set certManager.enabled=true,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true,networkPolicy.enabled=true,networkPolicy.namespaces[0]=agents,dashboard.enabled=true
