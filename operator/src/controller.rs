@@ -129,7 +129,7 @@ pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option
 }
 
 async fn reconcile(policy: Arc<McpPolicy>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    if policy.meta().deletion_timestamp.is_some() {
+    if policy.meta().deletion_timestamp.is_some() || !ctx.hub.governs(&policy.namespace().unwrap_or_default()) {
         return Ok(Action::await_change());
     }
     let (status, problem) = desired_status(&ctx.hub, &policy);

@@ -104,6 +104,15 @@ pub struct Hub {
     /// Policies whose status may have changed (acks, disconnects), for the controller.
     status_tx: tokio::sync::mpsc::UnboundedSender<ObjectRef<McpPolicy>>,
     pub metrics: Arc<Metrics>,
+    scope: Option<Scope>,
+}
+
+/// The namespaces an operator governs (`--namespace-selector`); without one, all.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)]
+pub struct Scope {
+    pub namespaces: Store<k8s_openapi::api::core::v1::Namespace>,
+    pub selector: Selector,
 }
 
 impl std::fmt::Debug for Hub {
@@ -131,6 +140,7 @@ impl Hub {
         policies: Store<McpPolicy>,
         pods: Store<Pod>,
         metrics: Arc<Metrics>,
+        scope: Option<Scope>,
     ) -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<ObjectRef<McpPolicy>>) {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Self {
@@ -143,8 +153,19 @@ impl Hub {
             changed: Notify::new(),
             status_tx,
             metrics,
+            scope,
         };
         (Arc::new(hub), status_rx)
+    }
+
+    /// Whether this operator governs `namespace` (its policies, pods and streams).
+    pub fn governs(&self, namespace: &str) -> bool {
+        match &self.scope {
+            None => true,
+            Some(scope) => {
+                scope.namespaces.get(&ObjectRef::new(namespace)).is_some_and(|ns| scope.selector.matches(ns.labels()))
+            }
+        }
     }
 
     /// Validation (cached per uid and generation) and what is pushed for `policy`.
@@ -431,7 +452,7 @@ mod tests {
     fn world() -> World {
         let (pr, pw) = store::store();
         let (or, ow) = store::store();
-        let (hub, _rx) = Hub::new(pr, or, Arc::new(Metrics::new()));
+        let (hub, _rx) = Hub::new(pr, or, Arc::new(Metrics::new()), None);
         World { hub, policies: pw, pods: ow }
     }
 

@@ -16,12 +16,13 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::Selector;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use toolgate_operator::auth::Authenticator;
-use toolgate_operator::hub::Hub;
+use toolgate_operator::hub::{Hub, Scope};
 use toolgate_operator::inject::{INJECT_LABEL, INJECTED_LABEL, InjectConfig};
 use toolgate_operator::metrics::Metrics;
 use toolgate_operator::server::{self, Ctx};
@@ -98,6 +99,10 @@ struct Args {
     /// Seconds between heartbeats on idle policy streams.
     #[arg(long, env = "TOOLGATE_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Govern only namespaces whose labels match this selector (e.g. `team=ml`); default:
+    /// every namespace. Policies, streams and injection elsewhere are left alone.
+    #[arg(long, env = "TOOLGATE_NAMESPACE_SELECTOR")]
+    namespace_selector: Option<String>,
     /// Lease (in --namespace) used for leader election.
     #[arg(long, env = "TOOLGATE_LEASE_NAME", default_value = "toolgate-operator-leader")]
     lease_name: String,
@@ -166,7 +171,11 @@ async fn run(args: Args) -> Result<()> {
     let (policy_store, policy_writer) = reflector::store::<McpPolicy>();
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
-    let (hub, status_rx) = Hub::new(policy_store.clone(), pod_store.clone(), metrics.clone());
+    let scope = match &args.namespace_selector {
+        None => None,
+        Some(text) => Some(Scope { namespaces: ns_store.clone(), selector: parse_selector(text)? }),
+    };
+    let (hub, status_rx) = Hub::new(policy_store.clone(), pod_store.clone(), metrics.clone(), scope);
     let policy_events = reflector::reflector(
         policy_writer,
         watcher(Api::<McpPolicy>::all(client.clone()), watcher::Config::default()).default_backoff(),
@@ -355,6 +364,16 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// `key=value[,key=value...]` (equality only) as a label selector.
+fn parse_selector(text: &str) -> Result<Selector> {
+    text.split(',')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => bail!("--namespace-selector: {pair:?} is not key=value (only equality selectors are supported)"),
+        })
+        .collect()
+}
+
 fn reload_interval(life: &Lifetimes) -> Duration {
     (life.serving / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
@@ -457,7 +476,7 @@ async fn publish_ca(
         namespaces.extend(list.items.iter().map(|n| n.name_any()));
     }
     for ns in namespaces {
-        if published.get(&ns) == Some(&ca) {
+        if published.get(&ns) == Some(&ca) || !hub.governs(&ns) {
             continue;
         }
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);

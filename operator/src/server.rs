@@ -134,6 +134,7 @@ async fn caller(ctx: &Ctx, req: &Request<Incoming>) -> Result<(PodIdentity, Arc<
     let pod = loop {
         if let Some(pod) = ctx.hub.pods.get(&key)
             && pod.metadata.uid.as_deref() == Some(id.pod_uid.as_str())
+            && ctx.hub.governs(&id.namespace)
         {
             break pod;
         }
@@ -143,7 +144,7 @@ async fn caller(ctx: &Ctx, req: &Request<Incoming>) -> Result<(PodIdentity, Arc<
                 "unknown_pod",
                 StatusCode::FORBIDDEN,
                 format!(
-                    "pod {}/{} (uid {}) is not a running pod with the toolgate sidecar",
+                    "pod {}/{} (uid {}) is not a pod with the toolgate sidecar in a namespace this operator governs",
                     id.namespace, id.pod_name, id.pod_uid
                 ),
             ));

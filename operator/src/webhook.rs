@@ -58,6 +58,9 @@ async fn decide(ctx: &Ctx, request: &AdmissionRequest<Pod>) -> (&'static str, Ad
         return ("no_object", response);
     };
     let namespace = request.namespace.clone().or_else(|| pod.namespace()).unwrap_or_default();
+    if !ctx.hub.governs(&namespace) && ctx.namespaces.get(&ObjectRef::new(&namespace)).is_some() {
+        return ("not_governed", response);
+    }
     let labels = match namespace_labels(ctx, &namespace).await {
         Ok(l) => l,
         Err(e) => {

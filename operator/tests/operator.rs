@@ -203,3 +203,174 @@ async fn injection_streams_acks_status_and_refusals() {
     cluster.delete_namespace(&app).await;
     cluster.delete_namespace(&op_ns).await;
 }
+
+/// RunPod MCP 4.0.0's pod-action with the seed's limit (see examples/policies/runpod-4.0.0.yaml).
+fn pod_action_policy(max: u32) -> serde_json::Value {
+    json!({
+        "version": "1",
+        "default": "deny",
+        "tools": {
+            "list-pods": {},
+            "pod-action": {
+                "arguments": {"type": "object", "required": ["id", "body"],
+                    "properties": {"body": {"type": "object", "required": ["action"]}}},
+                "require": [{"path": "args.body.action", "op": "in", "value": ["start", "stop", "restart"]}],
+                "limits": [{"counter": "pod-action_rate", "window": "minute", "max": max, "scope": "grant"}],
+            },
+        },
+    })
+}
+
+fn call(tool: &str, args: serde_json::Value) -> serde_json::Value {
+    json!({"op": "call", "tool": tool, "args": args})
+}
+
+fn start() -> serde_json::Value {
+    call("pod-action", json!({"id": "pod-2", "body": {"action": "start"}}))
+}
+
+fn codes(out: &[serde_json::Value]) -> Vec<Option<i64>> {
+    out.iter().map(|s| if s["ok"] == true { None } else { Some(s["error"]["code"].as_i64().unwrap_or(0)) }).collect()
+}
+
+/// Runs the SDK client on a blocking thread (it is a node process).
+async fn run_client(target: Vec<String>, script: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    tokio::task::spawn_blocking(move || toolgate_tests::mcp::mcp_client(&target, &serde_json::Value::Array(script)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_sidecar_enforces_what_the_operator_pushes_against_runpod() {
+    let cluster = TestCluster::shared();
+    install_crd(cluster).await;
+    let op_ns = cluster.create_namespace().await;
+    let app = cluster.create_namespace().await;
+    let mut operator = Operator::start(cluster, &op_ns, &app, &[]).await;
+    wait_for_webhook(cluster, &operator.webhook).await;
+    let pod = create_pod(cluster, &app, "runpod-0", json!({"app": "runpod", "toolgate.dev/inject": "enabled"})).await;
+    let ca = published_ca(cluster, &app).await;
+    let token = pod_token(cluster, &pod).await;
+
+    let fake = toolgate_tests::mcp::fake_runpod();
+    let server = toolgate_tests::mcp::runpod_http(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(&pod, server.port, dir.path(), &token, &ca);
+    assert!(sidecar.args.iter().any(|a| a == &format!("--operator={}", operator.url())), "{:?}", sidecar.args);
+    let agent = sidecar.client("agent-key");
+
+    // Connected, but no McpPolicy selects the pod: everything is refused, not ready.
+    let out = run_client(agent.clone(), vec![call("list-pods", json!({}))]).await;
+    assert_eq!(codes(&out), [Some(-32013)], "{out:?}");
+    assert_eq!(sidecar.ready(), 503);
+
+    apply_policy(cluster, &app, "runpod", pod_action_policy(10)).await;
+    status_where(cluster, &app, "runpod", "the sidecar to enforce generation 1", |p| {
+        p.status.as_ref().is_some_and(|s| s.enforcing == Some(1) && s.observed_generation == Some(1))
+    })
+    .await;
+    assert_eq!(sidecar.ready(), 200);
+    let mut script: Vec<_> = (0..11).map(|_| start()).collect();
+    script.push(call("delete-pod", json!({"id": "pod-1"})));
+    script.push(call("pod-action", json!({"id": "pod-1", "body": {"action": "terminate"}})));
+    let out = run_client(agent.clone(), script).await;
+    let mut want = vec![None; 10];
+    want.extend([Some(-32011), Some(-32010), Some(-32010)]);
+    assert_eq!(codes(&out), want, "{out:?}");
+    let reached = toolgate_tests::mcp::fake_requests(&fake);
+    assert_eq!(reached.iter().filter(|(m, p, _)| m == "POST" && p.ends_with("/action")).count(), 10, "{reached:?}");
+    assert!(!reached.iter().any(|(m, _, _)| m == "DELETE"), "{reached:?}");
+
+    // Raising the limit: generation 2 is pushed, acknowledged and enforced (the counter
+    // keeps the 10 calls already made).
+    apply_policy(cluster, &app, "runpod", pod_action_policy(12)).await;
+    status_where(cluster, &app, "runpod", "the sidecar to enforce generation 2", |p| {
+        p.status.as_ref().is_some_and(|s| s.enforcing == Some(1) && s.observed_generation == Some(2))
+    })
+    .await;
+    let out = run_client(agent.clone(), vec![start(), start(), start()]).await;
+    assert_eq!(codes(&out), [None, None, Some(-32011)], "{out:?}");
+
+    // The operator goes away: the sidecar keeps enforcing generation 2.
+    operator.kill();
+    let out =
+        run_client(agent.clone(), vec![call("list-pods", json!({})), call("delete-pod", json!({"id": "pod-1"}))]).await;
+    assert_eq!(codes(&out), [None, Some(-32010)], "{out:?}");
+    assert_eq!(sidecar.ready(), 200);
+    // It comes back: the sidecar reconnects on its own.
+    operator.restart(cluster).await;
+    eventually("the sidecar to reconnect", TIMEOUT, || {
+        let m = operator.metrics();
+        async move { (toolgate_tests::mcp::sample(&m, "toolgate_operator_sidecars_connected") == 1.0).then_some(()) }
+    })
+    .await;
+
+    // Deleting the McpPolicy leaves the sidecar denying everything.
+    Api::<McpPolicy>::namespaced(cluster.client(), &app).delete("runpod", &Default::default()).await.unwrap();
+    eventually("the sidecar to deny everything", TIMEOUT, || {
+        let agent = agent.clone();
+        async move {
+            let out = run_client(agent, vec![call("list-pods", json!({}))]).await;
+            (codes(&out) == [Some(-32013)]).then_some(())
+        }
+    })
+    .await;
+    let m = sidecar.metrics();
+    assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_operator_connected"), 1.0, "{m}");
+    operator.kill();
+    cluster.delete_namespace(&app).await;
+    cluster.delete_namespace(&op_ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_reach_status_through_any_replica_and_a_new_leader_takes_over() {
+    let cluster = TestCluster::shared();
+    install_crd(cluster).await;
+    let op_ns = cluster.create_namespace().await;
+    let app = cluster.create_namespace().await;
+    let mut a = Operator::start_as(cluster, "replica-a", &op_ns, &app, &[]).await;
+    eventually("replica-a to lead", TIMEOUT, || {
+        let m = a.metrics();
+        async move { (toolgate_tests::mcp::sample(&m, "toolgate_operator_leader") == 1.0).then_some(()) }
+    })
+    .await;
+    let b = Operator::start_as(cluster, "replica-b", &op_ns, &app, &[]).await;
+    assert_eq!(toolgate_tests::mcp::sample(&b.metrics(), "toolgate_operator_leader"), 0.0);
+    wait_for_webhook(cluster, &b.webhook).await;
+    let pod = create_pod(cluster, &app, "runpod-0", json!({"toolgate.dev/inject": "enabled"})).await;
+    let ca = published_ca(cluster, &app).await;
+    let token = pod_token(cluster, &pod).await;
+
+    // The sidecar streams from replica-b (not the leader); the leader counts its ack.
+    let mut stream = open_stream(b.port, &ca, &token).await.expect("stream from replica-b");
+    assert!(stream.next_set().await.policies.is_empty());
+    apply_policy(cluster, &app, "seed", serde_json::from_str(SEED).unwrap()).await;
+    let set = stream.next_set().await;
+    assert_eq!(stream.ack(&set.revision).await, 204);
+    status_where(cluster, &app, "seed", "enforcing 1 via replica-b's report", |p| {
+        p.status.as_ref().is_some_and(|s| s.enforcing == Some(1))
+    })
+    .await;
+
+    // The leader goes away; replica-b takes over and writes status for generation 2.
+    a.kill();
+    eventually("replica-b to lead", TIMEOUT, || {
+        let m = b.metrics();
+        async move { (toolgate_tests::mcp::sample(&m, "toolgate_operator_leader") == 1.0).then_some(()) }
+    })
+    .await;
+    let mut edited: serde_json::Value = serde_json::from_str(SEED).unwrap();
+    edited["tools"]["start-pod"]["limits"][0]["max"] = json!(5);
+    apply_policy(cluster, &app, "seed", edited).await;
+    let set2 = stream.next_set().await;
+    assert_eq!(set2.policies[0].generation, 2);
+    assert_eq!(stream.ack(&set2.revision).await, 204);
+    status_where(cluster, &app, "seed", "generation 2 enforcing, written by replica-b", |p| {
+        p.status.as_ref().is_some_and(|s| s.enforcing == Some(1) && s.observed_generation == Some(2))
+    })
+    .await;
+    drop(stream);
+    drop(b);
+    cluster.delete_namespace(&app).await;
+    cluster.delete_namespace(&op_ns).await;
+}

@@ -54,6 +54,17 @@ impl Operator {
     /// Starts the operator with the admin kubeconfig; the webhook configuration named
     /// `toolgate-<namespace>` sends pods of `app_namespace` to it.
     pub async fn start(cluster: &TestCluster, namespace: &str, app_namespace: &str, extra: &[&str]) -> Operator {
+        Self::start_as(cluster, "operator-a", namespace, app_namespace, extra).await
+    }
+
+    /// [`Operator::start`] with a replica name (leader-election identity).
+    pub async fn start_as(
+        cluster: &TestCluster,
+        identity: &str,
+        namespace: &str,
+        app_namespace: &str,
+        extra: &[&str],
+    ) -> Operator {
         let port = free_port().unwrap();
         let admin = free_port().unwrap();
         let webhook = format!("toolgate-{namespace}");
@@ -61,7 +72,7 @@ impl Operator {
             format!("--listen=127.0.0.1:{port}"),
             format!("--admin-listen=127.0.0.1:{admin}"),
             format!("--namespace={namespace}"),
-            "--pod-name=operator-a".into(),
+            format!("--pod-name={identity}"),
             "--extra-san=127.0.0.1".into(),
             format!("--webhook-config={webhook}"),
             format!("--sidecar-operator-url=https://127.0.0.1:{port}"),
@@ -69,9 +80,17 @@ impl Operator {
             "--heartbeat-seconds=1".into(),
             "--lease-seconds=4".into(),
         ];
+        // Several operators share the test apiserver: each governs only its test's namespace.
+        args.push(format!("--namespace-selector=toolgate.dev/test-operator={namespace}"));
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.client());
+        let label = json!({"metadata": {"labels": {"toolgate.dev/test-operator": namespace}}});
+        namespaces
+            .patch(app_namespace, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label))
+            .await
+            .expect("label the app namespace");
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         create_webhook_config(cluster, &webhook, port, app_namespace).await;
-        let log = cluster.work_dir().join(format!("operator-{namespace}.log"));
+        let log = cluster.work_dir().join(format!("operator-{namespace}-{identity}.log"));
         let mut op = Operator { proc: None, port, admin, namespace: namespace.into(), webhook, log, args };
         op.restart(cluster).await;
         op
@@ -303,5 +322,84 @@ impl StreamClient {
             .body(Full::new(Bytes::from(body)))
             .unwrap();
         self.sender.send_request(req).await.unwrap().status().as_u16()
+    }
+}
+
+/// A `toolgate-proxy` process started with the arguments of an injected sidecar
+/// container, adapted only where there is no kubelet: the listen addresses and the
+/// upstream port become free loopback ports, and the mounted token, CA and state paths
+/// become files in `dir`.
+pub struct Sidecar {
+    pub proc: toolgate_tests::mcp::Proc,
+    pub admin: u16,
+    pub args: Vec<String>,
+}
+
+impl Sidecar {
+    pub fn start(pod: &Pod, upstream_port: u16, dir: &std::path::Path, token: &str, ca: &str) -> Sidecar {
+        let container = pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap().first().unwrap();
+        assert_eq!(container.name, "toolgate-proxy");
+        std::fs::write(dir.join("token"), token).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca).unwrap();
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        let port = free_port().unwrap();
+        let admin = free_port().unwrap();
+        let args: Vec<String> = container
+            .args
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| match a.split_once('=') {
+                Some(("--listen", _)) => format!("--listen=127.0.0.1:{port}"),
+                Some(("--admin-listen", _)) => format!("--admin-listen=127.0.0.1:{admin}"),
+                Some(("--upstream", url)) => {
+                    let path = url.splitn(4, '/').nth(3).unwrap_or("mcp");
+                    format!("--upstream=http://127.0.0.1:{upstream_port}/{path}")
+                }
+                Some(("--token-file", _)) => format!("--token-file={}", dir.join("token").display()),
+                Some(("--ca-file", _)) => format!("--ca-file={}", dir.join("ca.crt").display()),
+                Some(("--state-dir", _)) => format!("--state-dir={}", dir.join("state").display()),
+                _ => a,
+            })
+            .collect();
+        let log = std::fs::File::create(dir.join("sidecar.log")).unwrap();
+        let child =
+            std::process::Command::new(toolgate_tests::mcp::workspace_binary("toolgate-proxy", "toolgate-proxy"))
+                .args(&args)
+                .env("TOOLGATE_POD_NAME", pod.metadata.name.as_deref().unwrap())
+                .env("TOOLGATE_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn toolgate-proxy");
+        let sidecar = Sidecar { proc: toolgate_tests::mcp::Proc { child, port, name: "toolgate-proxy" }, admin, args };
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while toolgate_tests::mcp::http(admin, "GET", "/healthz", &[], b"").0 != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sidecar did not start: see {}",
+                dir.join("sidecar.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sidecar
+    }
+
+    /// `mcp-client.mjs` arguments that reach the MCP server through this sidecar.
+    pub fn client(&self, token: &str) -> Vec<String> {
+        vec![
+            "--url".into(),
+            format!("http://127.0.0.1:{}/mcp", self.proc.port),
+            "--header".into(),
+            format!("Authorization: Bearer {token}"),
+        ]
+    }
+
+    pub fn metrics(&self) -> String {
+        String::from_utf8(toolgate_tests::mcp::http(self.admin, "GET", "/metrics", &[], b"").2).unwrap()
+    }
+
+    pub fn ready(&self) -> u16 {
+        toolgate_tests::mcp::http(self.admin, "GET", "/readyz", &[], b"").0
     }
 }
