@@ -31,6 +31,7 @@
 // "transport" (connection failures, unparsable answers) or "client" (a bad step).
 // Exit status: 0 when the script ran (whatever the steps' outcomes); 1 for bad usage or
 // a bad script; 2 when the connection/initialize failed (one line with "op":"connect").
+// Every line is written out before the process exits, also when stdout is a pipe.
 
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
@@ -147,8 +148,23 @@ function describeError(err) {
   return out;
 }
 
+// Resolves once everything written to stdout so far has been handed to the OS. When stdout
+// is a pipe whose buffer is full (64 KiB on Linux), Node queues the rest and writes it
+// asynchronously; process.exit() would drop it, so every exit waits for this first.
+let flushed = Promise.resolve();
+
 function emit(obj) {
-  process.stdout.write(JSON.stringify(obj) + '\n');
+  const line = JSON.stringify(obj) + '\n';
+  // Write callbacks run in order, so the last one settles after all earlier data is out.
+  flushed = new Promise((resolve) => {
+    process.stdout.write(line, () => resolve());
+  });
+}
+
+/** Exit once stdout has been written out (an error such as EPIPE also settles it). */
+async function exit(code) {
+  await flushed;
+  process.exit(code);
 }
 
 async function main() {
@@ -197,7 +213,7 @@ async function main() {
   } catch (e) {
     emit({ step: null, op: 'connect', ok: false, error: describeError(e) });
     await client.close().catch(() => {});
-    process.exit(2);
+    await exit(2);
   }
 
   for (const [i, step] of script.entries()) {
@@ -275,11 +291,11 @@ async function main() {
   }
 
   await client.close().catch(() => {});
-  // A stdio child that ignores stdin EOF must not keep us alive.
-  process.exit(0);
+  // A stdio child that ignores stdin EOF must not keep us alive; stdout is written out first.
+  await exit(0);
 }
 
-main().catch((e) => {
+main().catch(async (e) => {
   process.stderr.write(`mcp-client: ${e?.stack ?? e}\n`);
-  process.exit(1);
+  await exit(1);
 });
