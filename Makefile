@@ -45,6 +45,7 @@ testbin:
 # Regenerates crds/ from the Rust types (policy/src/crd.rs); a test fails when it is stale.
 crds:
 	$(CARGO) run --quiet --locked -p toolgate-operator --bin crdgen -- crds
+	cp crds/*.yaml charts/toolgate/crds/
 
 node:
 	@if [ -f tests/node/package-lock.json ]; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; fi

@@ -4,13 +4,16 @@
 use std::path::Path;
 
 use kube::CustomResourceExt;
-use toolgate_policy::crd::McpPolicy;
+use toolgate_policy::crd::{McpApproval, McpPolicy};
 
 const HEADER: &str = "# Generated from policy/src/crd.rs by `make crds`; do not edit.\n";
 
 /// Each CRD's file name under `crds/` and its content.
 pub fn crd_files() -> Vec<(&'static str, String)> {
-    vec![("mcppolicies.toolgate.dev.yaml", to_yaml(&McpPolicy::crd()))]
+    vec![
+        ("mcpapprovals.toolgate.dev.yaml", to_yaml(&McpApproval::crd())),
+        ("mcppolicies.toolgate.dev.yaml", to_yaml(&McpPolicy::crd())),
+    ]
 }
 
 fn to_yaml<T: serde::Serialize>(crd: &T) -> String {
@@ -60,7 +63,7 @@ mod tests {
     #[test]
     fn staleness_is_detected() {
         let dir = tempfile::tempdir().expect("temp dir");
-        assert_eq!(stale_files(dir.path()), ["mcppolicies.toolgate.dev.yaml"]);
+        assert_eq!(stale_files(dir.path()), ["mcpapprovals.toolgate.dev.yaml", "mcppolicies.toolgate.dev.yaml"]);
         write_all(dir.path()).expect("write");
         assert!(stale_files(dir.path()).is_empty());
         let file = dir.path().join("mcppolicies.toolgate.dev.yaml");
@@ -71,7 +74,7 @@ mod tests {
 
     #[test]
     fn yaml_is_the_crd() {
-        let (_, yaml) = &crd_files()[0];
+        let (_, yaml) = &crd_files()[1];
         assert!(yaml.starts_with(HEADER));
         let value: serde_json::Value = serde_norway::from_str(yaml).expect("generated YAML parses");
         assert_eq!(value["kind"], "CustomResourceDefinition");

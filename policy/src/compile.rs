@@ -89,6 +89,8 @@ pub(crate) struct CompiledRule {
     pub schema: Option<jsonschema::Validator>,
     pub limits: Vec<CompiledLimit>,
     pub approval_timeout: Duration,
+    pub approval_show_arguments: bool,
+    pub approval_reuse: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -319,6 +321,16 @@ fn compile_rule(cx: &mut Ctx<'_>, path: &str, rule: &ToolRule) -> CompiledRule {
             DEFAULT_APPROVAL_TIMEOUT
         }),
     };
+    let approval_reuse = rule.approval.as_ref().and_then(|a| a.reuse_for.as_deref()).and_then(|t| {
+        parse_duration(t).or_else(|| {
+            cx.err(
+                format!("{path}.approval.reuse_for"),
+                format!("{t:?} is not a duration; write e.g. 90s, 10m, 1h (at most 31d)"),
+            );
+            None
+        })
+    });
+    let approval_show_arguments = rule.approval.as_ref().and_then(|a| a.show_arguments).unwrap_or(false);
     let schema = rule.arguments.as_ref().and_then(|s| {
         if !s.is_object() && !s.is_boolean() {
             cx.err(format!("{path}.arguments"), "must be a JSON Schema object");
@@ -341,6 +353,8 @@ fn compile_rule(cx: &mut Ctx<'_>, path: &str, rule: &ToolRule) -> CompiledRule {
         schema,
         limits: compile_limits(cx, path, &rule.limits),
         approval_timeout,
+        approval_show_arguments,
+        approval_reuse,
     }
 }
 

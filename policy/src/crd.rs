@@ -119,6 +119,124 @@ pub struct McpPolicyStatus {
     pub enforcing: Option<i32>,
 }
 
+/// A tool call held by a sidecar until a person decides. Created by the operator; decided
+/// by setting `status.phase` to `Approved` or `Denied` (`toolgate approve|deny NAME`),
+/// which needs the `toolgate-approver` role. Who decided is recorded by the operator's
+/// admission webhook from the authenticated request, never from what the client sends.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "toolgate.dev",
+    version = "v1alpha1",
+    kind = "McpApproval",
+    plural = "mcpapprovals",
+    singular = "mcpapproval",
+    shortname = "mcpa",
+    category = "toolgate",
+    namespaced,
+    status = "McpApprovalStatus",
+    derive = "PartialEq",
+    doc = "An McpApproval: one held MCP tool call waiting for a person's decision.",
+    crates(kube = "::kube_derive", kube_core = "::kube_core"),
+    attr = "x_kube(crates(kube_core = \"::kube_core\"))",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Tool","type":"string","jsonPath":".spec.tool"}"#,
+    printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".spec.pod"}"#,
+    printcolumn = r#"{"name":"Decided-By","type":"string","jsonPath":".status.decidedBy","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.spec == oldSelf.spec").message("spec of an McpApproval is immutable").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.status == oldSelf.status").message("a decided McpApproval is final").reason(Reason::FieldValueForbidden)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct McpApprovalSpec {
+    /// The pod whose sidecar holds the call.
+    pub pod: String,
+    /// UID of that pod.
+    pub pod_uid: String,
+    /// The sidecar process holding the call.
+    pub instance: String,
+    /// The tool called.
+    pub tool: String,
+    /// The grant the caller matched, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
+    /// SHA-256 fingerprint of the caller's credential.
+    pub identity: String,
+    /// MCP session of the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// McpPolicy that asked for approval.
+    pub policy: String,
+    /// Rule path in that policy.
+    pub rule: String,
+    /// Why approval is needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// SHA-256 (hex) of the canonical JSON of the arguments: an approval covers exactly
+    /// these arguments.
+    pub arguments_digest: String,
+    /// Top-level argument keys.
+    #[serde(default)]
+    pub argument_keys: Vec<String>,
+    /// The arguments, when the policy allows showing them (`approval.show_arguments`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+    pub arguments: Option<Value>,
+    /// When the call was held (RFC 3339).
+    pub requested_at: String,
+    /// When the held call is refused as expired (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Where an approval stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ApprovalPhase {
+    /// Waiting for a decision.
+    #[default]
+    Pending,
+    /// A person approved: the held call is forwarded.
+    Approved,
+    /// A person denied: the held call is refused.
+    Denied,
+    /// Nobody decided in time: the held call was refused.
+    Expired,
+    /// The client went away or cancelled the call.
+    Cancelled,
+    /// The sidecar holding the call restarted or its pod is gone.
+    Abandoned,
+}
+
+impl ApprovalPhase {
+    /// The phase name as written in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Approved => "Approved",
+            Self::Denied => "Denied",
+            Self::Expired => "Expired",
+            Self::Cancelled => "Cancelled",
+            Self::Abandoned => "Abandoned",
+        }
+    }
+}
+
+/// The decision on an McpApproval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpApprovalStatus {
+    /// Pending, Approved, Denied, Expired, Cancelled or Abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ApprovalPhase>,
+    /// The decider's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who decided: set by the operator's admission webhook from the authenticated user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// When (RFC 3339); set with `decidedBy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use kube_core::CustomResourceExt;

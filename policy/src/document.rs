@@ -139,6 +139,15 @@ pub struct ApprovalSettings {
     /// duration (`90s`, `10m`, `1h`). Default 10m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Whether the McpApproval shows the call's arguments to the approver. Default false:
+    /// only their SHA-256 digest and keys are shown (arguments may hold secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_arguments: Option<bool>,
+    /// Let one approval also cover identical calls (same tool, same canonical arguments,
+    /// same grant) for this long after it was given (`15m`). Default: an approval covers
+    /// exactly one call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reuse_for: Option<String>,
 }
 
 /// A check on one value of the call's arguments.

@@ -97,6 +97,10 @@ pub struct Decision {
     pub retry_after: Option<Duration>,
     /// For `Approval`: how long to wait for a decision.
     pub approval_timeout: Option<Duration>,
+    /// For `Approval`: whether the approver may see the arguments.
+    pub approval_show_arguments: bool,
+    /// For `Approval`: how long an approval also covers identical calls (none: one call).
+    pub approval_reuse: Option<Duration>,
     /// For `Allow`: the units held; roll back if the upstream call fails.
     pub reservation: Option<Reservation>,
     /// For `Approval`: the limits to reserve once approved.
@@ -130,6 +134,8 @@ impl Decision {
             denial: doc.denial,
             retry_after: None,
             approval_timeout: None,
+            approval_show_arguments: false,
+            approval_reuse: None,
             reservation: None,
             pending: Vec::new(),
         }
@@ -146,6 +152,8 @@ impl Decision {
             denial: DenialStyle::Error,
             retry_after: None,
             approval_timeout: None,
+            approval_show_arguments: false,
+            approval_reuse: None,
             reservation: None,
             pending: Vec::new(),
         }
@@ -208,6 +216,8 @@ pub(crate) fn decide(docs: &[CompiledDoc], limiter: &Limiter, call: &Call<'_>, n
                     denial: doc.denial,
                     retry_after: None,
                     approval_timeout: Some(rule.approval_timeout),
+                    approval_show_arguments: rule.approval_show_arguments,
+                    approval_reuse: rule.approval_reuse,
                     reservation: None,
                     pending: Vec::new(),
                 });
@@ -251,6 +261,8 @@ fn reserve(
             denial,
             retry_after: None,
             approval_timeout: None,
+            approval_show_arguments: false,
+            approval_reuse: None,
             reservation: Some(reservation),
             pending: Vec::new(),
         },
@@ -280,6 +292,8 @@ fn reserve(
                 denial: d.denial,
                 retry_after: refusal.retry_after,
                 approval_timeout: None,
+                approval_show_arguments: false,
+                approval_reuse: None,
                 reservation: None,
                 pending: Vec::new(),
             }

@@ -16,6 +16,13 @@ use sha2::{Digest, Sha256};
 pub const STREAM_PATH: &str = "/v1/stream";
 /// Path of acknowledgements.
 pub const ACK_PATH: &str = "/v1/ack";
+/// `POST` an [`ApprovalRequest`] here (on the stream's connection): `201` with an
+/// [`ApprovalCreated`]. `POST {APPROVALS_PATH}/{name}/close` with an [`ApprovalClose`]
+/// when the sidecar gives up waiting (timeout, client gone).
+pub const APPROVALS_PATH: &str = "/v1/approvals";
+/// Request header on the stream naming this sidecar process (random per start): the
+/// operator marks approvals of earlier instances of the pod as abandoned.
+pub const INSTANCE_HEADER: &str = "toolgate-instance";
 /// Largest line the sidecar accepts on the stream (a policy set is at most this big).
 pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
 
@@ -25,6 +32,9 @@ pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
 pub enum Message {
     /// The complete effective policy set for the pod; replaces whatever came before.
     Policies(PolicySet),
+    /// An approval of this pod changed phase (sent on change, and on connect for every
+    /// decided approval of this instance).
+    Approval(ApprovalUpdate),
     /// Nothing changed; the stream is alive. The sidecar reconnects after three missed
     /// heartbeat intervals.
     Heartbeat {
@@ -83,6 +93,73 @@ pub struct Ack {
     /// Set when the sidecar could not compile the set; it keeps its previous policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A held call asks for a person's decision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalRequest {
+    /// The tool called.
+    pub tool: String,
+    /// The grant the caller matched, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
+    /// SHA-256 fingerprint of the caller's credential (never the credential).
+    pub identity: String,
+    /// MCP session of the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The document (McpPolicy name) and rule path that asked for approval.
+    pub policy: String,
+    /// Path of the rule.
+    pub rule: String,
+    /// Why approval is needed (the rule's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// SHA-256 (hex) of the canonical JSON of the arguments.
+    pub arguments_digest: String,
+    /// Top-level argument keys.
+    #[serde(default)]
+    pub argument_keys: Vec<String>,
+    /// The arguments, only when the rule allows showing them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<Value>,
+    /// Seconds until the call is refused as expired.
+    pub timeout_seconds: u64,
+    /// The sidecar process (see [`INSTANCE_HEADER`]).
+    pub instance: String,
+}
+
+/// The McpApproval the operator created for an [`ApprovalRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalCreated {
+    /// `metadata.name` of the McpApproval (in the pod's namespace).
+    pub name: String,
+}
+
+/// A phase change of an approval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalUpdate {
+    /// `metadata.name` of the McpApproval.
+    pub name: String,
+    /// Pending, Approved, Denied, Expired, Cancelled or Abandoned.
+    pub phase: String,
+    /// The decider's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who decided (the user the apiserver authenticated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+}
+
+/// The sidecar stopped waiting for an approval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalClose {
+    /// `Expired` (no decision in time) or `Cancelled` (the client went away or cancelled).
+    pub phase: String,
 }
 
 impl PolicySet {
