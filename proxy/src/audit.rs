@@ -38,7 +38,27 @@ pub struct Record<'a> {
     pub arguments_sha256: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<&'a Value>,
+    /// For calls held for approval: the McpApproval and where it stands.
+    #[serde(flatten)]
+    pub approval: Option<Approval<'a>>,
     pub latency_us: u64,
+}
+
+/// The approval fields of an audit line.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Approval<'a> {
+    /// `metadata.name` of the McpApproval.
+    pub approval: &'a str,
+    /// `Pending` (the call is held), `Approved`, `Denied`, `Expired`, `Cancelled` or
+    /// `Abandoned`.
+    pub approval_phase: &'a str,
+    /// Who decided, as the apiserver authenticated them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<&'a str>,
+    /// The call passed on an earlier approval of an identical call (`reuse_for`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub approval_reused: bool,
 }
 
 /// `sha256:<hex>` of the arguments in a canonical form (object keys sorted).

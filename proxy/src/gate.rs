@@ -10,6 +10,9 @@
 //! only recorded (`would_deny`, `would_rate_limit`, `would_require_approval`) and never
 //! answer a call. With only dry-run documents calls pass; with no document at all every
 //! call is refused (fail closed).
+//!
+//! A call whose decision is `Approval` is held (see crate::approval) when there is an
+//! operator to ask; otherwise it is refused with `-32012`, saying why.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,9 +23,19 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use toolgate_policy::{Call, Caller, Decision, DecisionKind, DenialStyle, Limiter, Policy, Reservation};
 
+use crate::approval::{self, Approvals, ReuseKey};
 use crate::audit;
 use crate::jsonrpc::{self, Body, Kind, code};
 use crate::metrics::Metrics;
+
+/// Who decides calls held for approval.
+#[derive(Debug)]
+pub enum Approver {
+    /// The operator (sidecar mode over HTTP): such calls are held until decided.
+    Operator(Arc<Approvals>),
+    /// Nobody: such calls are refused with `-32012`, saying why (this text).
+    Unavailable(&'static str),
+}
 
 /// How callers are identified.
 #[derive(Clone, Debug)]
@@ -136,6 +149,13 @@ pub struct Held {
 }
 
 impl Held {
+    /// Gives back everything held (the call does not happen).
+    fn rollback_dry_run(dry_run: Option<Reservation>) {
+        if let Some(d) = dry_run {
+            d.rollback();
+        }
+    }
+
     fn commit(self) {
         self.enforce.commit();
         if let Some(d) = self.dry_run {
@@ -162,6 +182,7 @@ pub struct Gate {
     pub identity: IdentitySource,
     pub audit_arguments: bool,
     pub pod: Option<String>,
+    pub approver: Approver,
     epoch: Instant,
 }
 
@@ -172,6 +193,7 @@ impl Gate {
         identity: IdentitySource,
         audit_arguments: bool,
         pod: Option<String>,
+        approver: Approver,
     ) -> Self {
         Self {
             policy,
@@ -181,11 +203,12 @@ impl Gate {
             identity,
             audit_arguments,
             pod,
+            approver,
             epoch: Instant::now(),
         }
     }
 
-    fn now(&self) -> Duration {
+    pub fn now(&self) -> Duration {
         self.epoch.elapsed()
     }
 
@@ -227,6 +250,13 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// One forwarded call (a held call, once approved).
+    fn single(id: &Value, held: Held) -> Self {
+        let mut t = Self::default();
+        t.calls.insert(id_key(id), held);
+        t
+    }
+
     pub fn is_empty(&self) -> bool {
         self.calls.is_empty() && self.lists.is_empty()
     }
@@ -262,6 +292,71 @@ pub enum Checked {
     Forward(Tracker),
     /// Answer with this JSON (nothing is forwarded).
     Answer(Value),
+    /// The body's one call waits for a person's approval ([`Approvals::wait`]); then the
+    /// original bytes are forwarded or a refusal is answered.
+    Hold(Box<Hold>),
+}
+
+/// A `tools/call` with owned parts (a held call outlives its request's body).
+#[derive(Clone, Debug)]
+pub struct OwnedCall {
+    pub tool: String,
+    pub arguments: Value,
+    pub caller: Caller,
+}
+
+impl OwnedCall {
+    pub fn as_call(&self) -> Call<'_> {
+        Call { tool: &self.tool, arguments: &self.arguments, caller: &self.caller }
+    }
+}
+
+/// A call held for approval: the decision and what finishing it needs.
+#[derive(Debug)]
+pub struct Hold {
+    pub approvals: Arc<Approvals>,
+    pub id: Value,
+    pub call: OwnedCall,
+    /// Kind `Approval`; its limits are reserved once approved.
+    pub decision: Decision,
+    /// Units of the dry-run documents, held with the call.
+    dry_run: Option<Reservation>,
+    /// Of the policy that decided.
+    pub revision: String,
+    /// [`approval::arguments_digest`] of the arguments.
+    pub digest: String,
+    pub started: Instant,
+}
+
+/// The decision fields of an audit line.
+#[derive(Debug, Default)]
+pub struct Fields<'a> {
+    pub policy: Option<&'a str>,
+    pub rule: Option<&'a str>,
+    pub grant: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    pub retry_after: Option<Duration>,
+    pub approval: Option<audit::Approval<'a>>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(d: &'a Decision) -> Self {
+        Self {
+            policy: d.policy.as_deref(),
+            rule: d.rule.as_deref(),
+            grant: d.grant.as_deref(),
+            reason: d.reason.as_deref(),
+            retry_after: d.retry_after,
+            approval: None,
+        }
+    }
+}
+
+/// What [`Gate::decide`] made of one call.
+enum Decided {
+    Forward(Held),
+    Refuse(Value),
+    Hold(Box<Hold>),
 }
 
 fn id_key(id: &Value) -> String {
@@ -285,6 +380,7 @@ impl Gate {
         let mut tracker = Tracker::default();
         let mut answers: Vec<Option<Value>> = Vec::with_capacity(body.messages.len());
         let mut refused = false;
+        let mut hold = None;
         let mut seen_ids = HashMap::new();
         for msg in &body.messages {
             let answer = match msg.kind() {
@@ -296,12 +392,16 @@ impl Gate {
                             Err(e) => Some(jsonrpc::error(id.clone(), code::INVALID_PARAMS, e, None)),
                             Ok(tc) => {
                                 let call = Call { tool: tc.name, arguments: tc.arguments, caller };
-                                match self.decide(id, &call, policy) {
-                                    Ok(held) => {
+                                match self.decide(id, &call, policy, !body.batch) {
+                                    Decided::Forward(held) => {
                                         tracker.calls.insert(id_key(id), held);
                                         None
                                     }
-                                    Err(answer) => Some(answer),
+                                    Decided::Refuse(answer) => Some(answer),
+                                    Decided::Hold(h) => {
+                                        hold = Some(h);
+                                        None
+                                    }
                                 }
                             }
                         }
@@ -318,6 +418,11 @@ impl Gate {
                     "tools/call must be a request with an id",
                     None,
                 )),
+                Kind::Notification { method: "notifications/cancelled" } => {
+                    // Also forwarded: the upstream may be working on that request.
+                    self.cancel_held(msg, caller);
+                    None
+                }
                 Kind::Notification { .. } | Kind::Response => None,
                 Kind::Invalid => {
                     Some(jsonrpc::error(msg.id(), code::INVALID_REQUEST, "not a valid JSON-RPC 2.0 message", None))
@@ -327,7 +432,11 @@ impl Gate {
             answers.push(answer);
         }
         if !refused {
-            return Checked::Forward(tracker);
+            // Only a body of one message holds (`!body.batch` above): that message.
+            return match hold {
+                Some(h) => Checked::Hold(h),
+                None => Checked::Forward(tracker),
+            };
         }
         tracker.rollback_all();
         if !body.batch {
@@ -351,22 +460,48 @@ impl Gate {
         Checked::Answer(Value::Array(out))
     }
 
+    /// `notifications/cancelled` for a held call of this caller ends its wait.
+    fn cancel_held(&self, msg: &jsonrpc::Message, caller: &Caller) {
+        if let Approver::Operator(a) = &self.approver
+            && let Some(id) = msg.value.get("params").and_then(|p| p.get("requestId"))
+            && (id.is_string() || id.is_number())
+        {
+            a.cancel(caller, &id_key(id));
+        }
+    }
+
     /// Decides one call: the enforcing documents decide; dry-run documents are evaluated
-    /// and their refusals recorded. `Ok`: forward, holding the quota; `Err`: the answer
-    /// refusing request `id`.
-    fn decide(&self, id: &Value, call: &Call<'_>, policy: &Effective) -> Result<Held, Value> {
+    /// and their refusals recorded. `Forward`: forward, holding the quota; `Refuse`: the
+    /// answer refusing request `id`; `Hold`: wait for a person's approval (only when the
+    /// call is `alone` in its body and there is an operator to ask).
+    fn decide(&self, id: &Value, call: &Call<'_>, policy: &Effective, alone: bool) -> Decided {
         let started = Instant::now();
         let now = self.now();
+        let mut held: Option<(Decision, String, Arc<Approvals>)> = None;
         let enforced = if policy.decides_nothing() {
             // Only dry-run documents: nothing is enforced, the call passes.
             self.record(call, "allow", None, policy, started);
             Ok(Reservation::empty(&self.limiter))
         } else {
-            let mut d = policy.enforce.decide(&self.limiter, call, now);
-            self.record(call, d.kind.as_str(), Some(&d), policy, started);
-            match d.reservation.take() {
-                Some(r) if d.kind.is_allow() => Ok(r),
-                _ => Err(d),
+            let d = policy.enforce.decide(&self.limiter, call, now);
+            let d = if d.kind == DecisionKind::Approval {
+                match self.route_approval(call, d, policy, alone, started, now) {
+                    Ok(d) => Some(d),
+                    Err(h) => {
+                        held = Some(h);
+                        None
+                    }
+                }
+            } else {
+                self.record(call, d.kind.as_str(), Some(&d), policy, started);
+                Some(d)
+            };
+            match d {
+                None => Ok(Reservation::empty(&self.limiter)),
+                Some(mut d) => match d.reservation.take() {
+                    Some(r) if d.kind.is_allow() => Ok(r),
+                    _ => Err(d),
+                },
             }
         };
         let dry_run = if policy.dry_run.is_empty() {
@@ -379,16 +514,119 @@ impl Gate {
             }
             d.reservation.take()
         };
+        if let Some((decision, digest, approvals)) = held {
+            return Decided::Hold(Box::new(Hold {
+                approvals,
+                id: id.clone(),
+                call: OwnedCall {
+                    tool: call.tool.to_owned(),
+                    arguments: call.arguments.clone(),
+                    caller: call.caller.clone(),
+                },
+                decision,
+                dry_run,
+                revision: policy.revision.clone(),
+                digest,
+                started,
+            }));
+        }
         match enforced {
-            Ok(enforce) => Ok(Held { enforce, dry_run }),
+            Ok(enforce) => Decided::Forward(Held { enforce, dry_run }),
             Err(d) => {
                 // The call does not happen, so the dry-run documents' quota is not spent.
-                if let Some(r) = dry_run {
-                    r.rollback();
-                }
-                Err(refusal(id.clone(), &d, policy.enforce.is_empty()))
+                Held::rollback_dry_run(dry_run);
+                Decided::Refuse(refusal(id.clone(), &d, policy.enforce.is_empty()))
             }
         }
+    }
+
+    /// An `Approval` decision: covered by a remembered approval (`reuse_for`, decided as
+    /// approved now), to be held (`Err`), or refused because nobody can approve it here.
+    #[expect(clippy::result_large_err, reason = "both sides are one decision, built once per call")]
+    fn route_approval(
+        &self,
+        call: &Call<'_>,
+        mut d: Decision,
+        policy: &Effective,
+        alone: bool,
+        started: Instant,
+        now: Duration,
+    ) -> Result<Decision, (Decision, String, Arc<Approvals>)> {
+        let why = match &self.approver {
+            Approver::Operator(a) if alone => {
+                let digest = approval::arguments_digest(call.arguments);
+                if d.approval_reuse.is_some() {
+                    let key = reuse_key(&d, call, &digest);
+                    if let Some(r) = a.reusable(&key) {
+                        let d = d.approved(&self.limiter, now);
+                        let mut fields = Fields::of(&d);
+                        fields.approval = Some(audit::Approval {
+                            approval: &r.name,
+                            approval_phase: "Approved",
+                            decided_by: r.decided_by.as_deref(),
+                            approval_reused: true,
+                        });
+                        self.emit(call, d.kind.as_str(), &fields, &policy.revision, started, true);
+                        return Ok(d);
+                    }
+                }
+                return Err((d, digest, a.clone()));
+            }
+            Approver::Operator(_) => "a call that needs approval must be sent alone, not in a batch",
+            Approver::Unavailable(why) => why,
+        };
+        d.reason = Some(match d.reason.take() {
+            Some(r) => format!("{why} ({r})"),
+            None => why.to_owned(),
+        });
+        self.record(call, "approval", Some(&d), policy, started);
+        Ok(d)
+    }
+
+    /// A held call was approved: reserve its limits now. `Ok`: forward with this tracker;
+    /// `Err`: the refusal (a limit has no room any more).
+    pub fn finish_approved(
+        &self,
+        hold: Hold,
+        name: &str,
+        decided_by: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<Tracker, Value> {
+        let Hold { approvals, id, call, decision, dry_run, revision, digest, started } = hold;
+        let reuse = decision.approval_reuse.map(|w| (w, reuse_key(&decision, &call.as_call(), &digest)));
+        let mut d = decision.approved(&self.limiter, self.now());
+        let mut fields = Fields::of(&d);
+        if d.kind.is_allow() {
+            fields.reason = reason;
+        }
+        fields.approval =
+            Some(audit::Approval { approval: name, approval_phase: "Approved", decided_by, approval_reused: false });
+        self.emit(&call.as_call(), d.kind.as_str(), &fields, &revision, started, true);
+        if let Some((window, key)) = reuse {
+            approvals.remember(key, name, decided_by, window);
+        }
+        match d.reservation.take() {
+            Some(r) if d.kind.is_allow() => Ok(Tracker::single(&id, Held { enforce: r, dry_run })),
+            _ => {
+                Held::rollback_dry_run(dry_run);
+                let mut answer = refusal(id, &d, false);
+                set_data(&mut answer, "approval", json!(name));
+                Err(answer)
+            }
+        }
+    }
+
+    /// A held call that will not be forwarded: give back what it holds.
+    pub fn drop_hold(&self, hold: Hold) {
+        Held::rollback_dry_run(hold.dry_run);
+    }
+
+    /// Refuses a held call without asking anyone (`why` nobody can be asked).
+    pub fn refuse_hold(&self, hold: Hold, why: &str) -> Value {
+        let Hold { id, mut decision, dry_run, .. } = hold;
+        Held::rollback_dry_run(dry_run);
+        decision.reason = Some(format!("{why} ({})", decision.reason.take().unwrap_or_default()));
+        refusal(id, &decision, false)
     }
 
     fn record(
@@ -399,26 +637,42 @@ impl Gate {
         policy: &Effective,
         started: Instant,
     ) {
-        let policy_name = d.and_then(|d| d.policy.as_deref());
-        let rule = d.and_then(|d| d.rule.as_deref());
-        self.metrics.decision(call.tool, decision, policy_name, rule);
+        let fields = d.map(Fields::of).unwrap_or_default();
+        self.emit(call, decision, &fields, &policy.revision, started, true);
+    }
+
+    /// Writes the audit line of a decision and, if `count`, counts it in
+    /// `toolgate_decisions_total`.
+    pub fn emit(
+        &self,
+        call: &Call<'_>,
+        decision: &'static str,
+        f: &Fields<'_>,
+        revision: &str,
+        started: Instant,
+        count: bool,
+    ) {
+        if count {
+            self.metrics.decision(call.tool, decision, f.policy, f.rule);
+        }
         let record = audit::Record {
             ts: audit::now_rfc3339(),
             kind: "decision",
             pod: self.pod.as_deref(),
             session: call.caller.session.as_deref(),
             identity: &call.caller.identity,
-            grant: d.and_then(|d| d.grant.as_deref()),
+            grant: f.grant,
             tool: call.tool,
             decision,
-            policy: policy_name,
-            rule,
-            revision: &policy.revision,
-            reason: d.and_then(|d| d.reason.as_deref()),
-            retry_after_seconds: d.and_then(|d| d.retry_after).map(retry_secs),
+            policy: f.policy,
+            rule: f.rule,
+            revision,
+            reason: f.reason,
+            retry_after_seconds: f.retry_after.map(retry_secs),
             argument_keys: audit::argument_keys(call.arguments),
             arguments_sha256: audit::arguments_digest(call.arguments),
             arguments: self.audit_arguments.then_some(call.arguments),
+            approval: f.approval,
             latency_us: started.elapsed().as_micros() as u64,
         };
         audit::write(&record);
@@ -542,6 +796,11 @@ pub fn retry_secs(d: Duration) -> u64 {
     d.as_secs_f64().ceil().max(1.0) as u64
 }
 
+/// What an approval given for this call covers with `reuse_for`.
+fn reuse_key(d: &Decision, call: &Call<'_>, digest: &str) -> ReuseKey {
+    ReuseKey::new(d.policy.as_deref(), d.rule.as_deref(), call.tool, d.grant.as_deref(), &call.caller.identity, digest)
+}
+
 /// The answer for a refused call: a JSON-RPC error, or (if the policy asks) a tool
 /// result with `isError: true`.
 pub fn refusal(id: Value, d: &Decision, no_policy: bool) -> Value {
@@ -561,12 +820,27 @@ pub fn refusal(id: Value, d: &Decision, no_policy: bool) -> Value {
         _ if no_policy => (code::NO_POLICY, "no policy loaded"),
         _ => (code::DENIED, "denied"),
     };
-    if d.kind == DecisionKind::Approval {
-        data["decision"] = json!("approval");
+    let message = if d.kind == DecisionKind::Approval {
         data["reason"] = json!(format!("approval required: {reason}"));
+        format!("toolgate: approval required: {reason}")
+    } else {
+        format!("toolgate: {kind}: {reason}")
+    };
+    answer(id, d.denial, code, message, data)
+}
+
+/// Adds `key` to the `data` of a refusal made by [`answer`].
+pub fn set_data(answer: &mut Value, key: &str, value: Value) {
+    let path = if answer.get("error").is_some() { "/error/data" } else { "/result/_meta/toolgate" };
+    if let Some(data) = answer.pointer_mut(path) {
+        data[key] = value;
     }
-    let message = format!("toolgate: {kind}: {}", data["reason"].as_str().unwrap_or(""));
-    match d.denial {
+}
+
+/// A refusal as the policy wants it: a JSON-RPC error with `data`, or a tool result with
+/// `isError: true` and `data` in `_meta.toolgate`.
+pub fn answer(id: Value, denial: DenialStyle, code: i64, message: String, data: Value) -> Value {
+    match denial {
         DenialStyle::Error => jsonrpc::error(id, code, message, Some(data)),
         DenialStyle::ToolResult => json!({
             "jsonrpc": "2.0",
@@ -588,7 +862,17 @@ mod tests {
     fn gate(policy: &str) -> (Gate, Arc<Effective>) {
         let p = Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid")));
         let (_tx, rx) = watch::channel(p.clone());
-        (Gate::new(rx, Arc::new(Metrics::new()), IdentitySource::Authorization, false, None), p)
+        (
+            Gate::new(
+                rx,
+                Arc::new(Metrics::new()),
+                IdentitySource::Authorization,
+                false,
+                None,
+                Approver::Unavailable("no operator to ask"),
+            ),
+            p,
+        )
     }
 
     /// A gate whose documents are `(name, text, dry_run)`.
@@ -603,7 +887,17 @@ mod tests {
         };
         let p = Arc::new(Effective::new(compile(false), compile(true), "rev".into(), Source::Operator));
         let (_tx, rx) = watch::channel(p.clone());
-        (Gate::new(rx, Arc::new(Metrics::new()), IdentitySource::Authorization, false, None), p)
+        (
+            Gate::new(
+                rx,
+                Arc::new(Metrics::new()),
+                IdentitySource::Authorization,
+                false,
+                None,
+                Approver::Unavailable("no operator to ask"),
+            ),
+            p,
+        )
     }
 
     const SEED: &str = r#"{"version":"1","default":"deny","tools":{"start-pod":{"limits":[{"counter":"start-pod_rate","window":"minute","max":2,"scope":"grant"}]}}}"#;
@@ -753,10 +1047,85 @@ mod tests {
     fn no_policy_refuses_everything() {
         let p = Arc::new(Effective::none(Source::Operator));
         let (_tx, rx) = watch::channel(p.clone());
-        let g = Gate::new(rx, Arc::new(Metrics::new()), IdentitySource::Authorization, false, None);
+        let g = Gate::new(
+            rx,
+            Arc::new(Metrics::new()),
+            IdentitySource::Authorization,
+            false,
+            None,
+            Approver::Unavailable("no operator to ask"),
+        );
         let b = parse_body(call(1, "list-pods").as_bytes()).expect("parses");
         let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refuse") };
         assert_eq!(a["error"]["code"], code::NO_POLICY);
+    }
+
+    const NEEDS_APPROVAL: &str = r#"{"version":"1","default":"deny","tools":{"start-pod":{"action":"approval","reason":"a person decides","approval":{"reuse_for":"1m"},"limits":[{"counter":"c","window":"minute","max":1,"scope":"global"}]}}}"#;
+
+    fn operator_gate(policy: &str) -> (Gate, Arc<Effective>, Arc<Approvals>) {
+        let p = Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid")));
+        let (_tx, rx) = watch::channel(p.clone());
+        let endpoint = crate::operator::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
+        let config =
+            crate::operator::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
+        let metrics = Arc::new(Metrics::new());
+        let approvals = Approvals::new(crate::operator::Link::new(config), metrics.clone());
+        let g =
+            Gate::new(rx, metrics, IdentitySource::Authorization, false, None, Approver::Operator(approvals.clone()));
+        (g, p, approvals)
+    }
+
+    #[test]
+    fn without_an_operator_approval_is_refused_saying_so() {
+        let (g, p) = gate(NEEDS_APPROVAL);
+        let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
+        let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refused") };
+        assert_eq!(a["error"]["code"], code::APPROVAL_REQUIRED);
+        assert_eq!(a["error"]["data"]["decision"], "approval");
+        assert_eq!(a["error"]["data"]["reason"], "approval required: no operator to ask (a person decides)");
+        assert_eq!(a["error"]["message"], "toolgate: approval required: no operator to ask (a person decides)");
+        assert!(g.metrics.encode().contains(r#"decision="approval",policy="test",rule="tools.start-pod"} 1"#));
+    }
+
+    #[test]
+    fn with_an_operator_a_lone_call_is_held_and_a_batched_one_refused() {
+        let (g, p, _) = operator_gate(NEEDS_APPROVAL);
+        let caller = Caller { identity: "sha256:a".into(), session: Some("s".into()), headers: Vec::new() };
+        let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
+        let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
+        assert_eq!((h.id.clone(), h.call.tool.as_str()), (json!(1), "start-pod"));
+        assert_eq!(h.digest, approval::arguments_digest(&json!({})));
+        assert_eq!(h.decision.kind, DecisionKind::Approval);
+        // Counted once the operator named the approval, not before.
+        assert!(!g.metrics.encode().contains(r#"decision="approval""#));
+
+        let text = format!("[{},{}]", call(2, "start-pod"), call(3, "start-pod"));
+        let b = parse_body(text.as_bytes()).expect("parses");
+        let Checked::Answer(Value::Array(a)) = g.check(&b, &caller, &p, None, None) else { panic!("refused") };
+        assert_eq!(a[0]["error"]["code"], code::APPROVAL_REQUIRED);
+        let reason = a[0]["error"]["data"]["reason"].as_str().expect("reason");
+        assert!(reason.contains("must be sent alone"), "{reason}");
+    }
+
+    #[test]
+    fn an_approval_reused_for_an_identical_call_still_obeys_limits() {
+        let (g, p, approvals) = operator_gate(NEEDS_APPROVAL);
+        let caller = Caller { identity: "sha256:a".into(), session: None, headers: Vec::new() };
+        let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
+        let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
+        // Approved: the limit (1 per minute) is reserved now, and the approval remembered.
+        let Ok(t) = g.finish_approved(*h, "a-1", Some("alice"), None) else { panic!("room") };
+        t.keep_spent();
+        let b = parse_body(call(2, "start-pod").as_bytes()).expect("parses");
+        let Checked::Answer(a) = g.check(&b, &caller, &p, None, None) else { panic!("reused, but no room") };
+        assert_eq!(a["error"]["code"], code::RATE_LIMITED, "{a}");
+        let text = g.metrics.encode();
+        assert!(text.contains(r#"decision="allow",policy="test",rule="tools.start-pod"} 1"#), "{text}");
+        assert!(text.contains(r#"decision="rate_limited""#), "{text}");
+        // Another caller is not covered by alice's approval of this caller's call.
+        let other = Caller { identity: "sha256:b".into(), session: None, headers: Vec::new() };
+        assert!(matches!(g.check(&b, &other, &p, None, None), Checked::Hold(_)));
+        drop(approvals);
     }
 
     const DENY_START: &str = r#"{"version":"1","default":"allow","tools":{"start-pod":{"action":"deny"}}}"#;

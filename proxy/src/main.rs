@@ -8,6 +8,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod approval;
 mod audit;
 mod gate;
 mod jsonrpc;
@@ -28,7 +29,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
 
-use crate::gate::{Effective, Gate, IdentitySource, Source};
+use crate::approval::Approvals;
+use crate::gate::{Approver, Effective, Gate, IdentitySource, Source};
 use crate::metrics::Metrics;
 use crate::server::App;
 use crate::upstream::{HttpUpstream, StdioSessions, Upstream};
@@ -205,6 +207,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, start: Start) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    let mut approvals = None;
     let policy_rx = match start {
         Start::Files(policy) => {
             tracing::info!(revision = policy.revision(), files = ?args.policies, "policy loaded");
@@ -229,7 +232,11 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
             }
             metrics.policy_enforced(&initial);
             let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(initial));
-            operator::Client::spawn(config, policy_tx, metrics.clone(), applied);
+            let link = operator::Link::new(config);
+            tracing::info!(instance = link.instance(), "this proxy's instance id (approvals it requests carry it)");
+            let a = Approvals::new(link.clone(), metrics.clone());
+            operator::Client::spawn(link, a.clone(), policy_tx, metrics.clone(), applied);
+            approvals = Some(a);
             policy_rx
         }
     };
@@ -237,7 +244,21 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
         Some(h) => IdentitySource::Header(h),
         None => IdentitySource::Authorization,
     };
-    let gate = Arc::new(Gate::new(policy_rx, metrics.clone(), identity, args.audit_arguments, args.pod_name.clone()));
+    // Calls that need approval are held only where a person can be asked and the call's
+    // request can stay open: operator mode over HTTP.
+    let approver = match approvals {
+        Some(_) if args.stdio => Approver::Unavailable(stdio::NO_HOLD),
+        Some(a) => Approver::Operator(a),
+        None => Approver::Unavailable("no operator to ask"),
+    };
+    let gate = Arc::new(Gate::new(
+        policy_rx,
+        metrics.clone(),
+        identity,
+        args.audit_arguments,
+        args.pod_name.clone(),
+        approver,
+    ));
     if args.stdio {
         audit::to_stderr();
     }

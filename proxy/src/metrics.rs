@@ -78,6 +78,14 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApprovalLabels {
+    decision: &'static str,
+}
+
+/// Outcomes of held calls, the label values of `toolgate_approval_decisions_total`.
+pub const APPROVAL_OUTCOMES: [&str; 6] = ["approved", "denied", "expired", "cancelled", "abandoned", "error"];
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -98,6 +106,9 @@ pub struct Metrics {
     reload_errors: Counter,
     policy_updates: Family<ResultLabels, Counter>,
     operator_connected: Gauge,
+    approvals_pending: Gauge,
+    approval_decisions: Family<ApprovalLabels, Counter>,
+    approval_wait: Histogram,
     known_tools: RwLock<HashSet<String>>,
 }
 
@@ -164,6 +175,29 @@ impl Metrics {
             "1 while the policy stream from the operator is up, 0 otherwise (always 0 with --policy files)",
             operator_connected.clone(),
         );
+        let approvals_pending = Gauge::default();
+        registry.register(
+            "toolgate_approvals_pending",
+            "tools/call requests held for a person's approval right now",
+            approvals_pending.clone(),
+        );
+        let approval_decisions = Family::<ApprovalLabels, Counter>::default();
+        registry.register(
+            "toolgate_approval_decisions",
+            "Outcomes of calls held for approval: approved, denied, expired, cancelled, abandoned, or error (the approval could not be requested)",
+            approval_decisions.clone(),
+        );
+        // Every outcome is a series from the start, so rates over it are defined.
+        for decision in APPROVAL_OUTCOMES {
+            let _ = approval_decisions.get_or_create(&ApprovalLabels { decision });
+        }
+        // 0.5 s … ~68 min
+        let approval_wait = Histogram::new(exponential_buckets(0.5, 2.0, 14));
+        registry.register(
+            "toolgate_approval_wait_seconds",
+            "Time a call was held for approval, from the decision to hold it until its outcome",
+            approval_wait.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -175,6 +209,9 @@ impl Metrics {
             reload_errors,
             policy_updates,
             operator_connected,
+            approvals_pending,
+            approval_decisions,
+            approval_wait,
             known_tools: RwLock::default(),
         }
     }
@@ -249,6 +286,20 @@ impl Metrics {
 
     pub fn operator_connected(&self, up: bool) {
         self.operator_connected.set(i64::from(up));
+    }
+
+    /// One more (`+1`) or one fewer (`-1`) call held for approval.
+    pub fn approvals_pending(&self, delta: i64) {
+        self.approvals_pending.inc_by(delta);
+    }
+
+    /// The outcome of a held call (one of [`APPROVAL_OUTCOMES`]) and how long it waited
+    /// (`None` when it never waited: the approval could not be requested).
+    pub fn approval_decision(&self, decision: &'static str, waited: Option<std::time::Duration>) {
+        self.approval_decisions.get_or_create(&ApprovalLabels { decision }).inc();
+        if let Some(w) = waited {
+            self.approval_wait.observe(w.as_secs_f64());
+        }
     }
 
     pub fn encode(&self) -> String {

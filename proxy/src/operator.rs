@@ -12,6 +12,10 @@
 //! reconnects with jittered exponential backoff while the last good policy stays
 //! enforced. At start the set persisted by a previous run is enforced before the first
 //! connection is tried.
+//!
+//! The stream also carries approval updates (`Message::Approval`), handed to
+//! [`Approvals`]; approval requests and closes are POSTed through the [`Link`] on the
+//! stream's own connection (see crate::approval).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -31,8 +35,9 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use toolgate_policy::Policy;
-use toolgate_policy::push::{self, Ack, Message, PolicySet};
+use toolgate_policy::push::{self, Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, Message, PolicySet};
 
+use crate::approval::Approvals;
 use crate::gate::{Effective, Source};
 use crate::metrics::Metrics;
 
@@ -159,6 +164,121 @@ impl Conn {
         };
         sent.map_err(|e| e.to_string())
     }
+}
+
+/// The stream's connection, as requests other than the stream see it.
+#[derive(Clone, Debug)]
+enum StreamConn {
+    /// No stream is up.
+    Down,
+    /// The stream runs over HTTP/1.1: other requests need a connection of their own.
+    H1,
+    /// The stream runs over HTTP/2: other requests share its connection.
+    H2(H2Conn),
+}
+
+/// The operator as the approval flow uses it: how to reach it, the stream's current
+/// connection and the id of this proxy process (sent as [`push::INSTANCE_HEADER`]).
+#[derive(Debug)]
+pub struct Link {
+    config: Arc<Config>,
+    instance: String,
+    stream: std::sync::Mutex<StreamConn>,
+}
+
+/// Longest McpApproval name accepted from the operator (a Kubernetes object name).
+const MAX_NAME_BYTES: usize = 253;
+
+impl Link {
+    pub fn new(config: Config) -> Arc<Self> {
+        Arc::new(Self { config: Arc::new(config), instance: new_instance(), stream: StreamConn::Down.into() })
+    }
+
+    /// The random id of this proxy process.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn set_stream(&self, conn: StreamConn) {
+        *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+    }
+
+    fn stream(&self) -> StreamConn {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// POSTs JSON on the stream's HTTP/2 connection (a new connection when the stream is
+    /// on HTTP/1.1). Without a stream: an error when `need_stream`, else a new connection.
+    async fn post(&self, path: &str, body: Vec<u8>, need_stream: bool) -> Result<Response<Incoming>, String> {
+        let token = read_token(&self.config.token_file)?;
+        let mut conn = match self.stream() {
+            StreamConn::H2(c) => Conn::H2(c),
+            StreamConn::H1 => self.config.connect().await?,
+            StreamConn::Down if need_stream => {
+                return Err("the policy stream from the operator is not connected".into());
+            }
+            StreamConn::Down => self.config.connect().await?,
+        };
+        let mut req = self.config.request(&conn, Method::POST, path, token, Bytes::from(body));
+        req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req))
+            .await
+            .map_err(|_| "the operator did not answer in time".to_owned())?
+    }
+
+    /// Asks for a person's decision: `201` with the name of the McpApproval, or why not.
+    /// Needs the stream (a decision could not reach this process without it).
+    pub async fn request_approval(&self, request: &ApprovalRequest) -> Result<String, String> {
+        let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+        let resp = self.post(push::APPROVALS_PATH, body, true).await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(refusal(resp).await);
+        }
+        let bytes =
+            match tokio::time::timeout(CONNECT_TIMEOUT, Limited::new(resp.into_body(), MAX_ERROR_BODY).collect()).await
+            {
+                Ok(Ok(c)) => c.to_bytes(),
+                Ok(Err(e)) => return Err(format!("the operator's answer could not be read: {e}")),
+                Err(_) => return Err("the operator's answer did not arrive in time".into()),
+            };
+        let created: ApprovalCreated = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("the operator answered 201 without an approval name: {e}"))?;
+        if !valid_name(&created.name) {
+            return Err(format!("the operator named the approval {:?}, which is not an object name", created.name));
+        }
+        Ok(created.name)
+    }
+
+    /// Tells the operator this process stopped waiting for approval `name` (`Expired` or
+    /// `Cancelled`). Uses a new connection when no stream is up.
+    pub async fn close_approval(&self, name: &str, phase: &str) -> Result<(), String> {
+        let body = serde_json::to_vec(&ApprovalClose { phase: phase.to_owned() }).map_err(|e| e.to_string())?;
+        let resp = self.post(&format!("{}/{name}/close", push::APPROVALS_PATH), body, false).await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(refusal(resp).await)
+    }
+}
+
+/// A Kubernetes object name (DNS subdomain): it becomes part of a request path.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// 32 random hex digits, new for every start of the process.
+fn new_instance() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No randomness source: fall back to time and pid, still distinct per start.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        bytes[..8].copy_from_slice(&(nanos as u64).to_le_bytes());
+        bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Config {
@@ -465,6 +585,8 @@ enum Line {
     Heartbeat(Duration),
     /// A well-formed set (applied, already enforced, or refused by the compiler).
     Policies,
+    /// An approval changed phase.
+    Approval,
     /// A message type this proxy does not know (a newer operator): ignored.
     Unknown,
 }
@@ -473,6 +595,8 @@ enum Line {
 #[derive(Debug)]
 pub struct Client {
     config: Arc<Config>,
+    link: Arc<Link>,
+    approvals: Arc<Approvals>,
     policy: watch::Sender<Arc<Effective>>,
     metrics: Arc<Metrics>,
     /// The revision of the set enforced now, if it came from the operator.
@@ -493,15 +617,16 @@ impl Client {
     /// Starts the stream and acknowledgement tasks. `applied` is the revision of the
     /// persisted set enforced at start, if any.
     pub fn spawn(
-        config: Config,
+        link: Arc<Link>,
+        approvals: Arc<Approvals>,
         policy: watch::Sender<Arc<Effective>>,
         metrics: Arc<Metrics>,
         applied: Option<String>,
     ) -> tokio::task::JoinHandle<()> {
-        let config = Arc::new(config);
+        let config = link.config.clone();
         let (acks, ack_rx) = watch::channel(None);
         tokio::spawn(send_acks(config.clone(), ack_rx));
-        let client = Self { config, policy, metrics, applied, acks, via: None };
+        let client = Self { config, link, approvals, policy, metrics, applied, acks, via: None };
         tokio::spawn(client.run())
     }
 
@@ -511,6 +636,7 @@ impl Client {
             let mut healthy = false;
             let reason = self.stream(&mut healthy).await;
             self.via = None;
+            self.link.set_stream(StreamConn::Down);
             self.metrics.operator_connected(false);
             if healthy {
                 backoff.reset();
@@ -539,6 +665,9 @@ impl Client {
         };
         let mut req = self.config.request(&conn, Method::GET, push::STREAM_PATH, token, Bytes::new());
         req.headers_mut().insert(header::ACCEPT, HeaderValue::from_static("application/x-ndjson"));
+        if let Ok(instance) = HeaderValue::from_str(self.link.instance()) {
+            req.headers_mut().insert(push::INSTANCE_HEADER, instance);
+        }
         let resp = match tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req)).await {
             Err(_) => return "the operator did not answer the stream request in time".into(),
             Ok(Err(e)) => return format!("stream request failed: {e}"),
@@ -557,6 +686,12 @@ impl Client {
             Conn::H2(c) => Some(c.clone()),
             Conn::H1 { .. } => None,
         };
+        // Approval requests travel on this connection too (HTTP/2), so they reach the
+        // replica that pushes this pod's decisions.
+        self.link.set_stream(match &self.via {
+            Some(c) => StreamConn::H2(c.clone()),
+            None => StreamConn::H1,
+        });
         tracing::info!(
             operator = %self.config.endpoint.authority,
             h2 = self.via.is_some(),
@@ -588,7 +723,7 @@ impl Client {
                     match self.line(&line).await {
                         Ok(Line::Heartbeat(every)) => interval = every,
                         Ok(Line::Policies) => *healthy = true,
-                        Ok(Line::Unknown) => {}
+                        Ok(Line::Approval | Line::Unknown) => {}
                         Err(e) => return e,
                     }
                 }
@@ -601,7 +736,7 @@ impl Client {
         let value = toolgate_policy::from_slice_strict(line)
             .map_err(|e| format!("malformed line from the operator (not JSON): {e}"))?;
         match value.get("type").and_then(Value::as_str) {
-            Some("policies" | "heartbeat") => {}
+            Some("policies" | "heartbeat" | "approval") => {}
             Some(other) => {
                 tracing::debug!(r#type = other, "ignoring a message type this proxy does not know");
                 return Ok(Line::Unknown);
@@ -613,6 +748,11 @@ impl Client {
                 Ok(Line::Heartbeat(Duration::from_secs(interval_seconds.clamp(1, MAX_HEARTBEAT_SECONDS))))
             }
             Message::Policies(set) => self.policies(set).await.map(|()| Line::Policies),
+            Message::Approval(update) => {
+                tracing::debug!(name = update.name, phase = update.phase, "approval update");
+                self.approvals.update(update);
+                Ok(Line::Approval)
+            }
         }
     }
 

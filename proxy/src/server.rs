@@ -154,6 +154,12 @@ async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'stati
             return (json_response(status, &v), method);
         }
         Checked::Forward(t) => t,
+        // Waits (this request stays open) until a person decides; dropping this future
+        // (the client went away) cancels the approval.
+        Checked::Hold(h) => match h.approvals.clone().wait(app.gate.clone(), h).await {
+            Ok(t) => t,
+            Err(v) => return (json_response(StatusCode::OK, &v), method),
+        },
     };
     let resp = match app.upstream.send(&parts.method, &parts.headers, bytes).await {
         Ok(r) => r,

@@ -36,6 +36,9 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     Ok(Some(Ok(buf)))
 }
 
+/// Why calls that need approval are refused over `--stdio`.
+pub const NO_HOLD: &str = "calls are not held for approval over --stdio";
+
 pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow::Result<()> {
     let mut child = crate::upstream::spawn_server(command).context("cannot start the MCP server")?;
     let mut child_in = child.stdin.take().context("child stdin")?;
@@ -104,6 +107,11 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
         let policy = gate.current();
         match gate.check(&body, &caller, &policy, None, None) {
             Checked::Answer(v) => {
+                let _ = out_tx.send(serde_json::to_vec(&v).unwrap_or_default()).await;
+            }
+            // The stdio gate has no approver, so nothing is held; refuse all the same.
+            Checked::Hold(h) => {
+                let v = gate.refuse_hold(*h, NO_HOLD);
                 let _ = out_tx.send(serde_json::to_vec(&v).unwrap_or_default()).await;
             }
             Checked::Forward(t) => {
