@@ -1,7 +1,7 @@
 //! toolgate-proxy in operator mode (`--operator`): the real binary against an in-process
 //! fake operator (HTTPS with a throwaway CA, bearer tokens, NDJSON stream, recorded
-//! acknowledgements) in front of an in-process MCP server that records what reached it.
-//! Loopback only; every wait polls with a deadline.
+//! acknowledgements, approval requests and closes) in front of an in-process MCP server
+//! that records what reached it. Loopback only; every wait polls with a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/fake_operator.rs"]
@@ -10,17 +10,20 @@ mod fake_operator;
 mod mock_mcp;
 mod support;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fake_operator::{AckSeen, FakeOperator};
+use fake_operator::{AckSeen, ApprovalSeen, CloseSeen, FakeOperator};
 use mock_mcp::{Client, MockMcp, error_code};
 use serde_json::{Value, json};
 use support::{Proxy, free_port, http, metrics, sample};
-use toolgate_policy::push::{Ack, PodRef, PolicySet, PushedPolicy};
+use toolgate_policy::push::{Ack, ApprovalClose, PodRef, PolicySet, PushedPolicy};
 
 const DENIED: i64 = -32010;
+const APPROVAL_REQUIRED: i64 = -32012;
 const NO_POLICY: i64 = -32013;
 
 struct Harness {
@@ -402,4 +405,388 @@ fn exactly_one_policy_source_and_an_https_operator() {
     assert!(err.contains("--token-file"), "{err}");
     let (code, err) = run(&["--policy", policy, "--state-dir", "/tmp/x"]);
     assert_eq!(code, Some(64), "--state-dir means nothing without --operator: {err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Human approval: calls whose rule says `action: approval` are held until decided.
+
+/// `echo` allowed, `start-pod` needs approval with these `approval` settings.
+fn approval_policy(approval: Value) -> PolicySet {
+    set(vec![pushed(
+        "approvals",
+        false,
+        json!({"version": "1", "default": "deny", "tools": {
+            "echo": {},
+            "start-pod": {"action": "approval", "reason": "a person approves every pod start", "approval": approval}
+        }}),
+    )])
+}
+
+/// An approval-mode harness: the fake operator pushing `policy`, the proxy connected.
+fn approval_setup(h: &Harness, policy: &PolicySet) -> (FakeOperator, Proxy) {
+    let op = h.operator("tok-1", policy);
+    let proxy = h.proxy(&op.url(), &h.state_dir());
+    wait_ack(&op, &policy.revision);
+    (op, proxy)
+}
+
+fn call_body(id: u64, tool: &str, args: &Value) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}}).to_string()
+}
+
+/// One JSON-RPC message POSTed on `session` as caller `token`; the answer (blocking).
+fn post(port: u16, token: &str, session: &str, body: &str) -> (u16, Value) {
+    let auth = format!("Bearer {token}");
+    let (status, _, bytes) = http(
+        port,
+        "POST",
+        "/mcp",
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("Authorization", &auth),
+            ("Mcp-Session-Id", session),
+        ],
+        body.as_bytes(),
+    );
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// A tools/call as caller "agent"; its answer.
+fn call_args(port: u16, session: &str, id: u64, tool: &str, args: Value) -> Value {
+    let (status, answer) = post(port, "agent", session, &call_body(id, tool, &args));
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// The same call on its own thread: it is held until decided.
+fn spawn_call(port: u16, session: &str, id: u64, tool: &str, args: Value) -> JoinHandle<Value> {
+    let session = session.to_owned();
+    let tool = tool.to_owned();
+    std::thread::spawn(move || call_args(port, &session, id, &tool, args))
+}
+
+/// The `n`th approval request (1-based) the operator received.
+fn wait_request(op: &FakeOperator, n: usize) -> ApprovalSeen {
+    eventually(&format!("approval request #{n}"), || op.approvals().get(n - 1).cloned())
+}
+
+fn wait_close(op: &FakeOperator, name: &str, phase: &str) {
+    let want = CloseSeen { name: name.to_owned(), close: ApprovalClose { phase: phase.to_owned() } };
+    eventually(&format!("close({phase}) of {name}"), || op.closes().contains(&want).then_some(()));
+}
+
+/// Still held a while later, and the upstream never saw `tool`.
+fn still_held(call: &JoinHandle<Value>, h: &Harness, tool: &str, reached: usize) {
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!call.is_finished(), "the call must still be held");
+    assert_eq!(h.mcp.called(tool), reached, "a held call is not forwarded");
+}
+
+/// Hex SHA-256 of a text: the digest is computed here independently of the proxy.
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn approval_metric(proxy: &Proxy, decision: &str) -> f64 {
+    sample(&metrics(proxy), &format!(r#"toolgate_approval_decisions_total{{decision="{decision}"}}"#))
+}
+
+fn audit_line(proxy: &Proxy, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    eventually(what, || proxy.audit.lock().unwrap().iter().find(|a| f(a)).cloned())
+}
+
+#[test]
+fn an_approved_call_is_held_until_decided_and_reaches_the_upstream_once() {
+    let h = Harness::new();
+    let policy = approval_policy(json!({"timeout": "5m", "show_arguments": true}));
+    let (op, proxy) = approval_setup(&h, &policy);
+    let port = proxy.proc.port;
+    let mut client = Client::initialize(port, "agent");
+
+    let held = spawn_call(port, &client.session, 10, "start-pod", json!({"podId": "p-1", "gpuCount": 1}));
+    let seen = wait_request(&op, 1);
+    let r = &seen.request;
+    assert_eq!((r.tool.as_str(), r.policy.as_str(), r.rule.as_str()), ("start-pod", "approvals", "tools.start-pod"));
+    assert_eq!(r.reason.as_deref(), Some("a person approves every pod start"));
+    assert_eq!(r.grant, None);
+    assert_eq!(r.identity, toolgate_policy::fingerprint("Bearer agent"));
+    assert_eq!(r.session.as_deref(), Some(client.session.as_str()));
+    assert_eq!(r.arguments_digest, sha256_hex(r#"{"gpuCount":1,"podId":"p-1"}"#));
+    assert_eq!(r.argument_keys, ["gpuCount", "podId"]);
+    assert_eq!(r.arguments, Some(json!({"podId": "p-1", "gpuCount": 1})), "show_arguments: true");
+    assert_eq!(r.timeout_seconds, 300);
+    assert_eq!(r.instance.len(), 32, "{r:?}");
+    assert_eq!(op.instances(), [Some(r.instance.clone())], "the stream names the same instance");
+    assert!(seen.on_stream_connection, "the request travels on the stream's connection");
+
+    still_held(&held, &h, "start-pod", 0);
+    assert_eq!(sample(&metrics(&proxy), "toolgate_approvals_pending "), 1.0);
+    assert!(client.call("echo")["result"].is_object(), "other calls of the session go on meanwhile");
+    let waiting = audit_line(&proxy, "the audit line of the held call", |a| a["approval"] == seen.name.as_str());
+    assert_eq!((&waiting["decision"], &waiting["approvalPhase"]), (&json!("approval"), &json!("Pending")));
+
+    // Decisions for other approvals, a Pending update and a reconnect change nothing.
+    op.decide("start-pod-99", "Approved", Some("alice"), None);
+    op.decide(&seen.name, "Pending", None, None);
+    op.send_raw("not JSON: the proxy reconnects\n");
+    eventually("a reconnect", || (op.streams() >= 2).then_some(()));
+    assert_eq!(op.instances()[1].as_deref(), Some(r.instance.as_str()), "same process, same instance");
+    still_held(&held, &h, "start-pod", 0);
+
+    op.decide(&seen.name, "Approved", Some("alice@example.com"), Some("looks right"));
+    let answer = held.join().unwrap();
+    assert_eq!(answer["result"]["content"][0]["text"], "called start-pod", "{answer}");
+    assert_eq!(h.mcp.called("start-pod"), 1);
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, r#"toolgate_approval_decisions_total{decision="approved"}"#), 1.0, "{m}");
+    assert_eq!(sample(&m, "toolgate_approvals_pending "), 0.0, "{m}");
+    assert_eq!(sample(&m, "toolgate_approval_wait_seconds_count "), 1.0, "{m}");
+    let allowed =
+        r#"toolgate_decisions_total{tool="start-pod",decision="allow",policy="approvals",rule="tools.start-pod"}"#;
+    assert_eq!(sample(&m, allowed), 1.0, "{m}");
+    let held_metric =
+        r#"toolgate_decisions_total{tool="start-pod",decision="approval",policy="approvals",rule="tools.start-pod"}"#;
+    assert_eq!(sample(&m, held_metric), 1.0, "{m}");
+    let outcome = audit_line(&proxy, "the audit line of the approval", |a| {
+        a["approval"] == seen.name.as_str() && a["decision"] == "allow"
+    });
+    assert_eq!(outcome["approvalPhase"], "Approved");
+    assert_eq!(outcome["decidedBy"], "alice@example.com");
+    assert_eq!(outcome["reason"], "looks right");
+
+    // Without reuse_for the same call needs a new approval, and changed arguments need
+    // their own: a different digest, not covered by the approvals given before.
+    let same = spawn_call(port, &client.session, 11, "start-pod", json!({"gpuCount": 1, "podId": "p-1"}));
+    let second = wait_request(&op, 2);
+    assert_eq!(second.request.arguments_digest, r.arguments_digest, "same arguments, other key order");
+    assert_ne!(second.name, seen.name);
+    let changed = spawn_call(port, &client.session, 12, "start-pod", json!({"podId": "p-2", "gpuCount": 1}));
+    let third = wait_request(&op, 3);
+    assert_eq!(third.request.arguments_digest, sha256_hex(r#"{"gpuCount":1,"podId":"p-2"}"#));
+    still_held(&same, &h, "start-pod", 1);
+    op.decide(&second.name, "Approved", Some("alice@example.com"), None);
+    assert!(same.join().unwrap()["result"].is_object());
+    assert_eq!(h.mcp.called("start-pod"), 2);
+    still_held(&changed, &h, "start-pod", 2);
+    op.decide(&third.name, "Denied", Some("bob"), None);
+    assert_eq!(error_code(&changed.join().unwrap()), Some(DENIED));
+    assert_eq!(h.mcp.called("start-pod"), 2, "the changed call never reached the upstream");
+    assert!(op.closes().is_empty(), "decided approvals are not closed by the proxy: {:?}", op.closes());
+}
+
+#[test]
+fn a_denied_call_is_refused_naming_the_approval_and_never_forwarded() {
+    let h = Harness::new();
+    let (op, proxy) = approval_setup(&h, &approval_policy(json!({"timeout": "5m"})));
+    let client = Client::initialize(proxy.proc.port, "agent");
+
+    let held = spawn_call(proxy.proc.port, &client.session, 3, "start-pod", json!({"podId": "p-1"}));
+    let seen = wait_request(&op, 1);
+    assert_eq!(seen.request.arguments, None, "arguments are shown only with show_arguments");
+    assert_eq!(seen.request.argument_keys, ["podId"]);
+    still_held(&held, &h, "start-pod", 0);
+    op.decide(&seen.name, "Denied", Some("bob@example.com"), Some("not on a Friday"));
+    let answer = held.join().unwrap();
+    assert_eq!(answer["id"], 3);
+    assert_eq!(error_code(&answer), Some(DENIED), "{answer}");
+    let data = &answer["error"]["data"];
+    assert_eq!(data["approval"], seen.name.as_str());
+    assert_eq!(data["decision"], "deny");
+    assert_eq!(data["decidedBy"], "bob@example.com");
+    assert_eq!(
+        data["reason"].as_str().unwrap(),
+        format!("McpApproval {} was denied by bob@example.com: not on a Friday", seen.name)
+    );
+    assert!(answer["error"]["message"].as_str().unwrap().contains(&seen.name), "{answer}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(h.mcp.called("start-pod"), 0, "a denied call never reaches the upstream");
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, r#"toolgate_approval_decisions_total{decision="denied"}"#), 1.0, "{m}");
+    assert_eq!(sample(&m, r#"toolgate_approval_decisions_total{decision="approved"}"#), 0.0, "{m}");
+    assert_eq!(sample(&m, r#"toolgate_decisions_total{tool="start-pod",decision="deny""#), 1.0, "{m}");
+    let line = audit_line(&proxy, "the denial's audit line", |a| a["decision"] == "deny");
+    assert_eq!((&line["approval"], &line["approvalPhase"]), (&json!(seen.name), &json!("Denied")));
+    assert_eq!(line["decidedBy"], "bob@example.com");
+    // A late decision for the same approval changes nothing.
+    op.decide(&seen.name, "Approved", Some("alice"), None);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(h.mcp.called("start-pod"), 0);
+}
+
+#[test]
+fn an_undecided_call_expires_after_the_timeout_and_the_approval_is_closed() {
+    let h = Harness::new();
+    let (op, proxy) = approval_setup(&h, &approval_policy(json!({"timeout": "2s"})));
+    let client = Client::initialize(proxy.proc.port, "agent");
+
+    let started = Instant::now();
+    let held = spawn_call(proxy.proc.port, &client.session, 4, "start-pod", json!({"podId": "p-1"}));
+    let seen = wait_request(&op, 1);
+    assert_eq!(seen.request.timeout_seconds, 2);
+    let answer = held.join().unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(15), "{waited:?}");
+    assert_eq!(error_code(&answer), Some(APPROVAL_REQUIRED), "{answer}");
+    let data = &answer["error"]["data"];
+    assert_eq!((&data["approval"], &data["decision"]), (&json!(seen.name), &json!("approval")));
+    assert_eq!(
+        data["reason"].as_str().unwrap(),
+        format!("McpApproval {} expired after 2s without a decision", seen.name)
+    );
+    wait_close(&op, &seen.name, "Expired");
+    // A decision after the expiry forwards nothing.
+    op.decide(&seen.name, "Approved", Some("alice"), None);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(h.mcp.called("start-pod"), 0);
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, r#"toolgate_approval_decisions_total{decision="expired"}"#), 1.0, "{m}");
+    assert_eq!(sample(&m, "toolgate_approvals_pending "), 0.0, "{m}");
+    let line = audit_line(&proxy, "the expiry's audit line", |a| a["approvalPhase"] == "Expired");
+    assert_eq!(line["decision"], "approval");
+}
+
+#[test]
+fn reuse_for_lets_an_approval_cover_identical_calls_only() {
+    let h = Harness::new();
+    let (op, proxy) = approval_setup(&h, &approval_policy(json!({"timeout": "5m", "reuse_for": "10m"})));
+    let port = proxy.proc.port;
+    let client = Client::initialize(port, "agent");
+
+    let first = spawn_call(port, &client.session, 1, "start-pod", json!({"podId": "p-1", "gpuCount": 1}));
+    let seen = wait_request(&op, 1);
+    op.decide(&seen.name, "Approved", Some("alice"), None);
+    assert!(first.join().unwrap()["result"].is_object());
+
+    // Identical (keys in another order): passes at once, no new request.
+    let again = call_args(port, &client.session, 2, "start-pod", json!({"gpuCount": 1, "podId": "p-1"}));
+    assert!(again["result"].is_object(), "{again}");
+    assert_eq!(h.mcp.called("start-pod"), 2);
+    assert_eq!(op.approvals().len(), 1, "the approval was reused");
+    let reused = audit_line(&proxy, "the reuse's audit line", |a| a["approvalReused"] == true);
+    assert_eq!((&reused["approval"], &reused["decision"]), (&json!(seen.name), &json!("allow")));
+
+    // One changed argument: a new request with another digest, held until decided.
+    let changed = spawn_call(port, &client.session, 3, "start-pod", json!({"podId": "p-1", "gpuCount": 2}));
+    let second = wait_request(&op, 2);
+    assert_ne!(second.request.arguments_digest, seen.request.arguments_digest);
+    still_held(&changed, &h, "start-pod", 2);
+    // The operator may also end an approval itself (here: expired on its side).
+    op.decide(&second.name, "Expired", None, None);
+    let answer = changed.join().unwrap();
+    assert_eq!(error_code(&answer), Some(APPROVAL_REQUIRED), "{answer}");
+    assert_eq!(answer["error"]["data"]["reason"], format!("McpApproval {} expired", second.name));
+
+    // The same arguments from another caller are not covered either.
+    let other = Client::initialize(port, "another-agent");
+    let (_, answer) = {
+        let handle = {
+            let session = other.session.clone();
+            std::thread::spawn(move || {
+                post(
+                    port,
+                    "another-agent",
+                    &session,
+                    &call_body(4, "start-pod", &json!({"podId": "p-1", "gpuCount": 1})),
+                )
+            })
+        };
+        let third = wait_request(&op, 3);
+        assert_eq!(third.request.identity, toolgate_policy::fingerprint("Bearer another-agent"));
+        op.decide(&third.name, "Abandoned", None, None);
+        handle.join().unwrap()
+    };
+    assert_eq!(error_code(&answer), Some(APPROVAL_REQUIRED), "{answer}");
+    assert!(answer["error"]["data"]["reason"].as_str().unwrap().ends_with("was abandoned"), "{answer}");
+    assert_eq!(h.mcp.called("start-pod"), 2);
+    let m = metrics(&proxy);
+    for (decision, n) in [("approved", 1.0), ("expired", 1.0), ("abandoned", 1.0), ("denied", 0.0)] {
+        assert_eq!(sample(&m, &format!(r#"toolgate_approval_decisions_total{{decision="{decision}"}}"#)), n, "{m}");
+    }
+}
+
+#[test]
+fn a_client_that_goes_away_or_cancels_cancels_its_approval() {
+    let h = Harness::new();
+    let (op, proxy) = approval_setup(&h, &approval_policy(json!({"timeout": "5m"})));
+    let port = proxy.proc.port;
+    let client = Client::initialize(port, "agent");
+
+    // The client's connection closes while its call is held.
+    let body = call_body(7, "start-pod", &json!({"podId": "p-1"}));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        conn,
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nAuthorization: Bearer agent\r\n\
+         Mcp-Session-Id: {}\r\nContent-Length: {}\r\n\r\n{body}",
+        client.session,
+        body.len()
+    )
+    .unwrap();
+    let gone = wait_request(&op, 1);
+    assert_eq!(sample(&metrics(&proxy), "toolgate_approvals_pending "), 1.0);
+    drop(conn);
+    wait_close(&op, &gone.name, "Cancelled");
+    assert_eq!(approval_metric(&proxy, "cancelled"), 1.0);
+    assert_eq!(sample(&metrics(&proxy), "toolgate_approvals_pending "), 0.0);
+
+    // notifications/cancelled for the held request: only from its own session.
+    let held = spawn_call(port, &client.session, 21, "start-pod", json!({"podId": "p-1"}));
+    let seen = wait_request(&op, 2);
+    let cancel =
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 21}}).to_string();
+    let stranger = Client::initialize(port, "agent");
+    let (status, _) = post(port, "agent", &stranger.session, &cancel);
+    assert_eq!(status, 202, "the notification is forwarded");
+    still_held(&held, &h, "start-pod", 0);
+    let (status, _) = post(port, "agent", &client.session, &cancel);
+    assert_eq!(status, 202);
+    let answer = held.join().unwrap();
+    assert_eq!(error_code(&answer), Some(APPROVAL_REQUIRED), "{answer}");
+    assert_eq!(
+        answer["error"]["data"]["reason"],
+        format!("McpApproval {} cancelled: the client cancelled the request", seen.name)
+    );
+    wait_close(&op, &seen.name, "Cancelled");
+    assert_eq!(approval_metric(&proxy, "cancelled"), 2.0);
+    // A decision after the cancellation forwards nothing.
+    op.decide(&gone.name, "Approved", Some("alice"), None);
+    op.decide(&seen.name, "Approved", Some("alice"), None);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(h.mcp.called("start-pod"), 0);
+}
+
+#[test]
+fn when_approval_cannot_be_requested_the_call_is_refused() {
+    let h = Harness::new();
+    let (mut op, proxy) = approval_setup(&h, &approval_policy(json!({"timeout": "5m"})));
+    let port = proxy.proc.port;
+    let client = Client::initialize(port, "agent");
+
+    op.refuse_approvals(hyper::StatusCode::INTERNAL_SERVER_ERROR, "the apiserver is unreachable");
+    let answer = call_args(port, &client.session, 1, "start-pod", json!({"podId": "p-1"}));
+    assert_eq!(error_code(&answer), Some(APPROVAL_REQUIRED), "{answer}");
+    let reason = answer["error"]["data"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("cannot request approval: the operator answered 500")
+            && reason.contains("the apiserver is unreachable"),
+        "{reason}"
+    );
+    assert_eq!(answer["error"]["data"]["approval"], Value::Null);
+    assert_eq!(approval_metric(&proxy, "error"), 1.0);
+
+    // No stream: nobody could tell this process the decision, so it does not ask.
+    op.kill();
+    eventually("the proxy notices the operator is gone", || {
+        (sample(&metrics(&proxy), "toolgate_operator_connected ") == 0.0).then_some(())
+    });
+    let answer = call_args(port, &client.session, 2, "start-pod", json!({"podId": "p-1"}));
+    assert_eq!(error_code(&answer), Some(APPROVAL_REQUIRED), "{answer}");
+    let reason = answer["error"]["data"]["reason"].as_str().unwrap();
+    assert!(reason.contains("not connected"), "{reason}");
+    assert_eq!(approval_metric(&proxy, "error"), 2.0);
+    assert_eq!(h.mcp.called("start-pod"), 0);
+    assert_eq!(sample(&metrics(&proxy), "toolgate_approvals_pending "), 0.0);
 }

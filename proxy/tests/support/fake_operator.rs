@@ -1,8 +1,10 @@
 //! An in-process fake of the operator's policy distribution endpoint (toolgate_policy::push):
 //! HTTPS on loopback with a throwaway CA (rcgen), bearer-token check, `GET /v1/stream`
-//! (NDJSON lines pushed by the test), `POST /v1/ack` (recorded). Like the real operator it
-//! offers h2 and http/1.1; every connection gets an id so a test can check that
-//! acknowledgements travel on the stream's connection.
+//! (NDJSON lines pushed by the test), `POST /v1/ack` (recorded), `POST /v1/approvals`
+//! (recorded, answered `201` with a new name) and `POST /v1/approvals/{name}/close`
+//! (recorded). Approval decisions are pushed by the test ([`FakeOperator::decide`]). Like
+//! the real operator it offers h2 and http/1.1; every connection gets an id so a test can
+//! check that acknowledgements and approval requests travel on the stream's connection.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
@@ -23,7 +25,9 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
-use toolgate_policy::push::{Ack, Message, PolicySet};
+use toolgate_policy::push::{
+    Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, ApprovalUpdate, INSTANCE_HEADER, Message, PolicySet,
+};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -66,6 +70,21 @@ pub struct AckSeen {
     pub on_stream_connection: bool,
 }
 
+/// One recorded approval request and the name it was given.
+#[derive(Clone, Debug)]
+pub struct ApprovalSeen {
+    pub request: ApprovalRequest,
+    pub name: String,
+    pub on_stream_connection: bool,
+}
+
+/// One recorded close of an approval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CloseSeen {
+    pub name: String,
+    pub close: ApprovalClose,
+}
+
 #[derive(Default)]
 struct State {
     token: String,
@@ -78,6 +97,12 @@ struct State {
     refused: usize,
     tokens_seen: Vec<String>,
     acks: Vec<AckSeen>,
+    /// The `toolgate-instance` header of every stream request.
+    instances: Vec<Option<String>>,
+    approvals: Vec<ApprovalSeen>,
+    closes: Vec<CloseSeen>,
+    /// Answer approval requests with this status and body instead of `201`.
+    approval_refusal: Option<(StatusCode, String)>,
 }
 
 pub struct FakeOperator {
@@ -199,6 +224,34 @@ impl FakeOperator {
     pub fn refused(&self) -> usize {
         self.state.lock().unwrap().refused
     }
+
+    /// The `toolgate-instance` header of every stream request so far.
+    pub fn instances(&self) -> Vec<Option<String>> {
+        self.state.lock().unwrap().instances.clone()
+    }
+
+    pub fn approvals(&self) -> Vec<ApprovalSeen> {
+        self.state.lock().unwrap().approvals.clone()
+    }
+
+    pub fn closes(&self) -> Vec<CloseSeen> {
+        self.state.lock().unwrap().closes.clone()
+    }
+
+    /// Answer approval requests with `status` and `{"error": why}` from now on.
+    pub fn refuse_approvals(&self, status: StatusCode, why: &str) {
+        self.state.lock().unwrap().approval_refusal = Some((status, json!({"error": why}).to_string()));
+    }
+
+    /// Pushes a phase change of approval `name` to the streams open now.
+    pub fn decide(&self, name: &str, phase: &str, decided_by: Option<&str>, reason: Option<&str>) {
+        self.send_raw(&line(&Message::Approval(ApprovalUpdate {
+            name: name.to_owned(),
+            phase: phase.to_owned(),
+            reason: reason.map(str::to_owned),
+            decided_by: decided_by.map(str::to_owned),
+        })));
+    }
 }
 
 impl Drop for FakeOperator {
@@ -233,9 +286,11 @@ async fn handle(state: Arc<Mutex<State>>, conn: u64, req: Request<Incoming>) -> 
     }
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/stream") => {
+            let instance = req.headers().get(INSTANCE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let (tx, rx) = mpsc::channel::<Bytes>(64);
             let heartbeat = {
                 let mut s = state.lock().unwrap();
+                s.instances.push(instance);
                 let _ = tx.try_send(Bytes::from(s.current.clone()));
                 s.live.push(tx.clone());
                 s.stream_conns.push(conn);
@@ -267,6 +322,33 @@ async fn handle(state: Arc<Mutex<State>>, conn: u64, req: Request<Incoming>) -> 
                     let mut s = state.lock().unwrap();
                     let on_stream_connection = s.stream_conns.contains(&conn);
                     s.acks.push(AckSeen { ack, conn, on_stream_connection });
+                    full(StatusCode::NO_CONTENT, Bytes::new())
+                }
+                Err(e) => full(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}).to_string()),
+            }
+        }
+        (&Method::POST, "/v1/approvals") => {
+            let bytes = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            match serde_json::from_slice::<ApprovalRequest>(&bytes) {
+                Ok(request) => {
+                    let mut s = state.lock().unwrap();
+                    if let Some((status, body)) = s.approval_refusal.clone() {
+                        return Ok(full(status, body));
+                    }
+                    let name = format!("start-pod-{}", s.approvals.len() + 1);
+                    let on_stream_connection = s.stream_conns.contains(&conn);
+                    s.approvals.push(ApprovalSeen { request, name: name.clone(), on_stream_connection });
+                    full(StatusCode::CREATED, serde_json::to_vec(&ApprovalCreated { name }).unwrap())
+                }
+                Err(e) => full(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}).to_string()),
+            }
+        }
+        (&Method::POST, path) if path.starts_with("/v1/approvals/") && path.ends_with("/close") => {
+            let name = path["/v1/approvals/".len()..path.len() - "/close".len()].to_owned();
+            let bytes = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            match serde_json::from_slice::<ApprovalClose>(&bytes) {
+                Ok(close) => {
+                    state.lock().unwrap().closes.push(CloseSeen { name, close });
                     full(StatusCode::NO_CONTENT, Bytes::new())
                 }
                 Err(e) => full(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}).to_string()),
