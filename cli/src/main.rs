@@ -10,10 +10,15 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use toolgate_policy::{Call, Caller, Limiter, Policy, SourceFormat};
 
+mod approvals;
 mod scan;
 
 #[derive(Parser, Debug)]
-#[command(name = "toolgate", version, about = "Deterministic rules for MCP tool calls: check and dry-run policies")]
+#[command(
+    name = "toolgate",
+    version,
+    about = "Deterministic rules for MCP tool calls: check and dry-run policies, decide approvals"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,6 +88,40 @@ enum Command {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// List McpApprovals waiting for a decision (with --all, decided ones too).
+    Approvals {
+        /// Namespace (default: the kubeconfig's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(long, short = 'A')]
+        all_namespaces: bool,
+        /// Include decided approvals.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Approve a held tool call: the sidecar forwards it.
+    Approve {
+        /// The McpApproval's name.
+        name: String,
+        /// Namespace (default: the kubeconfig's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Why (recorded in status.reason).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a held tool call: the agent gets a refusal naming the approval.
+    Deny {
+        /// The McpApproval's name.
+        name: String,
+        /// Namespace (default: the kubeconfig's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Why (recorded in status.reason and shown to the agent).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Print the identity fingerprint of a credential (the Authorization header value),
     /// for `grants[].match.fingerprints`. Reads the credential from stdin when omitted.
     Fingerprint {
@@ -120,9 +159,25 @@ fn doc_name(path: &Path) -> String {
     path.file_name().map_or_else(|| "policy".to_owned(), |n| n.to_string_lossy().into_owned())
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")
+}
+
 fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Validate { files } => Ok(validate(&files)),
+        Command::Approvals { namespace, all_namespaces, all } => {
+            runtime()?.block_on(approvals::list(namespace, all_namespaces, all))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve { name, namespace, reason } => {
+            runtime()?.block_on(approvals::decide(&name, namespace, true, reason))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deny { name, namespace, reason } => {
+            runtime()?.block_on(approvals::decide(&name, namespace, false, reason))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Eval { policies, tool, args, identity, credential, session, headers, count } => {
             let mut docs = Vec::new();
             for p in &policies {

@@ -58,7 +58,8 @@ pub async fn publish(
                 "spec": {
                     "holderIdentity": identity,
                     "leaseDurationSeconds": FRESH.as_secs(),
-                    "renewTime": Timestamp::now().to_string(),
+                    // MicroTime: microsecond precision, as the apiserver insists.
+                    "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now()),
                 },
             });
             match api.patch(&name, &PatchParams::apply("toolgate-operator").force(), &Patch::Apply(&lease)).await {

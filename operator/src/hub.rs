@@ -16,8 +16,8 @@ use kube::core::{Selector, SelectorExt};
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
-use toolgate_policy::crd::{McpPolicy, Mode};
-use toolgate_policy::push::{PodRef, PolicySet, PushedPolicy};
+use toolgate_policy::crd::{ApprovalPhase, McpApproval, McpPolicy, Mode};
+use toolgate_policy::push::{ApprovalUpdate, PodRef, PolicySet, PushedPolicy};
 
 use crate::metrics::Metrics;
 
@@ -86,6 +86,11 @@ struct Slot {
     sent: VecDeque<(String, Enforced, Instant)>,
     /// What the sidecar acknowledged last.
     acked: Option<Enforced>,
+    /// The sidecar process (`toolgate-instance` header).
+    instance: String,
+    approvals: tokio::sync::mpsc::UnboundedSender<ApprovalUpdate>,
+    /// (approval name, phase) already sent on this stream.
+    delivered: std::collections::HashSet<(String, &'static str)>,
 }
 
 const SENT_KEPT: usize = 16;
@@ -94,6 +99,7 @@ const SENT_KEPT: usize = 16;
 pub struct Hub {
     pub policies: Store<McpPolicy>,
     pub pods: Store<Pod>,
+    pub approvals: Store<McpApproval>,
     validations: Mutex<HashMap<String, Validation>>,
     slots: Mutex<HashMap<String, Slot>>,
     /// Acknowledgements of sidecars connected to other replicas (leader only).
@@ -139,6 +145,7 @@ impl Hub {
     pub fn new(
         policies: Store<McpPolicy>,
         pods: Store<Pod>,
+        approvals: Store<McpApproval>,
         metrics: Arc<Metrics>,
         scope: Option<Scope>,
     ) -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<ObjectRef<McpPolicy>>) {
@@ -146,6 +153,7 @@ impl Hub {
         let hub = Self {
             policies,
             pods,
+            approvals,
             validations: Mutex::default(),
             slots: Mutex::default(),
             remote: Mutex::default(),
@@ -304,10 +312,15 @@ impl Hub {
 
     /// Registers the stream of a pod's sidecar (replacing an older one of the same pod)
     /// and returns the receiver of its policy sets, starting with the current one.
-    pub fn register(self: &Arc<Self>, pod: &Pod) -> (StreamGuard, watch::Receiver<Arc<PolicySet>>) {
+    pub fn register(
+        self: &Arc<Self>,
+        pod: &Pod,
+        instance: &str,
+    ) -> (StreamGuard, watch::Receiver<Arc<PolicySet>>, tokio::sync::mpsc::UnboundedReceiver<ApprovalUpdate>) {
         let pod_uid = pod.uid().unwrap_or_default();
         let set = Arc::new(self.effective_set(pod));
         let (tx, rx) = watch::channel(set.clone());
+        let (approvals, approvals_rx) = tokio::sync::mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = Slot {
             id,
@@ -316,6 +329,9 @@ impl Hub {
             tx,
             sent: VecDeque::from([(set.revision.clone(), enforced(&set), Instant::now())]),
             acked: None,
+            instance: instance.to_owned(),
+            approvals,
+            delivered: Default::default(),
         };
         let connected = {
             let mut slots = self.slots.lock().expect("slots lock");
@@ -323,7 +339,36 @@ impl Hub {
             slots.len()
         };
         self.metrics.sidecars_connected(connected);
-        (StreamGuard { hub: self.clone(), pod_uid, id }, rx)
+        self.push_approvals();
+        (StreamGuard { hub: self.clone(), pod_uid, id }, rx, approvals_rx)
+    }
+
+    /// Sends every decided approval to the stream of the sidecar instance that holds
+    /// its call, once per phase.
+    pub fn push_approvals(&self) {
+        let decided: Vec<Arc<McpApproval>> = self
+            .approvals
+            .state_filter(|a| a.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p != ApprovalPhase::Pending));
+        if decided.is_empty() {
+            return;
+        }
+        let mut slots = self.slots.lock().expect("slots lock");
+        for approval in decided {
+            let Some(slot) = slots.get_mut(&approval.spec.pod_uid) else { continue };
+            if slot.instance != approval.spec.instance {
+                continue;
+            }
+            let status = approval.status.clone().unwrap_or_default();
+            let phase = status.phase.unwrap_or_default().as_str();
+            if slot.delivered.insert((approval.name_any(), phase)) {
+                let _ = slot.approvals.send(ApprovalUpdate {
+                    name: approval.name_any(),
+                    phase: phase.to_owned(),
+                    reason: status.reason,
+                    decided_by: status.decided_by,
+                });
+            }
+        }
     }
 
     fn unregister(&self, pod_uid: &str, id: u64) {
@@ -452,7 +497,8 @@ mod tests {
     fn world() -> World {
         let (pr, pw) = store::store();
         let (or, ow) = store::store();
-        let (hub, _rx) = Hub::new(pr, or, Arc::new(Metrics::new()), None);
+        let (ar, _aw) = store::store();
+        let (hub, _rx) = Hub::new(pr, or, ar, Arc::new(Metrics::new()), None);
         World { hub, policies: pw, pods: ow }
     }
 
@@ -515,7 +561,7 @@ mod tests {
         apply_policy(&mut w, policy("seed", "u1", 1, seed()));
         let p = pod("p", "pu", json!({}));
         w.pods.apply_watcher_event(&watcher::Event::Apply(p.clone()));
-        let (guard, rx) = w.hub.register(&p);
+        let (guard, rx, _approvals) = w.hub.register(&p, "i1");
         let revision = rx.borrow().revision.clone();
         let targets = w.hub.targets(&w.hub.policies.state()[0], &w.hub.view(&w.hub.policies.state()[0]));
         assert_eq!(targets.len(), 1);
@@ -543,8 +589,8 @@ mod tests {
     fn a_newer_stream_of_the_same_pod_replaces_the_older_one() {
         let w = world();
         let p = pod("p", "pu", json!({}));
-        let (old, _rx1) = w.hub.register(&p);
-        let (_new, _rx2) = w.hub.register(&p);
+        let (old, _rx1, _a1) = w.hub.register(&p, "i1");
+        let (_new, _rx2, _a2) = w.hub.register(&p, "i2");
         drop(old);
         assert_eq!(w.hub.connected().len(), 1, "dropping the old stream must not unregister the new one");
     }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acks;
+pub mod approvals;
 pub mod auth;
 pub mod controller;
 pub mod crdgen;

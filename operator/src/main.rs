@@ -27,7 +27,8 @@ use toolgate_operator::inject::{INJECT_LABEL, INJECTED_LABEL, InjectConfig};
 use toolgate_operator::metrics::Metrics;
 use toolgate_operator::server::{self, Ctx};
 use toolgate_operator::tls::{self, CertStore, Lifetimes};
-use toolgate_operator::{McpPolicy, acks, controller, leader};
+use toolgate_operator::{McpPolicy, acks, approvals, controller, leader};
+use toolgate_policy::crd::McpApproval;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum CertMode {
@@ -151,14 +152,10 @@ fn serving_names(args: &Args) -> Vec<String> {
 
 async fn run(args: Args) -> Result<()> {
     let client = Client::try_default().await.context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
-    // Fail early, with the fix, when the CRD is missing.
-    match Api::<McpPolicy>::all(client.clone()).list(&ListParams::default().limit(1)).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => bail!(
-            "the McpPolicy CRD (mcppolicies.toolgate.dev) is not installed: `kubectl apply -f crds/` or install the Helm chart (charts/toolgate)"
-        ),
-        Err(e) => return Err(e).context("cannot list McpPolicies (is the ServiceAccount allowed to?)"),
-    }
+    // Fail early, with the fix, when a CRD is missing (after a short grace: a CRD
+    // installed a moment ago takes a little while to be served).
+    require_crd::<McpPolicy>(&client, "McpPolicy", "mcppolicies.toolgate.dev").await?;
+    require_crd::<McpApproval>(&client, "McpApproval", "mcpapprovals.toolgate.dev").await?;
     let identity = args
         .pod_name
         .clone()
@@ -175,7 +172,9 @@ async fn run(args: Args) -> Result<()> {
         None => None,
         Some(text) => Some(Scope { namespaces: ns_store.clone(), selector: parse_selector(text)? }),
     };
-    let (hub, status_rx) = Hub::new(policy_store.clone(), pod_store.clone(), metrics.clone(), scope);
+    let (approval_store, approval_writer) = reflector::store::<McpApproval>();
+    let (hub, status_rx) =
+        Hub::new(policy_store.clone(), pod_store.clone(), approval_store.clone(), metrics.clone(), scope);
     let policy_events = reflector::reflector(
         policy_writer,
         watcher(Api::<McpPolicy>::all(client.clone()), watcher::Config::default()).default_backoff(),
@@ -189,7 +188,16 @@ async fn run(args: Args) -> Result<()> {
         ns_writer,
         watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()).default_backoff(),
     );
-    for events in [policy_events.map(|_| ()).boxed(), pod_events.map(|_| ()).boxed(), ns_events.map(|_| ()).boxed()] {
+    let approval_events = reflector::reflector(
+        approval_writer,
+        watcher(Api::<McpApproval>::all(client.clone()), watcher::Config::default()).default_backoff(),
+    );
+    for events in [
+        policy_events.map(|_| ()).boxed(),
+        pod_events.map(|_| ()).boxed(),
+        ns_events.map(|_| ()).boxed(),
+        approval_events.map(|_| ()).boxed(),
+    ] {
         let hub = hub.clone();
         tokio::spawn(events.for_each(move |()| {
             hub.changed.notify_one();
@@ -204,6 +212,7 @@ async fn run(args: Args) -> Result<()> {
                 hub.changed.notified().await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 hub.push_all();
+                hub.push_approvals();
                 hub.prune();
             }
         });
@@ -226,6 +235,7 @@ async fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| format!("https://{}.{}.svc:{}", args.service_name, args.namespace, args.listen.port()));
     let ctx = Arc::new(Ctx {
+        client: client.clone(),
         hub: hub.clone(),
         auth: Authenticator::new(client.clone()),
         namespaces: ns_store.clone(),
@@ -321,6 +331,7 @@ async fn run(args: Args) -> Result<()> {
                     tokio::join!(
                         controller::run(client.clone(), hub.clone(), rx, identity.clone()),
                         acks::collect(Api::namespaced(client.clone(), &args.namespace), identity.clone(), hub.clone()),
+                        approvals::janitor(client.clone(), hub.clone()),
                         leader_duties(&client, &args, &names, &lifetimes, &certs, &hub),
                     )
                 };
@@ -372,6 +383,28 @@ fn parse_selector(text: &str) -> Result<Selector> {
             _ => bail!("--namespace-selector: {pair:?} is not key=value (only equality selectors are supported)"),
         })
         .collect()
+}
+
+async fn require_crd<K>(client: &Client, kind: &str, crd: &str) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => bail!(
+                "the {kind} CRD ({crd}) is not installed: `kubectl apply -f crds/` or install/upgrade the Helm chart (charts/toolgate)"
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot list {kind}s (is the ServiceAccount allowed to?)"));
+            }
+        }
+    }
 }
 
 fn reload_interval(life: &Lifetimes) -> Duration {

@@ -20,7 +20,10 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use toolgate_policy::push::{ACK_PATH, Ack, Message, PolicySet, STREAM_PATH};
+use toolgate_policy::push::{
+    ACK_PATH, APPROVALS_PATH, Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, ApprovalUpdate, INSTANCE_HEADER,
+    Message, PolicySet, STREAM_PATH,
+};
 
 use crate::auth::{AuthError, Authenticator, PodIdentity, bearer};
 use crate::hub::{Hub, StreamGuard};
@@ -32,6 +35,7 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Everything the handlers need.
 pub struct Ctx {
+    pub client: kube::Client,
     pub hub: Arc<Hub>,
     pub auth: Authenticator,
     pub namespaces: Store<Namespace>,
@@ -82,7 +86,15 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::POST, "/inject") => webhook::handle(&ctx, req).await,
         (&Method::GET, STREAM_PATH) => stream(&ctx, req).await,
         (&Method::POST, ACK_PATH) => ack(&ctx, req).await,
-        (_, "/inject" | STREAM_PATH | ACK_PATH) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        (&Method::POST, "/approval") => webhook::handle_approval(&ctx, req).await,
+        (&Method::POST, APPROVALS_PATH) => approval_create(&ctx, req).await,
+        (&Method::POST, path) if path.starts_with(APPROVALS_PATH) && path.ends_with("/close") => {
+            let name = path[APPROVALS_PATH.len()..].trim_start_matches('/').trim_end_matches("/close").to_owned();
+            approval_close(&ctx, req, &name).await
+        }
+        (_, "/inject" | "/approval" | STREAM_PATH | ACK_PATH | APPROVALS_PATH) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
         _ => error(StatusCode::NOT_FOUND, "not found"),
     };
     Ok(response)
@@ -166,6 +178,7 @@ fn line(message: &Message) -> Bytes {
 
 struct StreamState {
     rx: watch::Receiver<Arc<PolicySet>>,
+    approvals: tokio::sync::mpsc::UnboundedReceiver<ApprovalUpdate>,
     heartbeat: tokio::time::Interval,
     interval_seconds: u64,
     first: bool,
@@ -179,12 +192,27 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         Err(r) => return r,
     };
     ctx.metrics.stream_request("ok");
-    let (guard, rx) = ctx.hub.register(&pod);
+    let instance: String = req
+        .headers()
+        .get(INSTANCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .unwrap_or("unknown")
+        .to_owned();
+    let (guard, rx, approvals) = ctx.hub.register(&pod, &instance);
+    {
+        let (client, hub, ns, uid, instance) =
+            (ctx.client.clone(), ctx.hub.clone(), id.namespace.clone(), id.pod_uid.clone(), instance.clone());
+        tokio::spawn(async move {
+            crate::approvals::abandon_other_instances(client, &hub, &ns, &uid, &instance).await;
+        });
+    }
     tracing::info!(pod = %format!("{}/{}", id.namespace, id.pod_name), "sidecar connected");
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ctx.heartbeat, ctx.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = StreamState {
         rx,
+        approvals,
         heartbeat,
         interval_seconds: ctx.heartbeat.as_secs().max(1),
         first: true,
@@ -198,11 +226,13 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
             return Some((line(&Message::Policies((*set).clone())), st));
         }
         enum Next {
+            Approval(ApprovalUpdate),
             Changed(bool),
             Beat,
             Stop,
         }
         let next = tokio::select! {
+            Some(update) = st.approvals.recv() => Next::Approval(update),
             changed = st.rx.changed() => Next::Changed(changed.is_ok()),
             _ = st.heartbeat.tick() => Next::Beat,
             _ = stopped(&mut st.shutdown) => Next::Stop,
@@ -213,6 +243,7 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
                 st.heartbeat.reset();
                 Some((line(&Message::Policies((*set).clone())), st))
             }
+            Next::Approval(update) => Some((line(&Message::Approval(update)), st)),
             Next::Beat => {
                 let beat = Message::Heartbeat { interval_seconds: st.interval_seconds };
                 Some((line(&beat), st))
@@ -256,6 +287,46 @@ async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
             StatusCode::CONFLICT,
             "no stream of this pod holds that revision here (send acks on the stream's connection)",
         )
+    }
+}
+
+async fn approval_create(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let (id, _pod) = match caller(ctx, &req).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let body = match read_body(req.into_body(), 1024 * 1024).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let request: ApprovalRequest = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not an approval request: {e}")),
+    };
+    match crate::approvals::create(&ctx.client, &id, request).await {
+        Ok(name) => {
+            json_response(StatusCode::CREATED, &serde_json::to_value(ApprovalCreated { name }).unwrap_or_default())
+        }
+        Err((code, message)) => error(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY), message),
+    }
+}
+
+async fn approval_close(ctx: &Ctx, req: Request<Incoming>, name: &str) -> Response<Body> {
+    let (id, _pod) = match caller(ctx, &req).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let body = match read_body(req.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let close: ApprovalClose = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not an approval close: {e}")),
+    };
+    match crate::approvals::close(&ctx.client, &id, name, &close.phase).await {
+        Ok(()) => Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default(),
+        Err((code, message)) => error(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY), message),
     }
 }
 

@@ -101,3 +101,29 @@ async fn namespace_labels(ctx: &Ctx, namespace: &str) -> Result<BTreeMap<String,
         Err(_) => Err("timed out".into()),
     }
 }
+
+/// The `/approval` webhook: records who decided an McpApproval (see
+/// [`crate::approvals::review`]).
+pub async fn handle_approval(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let body = match read_body(req.into_body(), MAX_REVIEW_BYTES).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let review: AdmissionReview<toolgate_policy::crd::McpApproval> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": format!("not an AdmissionReview of an McpApproval: {e}")}),
+            );
+        }
+    };
+    let request: AdmissionRequest<toolgate_policy::crd::McpApproval> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return json_response(StatusCode::BAD_REQUEST, &serde_json::json!({"error": e.to_string()})),
+    };
+    let (result, response) = crate::approvals::review(&ctx.hub, &request);
+    ctx.metrics.webhook(result, started.elapsed());
+    json_response(StatusCode::OK, &serde_json::to_value(response.into_review()).unwrap_or_default())
+}

@@ -374,3 +374,161 @@ async fn acknowledgements_reach_status_through_any_replica_and_a_new_leader_take
     cluster.delete_namespace(&app).await;
     cluster.delete_namespace(&op_ns).await;
 }
+
+fn approval_request(tool: &str, digest_byte: char) -> serde_json::Value {
+    json!({
+        "tool": tool, "identity": "f".repeat(64), "policy": "runpod", "rule": format!("tools.{tool}"),
+        "argumentsDigest": digest_byte.to_string().repeat(64), "argumentKeys": ["id"],
+        "timeoutSeconds": 600, "instance": "instance-1",
+    })
+}
+
+/// An RBAC-limited person (service account) bound to an approver role in `ns`.
+async fn approver(cluster: &TestCluster, ns: &str, name: &str) -> String {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "toolgate-approver"},
+        "rules": [
+            {"apiGroups": ["toolgate.dev"], "resources": ["mcpapprovals"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["toolgate.dev"], "resources": ["mcpapprovals/status"], "verbs": ["get", "update", "patch"]},
+        ],
+    }))
+    .unwrap();
+    let _ = Api::<Role>::namespaced(cluster.client(), ns).create(&Default::default(), &role).await;
+    cluster.ensure_service_account(ns, name).await;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("approver-{name}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "toolgate-approver"},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(cluster.client(), ns).create(&Default::default(), &binding).await.unwrap();
+    cluster.mint_token(ns, name, &[], None).await
+}
+
+/// Runs the `toolgate` CLI with a kubeconfig for `token`; (success, stdout + stderr).
+async fn toolgate_cli(cluster: &TestCluster, token: &str, args: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.kubeconfig_for_token(token)).unwrap();
+    let out = tokio::process::Command::new(toolgate_tests::mcp::workspace_binary("toolgate", "toolgate"))
+        .args(args)
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .await
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_are_requested_decided_by_authorized_people_and_pushed_to_the_sidecar() {
+    use toolgate_policy::crd::{ApprovalPhase, McpApproval as Approval};
+    let cluster = TestCluster::shared();
+    install_crd(cluster).await;
+    let op_ns = cluster.create_namespace().await;
+    let app = cluster.create_namespace().await;
+    let operator = Operator::start(cluster, &op_ns, &app, &[]).await;
+    wait_for_webhook(cluster, &operator.webhook).await;
+    let pod = create_pod(cluster, &app, "runpod-a", json!({"toolgate.dev/inject": "enabled"})).await;
+    let ca = published_ca(cluster, &app).await;
+    let token = pod_token(cluster, &pod).await;
+    let mut stream = open_stream(operator.port, &ca, &token).await.expect("stream");
+    stream.next_set().await;
+    let approvals: Api<Approval> = Api::namespaced(cluster.client(), &app);
+
+    // A held call asks; the McpApproval names the pod from the token, not the request.
+    let (code, created) = stream.post("/v1/approvals", &approval_request("delete-pod", 'a')).await;
+    assert_eq!(code, 201, "{created}");
+    let name = created["name"].as_str().unwrap().to_owned();
+    let object = approvals.get(&name).await.unwrap();
+    assert_eq!(
+        (object.spec.pod.as_str(), object.spec.pod_uid.as_str()),
+        ("runpod-a", pod.metadata.uid.as_deref().unwrap())
+    );
+    assert_eq!(object.status.as_ref().and_then(|s| s.phase), Some(ApprovalPhase::Pending));
+    assert!(object.spec.arguments.is_none(), "arguments are not shown unless the policy says so");
+    let mut bad = approval_request("delete-pod", 'a');
+    bad["argumentsDigest"] = json!("zz");
+    assert_eq!(stream.post("/v1/approvals", &bad).await.0, 400);
+
+    // `toolgate approvals` lists it for a person with the approver role.
+    let alice = approver(cluster, &app, "alice").await;
+    let (ok, listed) = toolgate_cli(cluster, &alice, &["approvals", "-n", &app]).await;
+    assert!(ok && listed.contains(&name) && listed.contains("delete-pod") && listed.contains("Pending"), "{listed}");
+
+    // Without the role: refused by RBAC. The pod's own service account, even with the
+    // role, is refused by the operator's webhook.
+    let agent = cluster.mint_token(&app, "agent", &[], None).await;
+    let (ok, out) = toolgate_cli(cluster, &agent, &["approve", &name, "-n", &app]).await;
+    assert!(!ok && out.contains("forbidden"), "{out}");
+    let binding = json!({
+        "metadata": {"name": "approver-agent"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "toolgate-approver"},
+        "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": app}],
+    });
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(cluster.client(), &app)
+        .create(&Default::default(), &serde_json::from_value(binding).unwrap())
+        .await
+        .unwrap();
+    let (ok, out) = eventually("the agent's self-approval to reach the webhook", TIMEOUT, || async {
+        let r = toolgate_cli(cluster, &agent, &["approve", &name, "-n", &app]).await;
+        (!r.1.contains("forbidden: User")).then_some(r)
+    })
+    .await;
+    assert!(!ok && out.contains("own service account"), "{out}");
+
+    // Alice approves; the decider is who the apiserver authenticated; the sidecar hears it.
+    let (ok, out) = toolgate_cli(cluster, &alice, &["approve", &name, "-n", &app, "--reason", "looks fine"]).await;
+    assert!(ok, "{out}");
+    let update = stream.next_approval().await;
+    assert_eq!((update.name.as_str(), update.phase.as_str()), (name.as_str(), "Approved"));
+    let alice_user = format!("system:serviceaccount:{app}:alice");
+    assert_eq!(update.decided_by.as_deref(), Some(alice_user.as_str()));
+    assert_eq!(update.reason.as_deref(), Some("looks fine"));
+    // Decided is final.
+    let (ok, out) = toolgate_cli(cluster, &alice, &["deny", &name, "-n", &app]).await;
+    assert!(!ok && out.contains("already Approved"), "{out}");
+
+    // A claimed decider is overwritten by the authenticated one.
+    let (_, second) = stream.post("/v1/approvals", &approval_request("delete-pod", 'b')).await;
+    let second = second["name"].as_str().unwrap().to_owned();
+    let alice_client = cluster.client_with_token(&alice).await;
+    let forged = json!({"status": {"phase": "Denied", "reason": "no", "decidedBy": "mallory"}});
+    let denied = Api::<Approval>::namespaced(alice_client, &app)
+        .patch_status(&second, &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .unwrap();
+    assert_eq!(denied.status.unwrap().decided_by.as_deref(), Some(alice_user.as_str()));
+    let update = stream.next_approval().await;
+    assert_eq!((update.name.as_str(), update.phase.as_str()), (second.as_str(), "Denied"));
+
+    // The sidecar gives up on a third (timeout): Expired.
+    let (_, third) = stream.post("/v1/approvals", &approval_request("delete-pod", 'c')).await;
+    let third = third["name"].as_str().unwrap().to_owned();
+    assert_eq!(stream.post(&format!("/v1/approvals/{third}/close"), &json!({"phase": "Expired"})).await.0, 204);
+    assert_eq!(approvals.get(&third).await.unwrap().status.unwrap().phase, Some(ApprovalPhase::Expired));
+    assert_eq!(stream.post(&format!("/v1/approvals/{third}/close"), &json!({"phase": "Approved"})).await.0, 400);
+
+    // The sidecar restarts while a fourth waits: Abandoned.
+    let (_, fourth) = stream.post("/v1/approvals", &approval_request("delete-pod", 'd')).await;
+    let fourth = fourth["name"].as_str().unwrap().to_owned();
+    drop(stream);
+    let mut restarted = open_stream_as(operator.port, &ca, &token, "instance-2").await.expect("new instance");
+    restarted.next_set().await;
+    eventually("the fourth approval to be abandoned", TIMEOUT, || {
+        let approvals = approvals.clone();
+        let fourth = fourth.clone();
+        async move {
+            let phase = approvals.get(&fourth).await.ok()?.status?.phase?;
+            (phase == ApprovalPhase::Abandoned).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), restarted.next_approval()).await.is_err(),
+        "decisions of the old instance are not sent to the new one"
+    );
+    drop(operator);
+    cluster.delete_namespace(&app).await;
+    cluster.delete_namespace(&op_ns).await;
+}

@@ -21,6 +21,7 @@ use toolgate_tests::{Supervised, TestCluster, eventually, free_port, install_cry
 
 pub const TIMEOUT: Duration = Duration::from_secs(90);
 const CRD: &str = include_str!("../../../crds/mcppolicies.toolgate.dev.yaml");
+const APPROVAL_CRD: &str = include_str!("../../../crds/mcpapprovals.toolgate.dev.yaml");
 
 pub async fn install_crd(cluster: &TestCluster) {
     static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
@@ -28,11 +29,13 @@ pub async fn install_crd(cluster: &TestCluster) {
     INSTALLED
         .get_or_init(|| async {
             cluster.kubectl_apply(None, CRD).await;
+            cluster.kubectl_apply(None, APPROVAL_CRD).await;
             run_ok(cluster.kubectl().args([
                 "wait",
                 "--for=condition=Established",
                 "--timeout=90s",
                 "crd/mcppolicies.toolgate.dev",
+                "crd/mcpapprovals.toolgate.dev",
             ]))
             .await;
         })
@@ -161,6 +164,16 @@ async fn create_webhook_config(cluster: &TestCluster, name: &str, port: u16, app
             "reinvocationPolicy": "IfNeeded",
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": app_namespace}},
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+        }, {
+            "name": "approvals.toolgate.dev",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/approval")},
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": app_namespace}},
+            "rules": [{"apiGroups": ["toolgate.dev"], "apiVersions": ["v1alpha1"], "operations": ["UPDATE"],
+                "resources": ["mcpapprovals/status"]}],
         }],
     }))
     .unwrap();
@@ -251,10 +264,22 @@ pub struct StreamClient {
     sender: http2::SendRequest<Full<Bytes>>,
     token: String,
     pub messages: mpsc::UnboundedReceiver<Message>,
+    /// Approval updates seen while waiting for something else.
+    pub approvals: Vec<toolgate_policy::push::ApprovalUpdate>,
 }
 
 /// Opens `/v1/stream`; `Err((status, body))` when refused.
 pub async fn open_stream(port: u16, ca_pem: &str, token: &str) -> Result<StreamClient, (u16, String)> {
+    open_stream_as(port, ca_pem, token, "instance-1").await
+}
+
+/// [`open_stream`] as a given sidecar instance (`toolgate-instance` header).
+pub async fn open_stream_as(
+    port: u16,
+    ca_pem: &str,
+    token: &str,
+    instance: &str,
+) -> Result<StreamClient, (u16, String)> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(tls_config(ca_pem));
     let server = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
@@ -263,6 +288,7 @@ pub async fn open_stream(port: u16, ca_pem: &str, token: &str) -> Result<StreamC
     tokio::spawn(conn);
     let req = Request::get("/v1/stream")
         .header("authorization", format!("Bearer {token}"))
+        .header("toolgate-instance", instance)
         .body(Full::new(Bytes::new()))
         .unwrap();
     let res = sender.send_request(req).await.unwrap();
@@ -287,7 +313,7 @@ pub async fn open_stream(port: u16, ca_pem: &str, token: &str) -> Result<StreamC
             }
         }
     });
-    Ok(StreamClient { sender, token: token.into(), messages: rx })
+    Ok(StreamClient { sender, token: token.into(), messages: rx, approvals: Vec::new() })
 }
 
 impl StreamClient {
@@ -297,6 +323,7 @@ impl StreamClient {
             match tokio::time::timeout(TIMEOUT, self.messages.recv()).await.expect("a policy set in time") {
                 Some(Message::Policies(set)) => return set,
                 Some(Message::Heartbeat { .. }) => {}
+                Some(Message::Approval(update)) => self.approvals.push(update),
                 None => panic!("the stream ended"),
             }
         }
@@ -307,10 +334,38 @@ impl StreamClient {
         loop {
             match tokio::time::timeout(Duration::from_secs(10), self.messages.recv()).await {
                 Ok(Some(Message::Heartbeat { .. })) => return true,
+                Ok(Some(Message::Approval(update))) => self.approvals.push(update),
                 Ok(Some(_)) => {}
                 _ => return false,
             }
         }
+    }
+
+    /// The next approval update (policy sets and heartbeats skipped).
+    pub async fn next_approval(&mut self) -> toolgate_policy::push::ApprovalUpdate {
+        if !self.approvals.is_empty() {
+            return self.approvals.remove(0);
+        }
+        loop {
+            match tokio::time::timeout(TIMEOUT, self.messages.recv()).await.expect("an approval update in time") {
+                Some(Message::Approval(update)) => return update,
+                Some(_) => {}
+                None => panic!("the stream ended"),
+            }
+        }
+    }
+
+    /// POSTs JSON on the stream's connection; (status, body).
+    pub async fn post(&mut self, path: &str, body: &Value) -> (u16, Value) {
+        let req = Request::post(path)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let res = self.sender.send_request(req).await.unwrap();
+        let status = res.status().as_u16();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
     /// Acks a revision on the stream's connection; the HTTP status.

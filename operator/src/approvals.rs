@@ -1,0 +1,288 @@
+//! Human approval, operator side.
+//!
+//! - A sidecar holding a call asks for an approval (`POST /v1/approvals`): the operator
+//!   creates an `McpApproval` in the pod's namespace (phase Pending) from the request and
+//!   from what it knows itself (pod name and uid come from the token, not the request).
+//! - A person decides by setting `status.phase` (RBAC: the `toolgate-approver` role).
+//!   The `/approval` admission webhook (on `mcpapprovals/status`) records who decided from
+//!   the authenticated request and refuses the requesting pod's own service account.
+//! - Decisions reach the sidecar instance holding the call over its stream
+//!   ([`crate::hub::Hub::push_approvals`]), also after operator restarts (they are API
+//!   objects).
+//! - The sidecar closes approvals it stopped waiting for (Expired, Cancelled); approvals
+//!   of an earlier sidecar instance of the pod, or of a pod that is gone, are Abandoned.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use toolgate_policy::crd::{ApprovalPhase, McpApproval, McpApprovalSpec};
+use toolgate_policy::push::ApprovalRequest;
+
+use crate::auth::PodIdentity;
+use crate::hub::Hub;
+
+/// Longest wait a sidecar may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(31 * 86_400);
+/// Shown arguments larger than this are dropped (the digest still binds them).
+const MAX_SHOWN_ARGUMENTS: usize = 64 * 1024;
+/// Label on every McpApproval: the pod it belongs to.
+pub const POD_LABEL: &str = "toolgate.dev/pod";
+
+fn bad(field: &str, why: &str) -> String {
+    format!("{field}: {why}")
+}
+
+/// Checks a request from a sidecar; the error names the field.
+fn check(req: &ApprovalRequest) -> Result<(), String> {
+    let short = |field: &str, v: &str, max: usize| {
+        if v.is_empty() || v.len() > max { Err(bad(field, &format!("must be 1..{max} characters"))) } else { Ok(()) }
+    };
+    short("tool", &req.tool, 256)?;
+    // Anonymous callers have an empty identity.
+    if req.identity.len() > 128 {
+        return Err(bad("identity", "must be at most 128 characters"));
+    }
+    short("policy", &req.policy, 253)?;
+    short("rule", &req.rule, 512)?;
+    short("instance", &req.instance, 64)?;
+    if req.arguments_digest.len() != 64 || !req.arguments_digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("argumentsDigest", "must be 64 hex digits (SHA-256)"));
+    }
+    if req.argument_keys.len() > 256 || req.argument_keys.iter().any(|k| k.len() > 256) {
+        return Err(bad("argumentKeys", "too many or too long"));
+    }
+    if req.timeout_seconds == 0 || Duration::from_secs(req.timeout_seconds) > MAX_TIMEOUT {
+        return Err(bad("timeoutSeconds", "must be between 1 s and 31 days"));
+    }
+    Ok(())
+}
+
+/// Creates the McpApproval for a held call; returns its name.
+pub async fn create(client: &Client, id: &PodIdentity, req: ApprovalRequest) -> Result<String, (u16, String)> {
+    check(&req).map_err(|e| (400, e))?;
+    let now = Timestamp::now();
+    let expires =
+        now + k8s_openapi::jiff::SignedDuration::from_secs(i64::try_from(req.timeout_seconds).unwrap_or(i64::MAX));
+    let arguments =
+        req.arguments.filter(|a| serde_json::to_vec(a).map(|v| v.len()).unwrap_or(usize::MAX) <= MAX_SHOWN_ARGUMENTS);
+    let prefix: String = id.pod_name.chars().take(40).collect();
+    let approval = McpApproval {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", prefix.trim_end_matches('-'))),
+            labels: Some(BTreeMap::from([
+                (
+                    POD_LABEL.to_owned(),
+                    id.pod_name.chars().take(63).collect::<String>().trim_end_matches(['-', '.', '_']).to_owned(),
+                ),
+                ("app.kubernetes.io/managed-by".to_owned(), "toolgate-operator".to_owned()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        spec: McpApprovalSpec {
+            pod: id.pod_name.clone(),
+            pod_uid: id.pod_uid.clone(),
+            instance: req.instance,
+            tool: req.tool,
+            grant: req.grant,
+            identity: req.identity,
+            session: req.session.map(|s| s.chars().take(256).collect()),
+            policy: req.policy,
+            rule: req.rule,
+            reason: req.reason.map(|s| s.chars().take(1024).collect()),
+            arguments_digest: req.arguments_digest,
+            argument_keys: req.argument_keys,
+            arguments,
+            requested_at: now.to_string(),
+            expires_at: expires.to_string(),
+        },
+        status: None,
+    };
+    let api: Api<McpApproval> = Api::namespaced(client.clone(), &id.namespace);
+    let created = api
+        .create(&PostParams::default(), &approval)
+        .await
+        .map_err(|e| (503, format!("creating the McpApproval: {e}")))?;
+    let name = created.name_any();
+    set_phase(&api, &name, ApprovalPhase::Pending, None)
+        .await
+        .map_err(|e| (503, format!("setting phase Pending: {e}")))?;
+    tracing::info!(namespace = %id.namespace, approval = %name, pod = %id.pod_name, tool = %created.spec.tool, "approval requested");
+    Ok(name)
+}
+
+/// Sets `status.phase` (and reason) with a merge patch; CEL keeps decided approvals final.
+pub async fn set_phase(
+    api: &Api<McpApproval>,
+    name: &str,
+    phase: ApprovalPhase,
+    reason: Option<&str>,
+) -> kube::Result<McpApproval> {
+    let mut status = json!({"phase": phase.as_str()});
+    if let Some(r) = reason {
+        status["reason"] = json!(r);
+    }
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await
+}
+
+/// The sidecar stopped waiting: `Expired` or `Cancelled`, only for its own pod's
+/// approvals and only while Pending.
+pub async fn close(client: &Client, id: &PodIdentity, name: &str, phase: &str) -> Result<(), (u16, String)> {
+    let phase = match phase {
+        "Expired" => ApprovalPhase::Expired,
+        "Cancelled" => ApprovalPhase::Cancelled,
+        other => return Err((400, format!("phase: {other:?} is not Expired or Cancelled"))),
+    };
+    let api: Api<McpApproval> = Api::namespaced(client.clone(), &id.namespace);
+    let approval = match api.get_opt(name).await {
+        Ok(Some(a)) => a,
+        Ok(None) => return Err((404, format!("no McpApproval {name}"))),
+        Err(e) => return Err((503, e.to_string())),
+    };
+    if approval.spec.pod_uid != id.pod_uid {
+        return Err((403, "the McpApproval belongs to another pod".into()));
+    }
+    if approval.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p != ApprovalPhase::Pending) {
+        return Ok(());
+    }
+    let why = if phase == ApprovalPhase::Expired { "no decision before the timeout" } else { "the client went away" };
+    set_phase(&api, name, phase, Some(why)).await.map(|_| ()).map_err(|e| (503, e.to_string()))
+}
+
+/// Pending approvals of the pod held by another (earlier) sidecar instance: Abandoned.
+pub async fn abandon_other_instances(client: Client, hub: &Hub, namespace: &str, pod_uid: &str, instance: &str) {
+    let stale = hub.approvals.state_filter(|a| {
+        a.spec.pod_uid == pod_uid
+            && a.spec.instance != instance
+            && a.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == ApprovalPhase::Pending)
+    });
+    let api: Api<McpApproval> = Api::namespaced(client, namespace);
+    for a in stale {
+        match set_phase(&api, &a.name_any(), ApprovalPhase::Abandoned, Some("the sidecar holding the call restarted"))
+            .await
+        {
+            Ok(_) => tracing::info!(approval = %a.name_any(), "approval abandoned: its sidecar restarted"),
+            Err(e) => tracing::warn!(approval = %a.name_any(), error = %e, "cannot mark the approval abandoned"),
+        }
+    }
+}
+
+/// Leader: approvals whose pod is gone become Abandoned; approvals left Pending well
+/// past their expiry (their sidecar died before closing them) become Expired.
+pub async fn janitor(client: Client, hub: std::sync::Arc<Hub>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = Timestamp::now();
+        let pending = hub
+            .approvals
+            .state_filter(|a| a.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == ApprovalPhase::Pending));
+        for a in pending {
+            let ns = a.namespace().unwrap_or_default();
+            if !hub.governs(&ns) {
+                continue;
+            }
+            let pod = hub.pods.get(&ObjectRef::<Pod>::new(&a.spec.pod).within(&ns));
+            let pod_gone = pod.is_none_or(|p| p.uid().as_deref() != Some(a.spec.pod_uid.as_str()));
+            let overdue = a
+                .spec
+                .expires_at
+                .parse::<Timestamp>()
+                .is_ok_and(|t| now.duration_since(t) > k8s_openapi::jiff::SignedDuration::from_secs(30));
+            let api: Api<McpApproval> = Api::namespaced(client.clone(), &ns);
+            let result = if pod_gone {
+                set_phase(&api, &a.name_any(), ApprovalPhase::Abandoned, Some("the pod is gone")).await
+            } else if overdue {
+                set_phase(&api, &a.name_any(), ApprovalPhase::Expired, Some("no decision before the timeout")).await
+            } else {
+                continue;
+            };
+            if let Err(e) = result {
+                tracing::debug!(approval = %a.name_any(), error = %e, "janitor could not close the approval");
+            }
+        }
+    }
+}
+
+/// The `/approval` admission webhook (mutating, on `mcpapprovals/status` updates): a
+/// decision records the authenticated user; the requesting pod's own service account
+/// may not decide.
+pub fn review(hub: &Hub, request: &AdmissionRequest<McpApproval>) -> (&'static str, AdmissionResponse) {
+    let response = AdmissionResponse::from(request);
+    let (Some(new), Operation::Update) = (&request.object, &request.operation) else {
+        return ("ignored", response);
+    };
+    let old_phase = request.old_object.as_ref().and_then(|o| o.status.as_ref()).and_then(|s| s.phase);
+    let new_phase = new.status.as_ref().and_then(|s| s.phase);
+    if new_phase == old_phase || new_phase.is_none_or(|p| p == ApprovalPhase::Pending) {
+        return ("unchanged", response);
+    }
+    let user = request.user_info.username.clone().unwrap_or_default();
+    let ns = request.namespace.clone().unwrap_or_default();
+    let pod_sa = hub
+        .pods
+        .get(&ObjectRef::<Pod>::new(&new.spec.pod).within(&ns))
+        .and_then(|p| p.spec.as_ref().and_then(|s| s.service_account_name.clone()))
+        .unwrap_or_else(|| "default".into());
+    let decision = matches!(new_phase, Some(ApprovalPhase::Approved | ApprovalPhase::Denied));
+    if decision && user == format!("system:serviceaccount:{ns}:{pod_sa}") {
+        return ("refused_self", response.deny("the requesting pod's own service account cannot decide its approvals"));
+    }
+    let now = Timestamp::now().to_string();
+    let status_exists = new.status.is_some();
+    let mut ops = Vec::new();
+    if !status_exists {
+        ops.push(json!({"op": "add", "path": "/status", "value": {}}));
+    }
+    ops.push(json!({"op": "add", "path": "/status/decidedBy", "value": user}));
+    ops.push(json!({"op": "add", "path": "/status/decidedAt", "value": now}));
+    let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
+        Ok(p) => p,
+        Err(e) => return ("error", response.deny(format!("toolgate: {e}"))),
+    };
+    match response.with_patch(patch) {
+        Ok(r) => ("recorded", r),
+        Err(e) => ("error", AdmissionResponse::from(request).deny(format!("toolgate: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> ApprovalRequest {
+        ApprovalRequest {
+            tool: "delete-pod".into(),
+            grant: None,
+            identity: "f".repeat(64),
+            session: None,
+            policy: "runpod".into(),
+            rule: "tools.delete-pod".into(),
+            reason: None,
+            arguments_digest: "a".repeat(64),
+            argument_keys: vec!["id".into()],
+            arguments: None,
+            timeout_seconds: 600,
+            instance: "i-1".into(),
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_field_by_field() {
+        assert_eq!(check(&request()), Ok(()));
+        let mut r = request();
+        r.arguments_digest = "zz".into();
+        assert!(check(&r).is_err_and(|e| e.starts_with("argumentsDigest")));
+        let mut r = request();
+        r.timeout_seconds = 0;
+        assert!(check(&r).is_err_and(|e| e.starts_with("timeoutSeconds")));
+        let mut r = request();
+        r.tool = "x".repeat(300);
+        assert!(check(&r).is_err_and(|e| e.starts_with("tool")));
+    }
+}
