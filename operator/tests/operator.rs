@@ -532,3 +532,123 @@ async fn approvals_are_requested_decided_by_authorized_people_and_pushed_to_the_
     cluster.delete_namespace(&app).await;
     cluster.delete_namespace(&op_ns).await;
 }
+
+/// RunPod MCP 4.0.0 with delete-pod held for approval.
+fn approval_policy() -> serde_json::Value {
+    json!({
+        "version": "1",
+        "default": "deny",
+        "tools": {
+            "list-pods": {},
+            "delete-pod": {"action": "approval", "reason": "deleting a pod needs a person",
+                "approval": {"timeout": "4s", "show_arguments": true}},
+            "delete-network-volume": {"action": "approval", "approval": {"timeout": "40s"}},
+        },
+    })
+}
+
+/// Waits for a Pending McpApproval of `tool` not in `seen`; returns its name.
+async fn pending_approval(cluster: &TestCluster, ns: &str, tool: &str, seen: &[String]) -> String {
+    use toolgate_policy::crd::{ApprovalPhase, McpApproval as Approval};
+    let api: Api<Approval> = Api::namespaced(cluster.client(), ns);
+    eventually("a pending McpApproval", TIMEOUT, || {
+        let api = api.clone();
+        async move {
+            let list = api.list(&ListParams::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .find(|a| {
+                    a.spec.tool == tool
+                        && !seen.contains(&a.metadata.name.clone().unwrap_or_default())
+                        && a.status.as_ref().and_then(|s| s.phase) == Some(ApprovalPhase::Pending)
+                })
+                .and_then(|a| a.metadata.name)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_calls_wait_for_a_person_against_runpod() {
+    use toolgate_policy::crd::{ApprovalPhase, McpApproval as Approval};
+    let cluster = TestCluster::shared();
+    install_crd(cluster).await;
+    let op_ns = cluster.create_namespace().await;
+    let app = cluster.create_namespace().await;
+    let operator = Operator::start(cluster, &op_ns, &app, &[]).await;
+    wait_for_webhook(cluster, &operator.webhook).await;
+    let pod = create_pod(cluster, &app, "runpod-0", json!({"toolgate.dev/inject": "enabled"})).await;
+    let ca = published_ca(cluster, &app).await;
+    let token = pod_token(cluster, &pod).await;
+    let fake = toolgate_tests::mcp::fake_runpod();
+    let server = toolgate_tests::mcp::runpod_http(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(&pod, server.port, dir.path(), &token, &ca);
+    let agent = sidecar.client("agent-key");
+    apply_policy(cluster, &app, "runpod", approval_policy()).await;
+    status_where(cluster, &app, "runpod", "the sidecar to enforce", |p| {
+        p.status.as_ref().is_some_and(|s| s.enforcing == Some(1))
+    })
+    .await;
+    let alice = approver(cluster, &app, "alice").await;
+    let approvals: Api<Approval> = Api::namespaced(cluster.client(), &app);
+    let deletes = |fake: &toolgate_tests::mcp::Proc| {
+        toolgate_tests::mcp::fake_requests(fake).iter().filter(|(m, _, _)| m == "DELETE").count()
+    };
+
+    // Approve: the held call completes, and reaches RunPod exactly once.
+    let held = tokio::spawn(run_client(agent.clone(), vec![call("delete-network-volume", json!({"id": "vol-1"}))]));
+    let first = pending_approval(cluster, &app, "delete-network-volume", &[]).await;
+    assert_eq!(deletes(&fake), 0, "nothing reaches RunPod while the call is held");
+    let shown = approvals.get(&first).await.unwrap();
+    assert!(shown.spec.arguments.is_none() && shown.spec.argument_keys.contains(&"id".to_owned()));
+    let (ok, out) = toolgate_cli(cluster, &alice, &["approve", &first, "-n", &app, "--reason", "cleanup"]).await;
+    assert!(ok, "{out}");
+    let out = held.await.unwrap();
+    assert_eq!(codes(&out), [None], "{out:?}");
+    assert_eq!(deletes(&fake), 1);
+    assert_eq!(
+        approvals.get(&first).await.unwrap().status.unwrap().decided_by,
+        Some(format!("system:serviceaccount:{app}:alice"))
+    );
+
+    // Changed arguments are not covered: a new approval, which alice denies.
+    let held = tokio::spawn(run_client(agent.clone(), vec![call("delete-network-volume", json!({"id": "vol-2"}))]));
+    let second = pending_approval(cluster, &app, "delete-network-volume", std::slice::from_ref(&first)).await;
+    assert_ne!(approvals.get(&second).await.unwrap().spec.arguments_digest, shown.spec.arguments_digest);
+    let (ok, out) = toolgate_cli(cluster, &alice, &["deny", &second, "-n", &app, "--reason", "keep vol-2"]).await;
+    assert!(ok, "{out}");
+    let out = held.await.unwrap();
+    assert_eq!(codes(&out), [Some(-32010)], "{out:?}");
+    let message =
+        out[0]["error"]["message"].as_str().unwrap_or_default().to_owned() + &out[0]["error"]["data"].to_string();
+    assert!(message.contains(&second), "the refusal names the McpApproval: {message}");
+    assert_eq!(deletes(&fake), 1, "a denied call never reaches RunPod");
+
+    // Nobody decides: expired after the policy's 4 s; the McpApproval says so.
+    let out = run_client(agent.clone(), vec![call("delete-pod", json!({"id": "pod-9"}))]).await;
+    assert_eq!(codes(&out), [Some(-32012)], "{out:?}");
+    let third = approvals
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|a| a.spec.tool == "delete-pod")
+        .expect("an McpApproval for delete-pod");
+    assert_eq!(third.spec.arguments, Some(json!({"id": "pod-9"})), "show_arguments: the approver sees them");
+    eventually("the approval to be marked Expired", TIMEOUT, || {
+        let approvals = approvals.clone();
+        let name = third.metadata.name.clone().unwrap();
+        async move { (approvals.get(&name).await.ok()?.status?.phase? == ApprovalPhase::Expired).then_some(()) }
+    })
+    .await;
+    assert_eq!(deletes(&fake), 1);
+    let m = sidecar.metrics();
+    assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"approved\"}"), 1.0, "{m}");
+    assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"denied\"}"), 1.0, "{m}");
+    assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"expired\"}"), 1.0, "{m}");
+    drop(operator);
+    cluster.delete_namespace(&app).await;
+    cluster.delete_namespace(&op_ns).await;
+}
