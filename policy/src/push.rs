@@ -1,5 +1,5 @@
 //! The wire format of policy distribution ("push") between the operator and its sidecars.
-//! Only types: the operator serves it, the proxy consumes it (docs/push.md).
+//! Only types: the operator serves it, the proxy consumes it (docs/operator.md, "Policy push").
 //!
 //! - `GET /v1/stream` with `Authorization: Bearer <projected token, audience toolgate>`:
 //!   `200`, `Content-Type: application/x-ndjson`, one [`Message`] per line, for as long as
