@@ -223,7 +223,7 @@ async fn run(args: Args) -> Result<()> {
     let names = serving_names(&args);
     let lifetimes = Lifetimes {
         ca: Duration::from_secs(args.ca_cert_seconds.max(600)),
-        serving: Duration::from_secs(args.serving_cert_seconds.max(60)),
+        serving: Duration::from_secs(args.serving_cert_seconds.max(10)),
     };
     let (leader_tx, leader_rx) = watch::channel(false);
     load_certificates(&client, &args, &names, &lifetimes, &certs, false)

@@ -305,6 +305,28 @@ async fn an_injected_sidecar_enforces_what_the_operator_pushes_against_runpod() 
     })
     .await;
 
+    // A dryRun policy refusing list-pods: calls still pass, the would-be denial is counted.
+    apply_policy(
+        cluster,
+        &app,
+        "trial",
+        json!({"mode": "dryRun", "version": "1", "default": "deny", "tools": {"pod-action": {}}}),
+    )
+    .await;
+    status_where(cluster, &app, "trial", "the dryRun policy to be enforced", |p| {
+        p.status.as_ref().is_some_and(|s| s.enforcing == Some(1))
+    })
+    .await;
+    let out = run_client(agent.clone(), vec![call("list-pods", json!({}))]).await;
+    assert_eq!(codes(&out), [None], "dryRun does not refuse: {out:?}");
+    let m = sidecar.metrics();
+    assert_eq!(
+        toolgate_tests::mcp::sample(&m, "toolgate_decisions_total{tool=\"list-pods\",decision=\"would_deny\""),
+        1.0,
+        "{m}"
+    );
+    Api::<McpPolicy>::namespaced(cluster.client(), &app).delete("trial", &Default::default()).await.unwrap();
+
     // Deleting the McpPolicy leaves the sidecar denying everything.
     Api::<McpPolicy>::namespaced(cluster.client(), &app).delete("runpod", &Default::default()).await.unwrap();
     eventually("the sidecar to deny everything", TIMEOUT, || {
@@ -648,6 +670,43 @@ async fn held_calls_wait_for_a_person_against_runpod() {
     assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"approved\"}"), 1.0, "{m}");
     assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"denied\"}"), 1.0, "{m}");
     assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"expired\"}"), 1.0, "{m}");
+    drop(operator);
+    cluster.delete_namespace(&app).await;
+    cluster.delete_namespace(&op_ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_certificate_is_rotated_before_expiry_without_a_restart() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let cluster = TestCluster::shared();
+    install_crd(cluster).await;
+    let op_ns = cluster.create_namespace().await;
+    let app = cluster.create_namespace().await;
+    // A 15 s serving certificate: renewed when 5 s are left.
+    let operator = Operator::start(cluster, &op_ns, &app, &["--serving-cert-seconds=15"]).await;
+    wait_for_webhook(cluster, &operator.webhook).await;
+    create_pod(cluster, &app, "before-rotation", json!({"toolgate.dev/inject": "enabled"})).await;
+    let ca = published_ca(cluster, &app).await;
+    let first = served_certificate(operator.port, &ca).await;
+    let second = eventually("a new serving certificate", TIMEOUT, || {
+        let (ca, first) = (ca.clone(), first.clone());
+        let port = operator.port;
+        async move {
+            let now = served_certificate(port, &ca).await;
+            (now != first).then_some(now)
+        }
+    })
+    .await;
+    assert_ne!(first, second);
+    // Same CA: the caBundle and the published bundle still verify it (the handshake above
+    // used the CA fetched before the rotation), and admission keeps working.
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(cluster.client());
+    let bundle = webhooks.get(&operator.webhook).await.unwrap().webhooks.unwrap()[0].client_config.ca_bundle.clone();
+    assert_eq!(bundle.map(|b| b.0), Some(ca.as_bytes().to_vec()));
+    let pod = create_pod(cluster, &app, "after-rotation", json!({"toolgate.dev/inject": "enabled"})).await;
+    assert!(pod.spec.unwrap().init_containers.is_some_and(|c| c[0].name == "toolgate-proxy"));
+    let m = operator.metrics();
+    assert!(toolgate_tests::mcp::sample(&m, "toolgate_operator_certificate_rotations_total") >= 1.0, "{m}");
     drop(operator);
     cluster.delete_namespace(&app).await;
     cluster.delete_namespace(&op_ns).await;

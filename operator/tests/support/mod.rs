@@ -458,3 +458,12 @@ impl Sidecar {
         toolgate_tests::mcp::http(self.admin, "GET", "/readyz", &[], b"").0
     }
 }
+
+/// The DER of the certificate the operator presents now.
+pub async fn served_certificate(port: u16, ca_pem: &str) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls_config(ca_pem));
+    let server = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = connector.connect(server, tcp).await.expect("TLS handshake with the operator");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
