@@ -259,28 +259,42 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
+/// An authenticated sidecar's JSON request body of type `T` (at most `max` bytes).
+async fn sidecar_json<T: serde::de::DeserializeOwned>(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    max: usize,
+    what: &str,
+) -> Result<(PodIdentity, T), Response<Body>> {
+    let (id, _pod) = caller(ctx, &req).await?;
+    let body = read_body(req.into_body(), max).await?;
+    let value =
+        serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("not {what}: {e}")))?;
+    Ok((id, value))
+}
+
+fn no_content() -> Response<Body> {
+    Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default()
+}
+
+fn from_code(code: u16, message: String) -> Response<Body> {
+    error(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY), message)
+}
+
 async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
-    let (id, _pod) = match caller(ctx, &req).await {
-        Ok(c) => c,
+    let (id, ack) = match sidecar_json::<Ack>(ctx, req, 64 * 1024, "an ack").await {
+        Ok(v) => v,
         Err(r) => return r,
-    };
-    let body = match read_body(req.into_body(), 64 * 1024).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let ack: Ack = match serde_json::from_slice(&body) {
-        Ok(a) => a,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not an ack: {e}")),
     };
     if let Some(problem) = &ack.error {
         tracing::warn!(pod = %format!("{}/{}", id.namespace, id.pod_name), revision = %ack.revision, %problem,
             "sidecar could not apply its policy set; it keeps the previous one");
         ctx.metrics.stream_request("nack");
-        return Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default();
+        return no_content();
     }
     if ctx.hub.ack(&id.pod_uid, &ack.revision) {
         ctx.metrics.stream_request("ack");
-        Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default()
+        no_content()
     } else {
         ctx.metrics.stream_request("ack_unknown");
         error(
@@ -291,42 +305,26 @@ async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn approval_create(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
-    let (id, _pod) = match caller(ctx, &req).await {
-        Ok(c) => c,
+    let (id, request) = match sidecar_json::<ApprovalRequest>(ctx, req, 1024 * 1024, "an approval request").await {
+        Ok(v) => v,
         Err(r) => return r,
-    };
-    let body = match read_body(req.into_body(), 1024 * 1024).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let request: ApprovalRequest = match serde_json::from_slice(&body) {
-        Ok(a) => a,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not an approval request: {e}")),
     };
     match crate::approvals::create(&ctx.client, &id, request).await {
         Ok(name) => {
             json_response(StatusCode::CREATED, &serde_json::to_value(ApprovalCreated { name }).unwrap_or_default())
         }
-        Err((code, message)) => error(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY), message),
+        Err((code, message)) => from_code(code, message),
     }
 }
 
 async fn approval_close(ctx: &Ctx, req: Request<Incoming>, name: &str) -> Response<Body> {
-    let (id, _pod) = match caller(ctx, &req).await {
-        Ok(c) => c,
+    let (id, close) = match sidecar_json::<ApprovalClose>(ctx, req, 64 * 1024, "an approval close").await {
+        Ok(v) => v,
         Err(r) => return r,
-    };
-    let body = match read_body(req.into_body(), 64 * 1024).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let close: ApprovalClose = match serde_json::from_slice(&body) {
-        Ok(a) => a,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not an approval close: {e}")),
     };
     match crate::approvals::close(&ctx.client, &id, name, &close.phase).await {
-        Ok(()) => Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default(),
-        Err((code, message)) => error(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY), message),
+        Ok(()) => no_content(),
+        Err((code, message)) => from_code(code, message),
     }
 }
 

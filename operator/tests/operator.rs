@@ -46,12 +46,7 @@ fn condition<'a>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injection_streams_acks_status_and_refusals() {
-    let cluster = TestCluster::shared();
-    install_crd(cluster).await;
-    let op_ns = cluster.create_namespace().await;
-    let app = cluster.create_namespace().await;
-    let mut operator = Operator::start(cluster, &op_ns, &app, &[]).await;
-    wait_for_webhook(cluster, &operator.webhook).await;
+    let (cluster, op_ns, app, mut operator) = setup(&[]).await;
 
     // Injection: the pod comes back with the sidecar, pointed at this operator.
     let pod = create_pod(cluster, &app, "runpod-a", json!({"app": "runpod", "toolgate.dev/inject": "enabled"})).await;
@@ -200,8 +195,7 @@ async fn injection_streams_acks_status_and_refusals() {
     operator.kill();
     drop(stream);
     drop(other_stream);
-    cluster.delete_namespace(&app).await;
-    cluster.delete_namespace(&op_ns).await;
+    teardown(cluster, &op_ns, &app).await;
 }
 
 /// RunPod MCP 4.0.0's pod-action with the seed's limit (see examples/policies/runpod-4.0.0.yaml).
@@ -242,15 +236,9 @@ async fn run_client(target: Vec<String>, script: Vec<serde_json::Value>) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_injected_sidecar_enforces_what_the_operator_pushes_against_runpod() {
-    let cluster = TestCluster::shared();
-    install_crd(cluster).await;
-    let op_ns = cluster.create_namespace().await;
-    let app = cluster.create_namespace().await;
-    let mut operator = Operator::start(cluster, &op_ns, &app, &[]).await;
-    wait_for_webhook(cluster, &operator.webhook).await;
-    let pod = create_pod(cluster, &app, "runpod-0", json!({"app": "runpod", "toolgate.dev/inject": "enabled"})).await;
-    let ca = published_ca(cluster, &app).await;
-    let token = pod_token(cluster, &pod).await;
+    let (cluster, op_ns, app, mut operator) = setup(&[]).await;
+    let (pod, ca, token) =
+        injected_pod(cluster, &app, "runpod-0", json!({"app": "runpod", "toolgate.dev/inject": "enabled"})).await;
 
     let fake = toolgate_tests::mcp::fake_runpod();
     let server = toolgate_tests::mcp::runpod_http(&fake);
@@ -340,8 +328,7 @@ async fn an_injected_sidecar_enforces_what_the_operator_pushes_against_runpod() 
     let m = sidecar.metrics();
     assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_operator_connected"), 1.0, "{m}");
     operator.kill();
-    cluster.delete_namespace(&app).await;
-    cluster.delete_namespace(&op_ns).await;
+    teardown(cluster, &op_ns, &app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,9 +346,7 @@ async fn acknowledgements_reach_status_through_any_replica_and_a_new_leader_take
     let b = Operator::start_as(cluster, "replica-b", &op_ns, &app, &[]).await;
     assert_eq!(toolgate_tests::mcp::sample(&b.metrics(), "toolgate_operator_leader"), 0.0);
     wait_for_webhook(cluster, &b.webhook).await;
-    let pod = create_pod(cluster, &app, "runpod-0", json!({"toolgate.dev/inject": "enabled"})).await;
-    let ca = published_ca(cluster, &app).await;
-    let token = pod_token(cluster, &pod).await;
+    let (_pod, ca, token) = injected_pod(cluster, &app, "runpod-0", json!({"toolgate.dev/inject": "enabled"})).await;
 
     // The sidecar streams from replica-b (not the leader); the leader counts its ack.
     let mut stream = open_stream(b.port, &ca, &token).await.expect("stream from replica-b");
@@ -393,8 +378,7 @@ async fn acknowledgements_reach_status_through_any_replica_and_a_new_leader_take
     .await;
     drop(stream);
     drop(b);
-    cluster.delete_namespace(&app).await;
-    cluster.delete_namespace(&op_ns).await;
+    teardown(cluster, &op_ns, &app).await;
 }
 
 fn approval_request(tool: &str, digest_byte: char) -> serde_json::Value {
@@ -445,15 +429,8 @@ async fn toolgate_cli(cluster: &TestCluster, token: &str, args: &[&str]) -> (boo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approvals_are_requested_decided_by_authorized_people_and_pushed_to_the_sidecar() {
     use toolgate_policy::crd::{ApprovalPhase, McpApproval as Approval};
-    let cluster = TestCluster::shared();
-    install_crd(cluster).await;
-    let op_ns = cluster.create_namespace().await;
-    let app = cluster.create_namespace().await;
-    let operator = Operator::start(cluster, &op_ns, &app, &[]).await;
-    wait_for_webhook(cluster, &operator.webhook).await;
-    let pod = create_pod(cluster, &app, "runpod-a", json!({"toolgate.dev/inject": "enabled"})).await;
-    let ca = published_ca(cluster, &app).await;
-    let token = pod_token(cluster, &pod).await;
+    let (cluster, op_ns, app, operator) = setup(&[]).await;
+    let (pod, ca, token) = injected_pod(cluster, &app, "runpod-a", json!({"toolgate.dev/inject": "enabled"})).await;
     let mut stream = open_stream(operator.port, &ca, &token).await.expect("stream");
     stream.next_set().await;
     let approvals: Api<Approval> = Api::namespaced(cluster.client(), &app);
@@ -551,8 +528,7 @@ async fn approvals_are_requested_decided_by_authorized_people_and_pushed_to_the_
         "decisions of the old instance are not sent to the new one"
     );
     drop(operator);
-    cluster.delete_namespace(&app).await;
-    cluster.delete_namespace(&op_ns).await;
+    teardown(cluster, &op_ns, &app).await;
 }
 
 /// RunPod MCP 4.0.0 with delete-pod held for approval.
@@ -593,15 +569,8 @@ async fn pending_approval(cluster: &TestCluster, ns: &str, tool: &str, seen: &[S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_calls_wait_for_a_person_against_runpod() {
     use toolgate_policy::crd::{ApprovalPhase, McpApproval as Approval};
-    let cluster = TestCluster::shared();
-    install_crd(cluster).await;
-    let op_ns = cluster.create_namespace().await;
-    let app = cluster.create_namespace().await;
-    let operator = Operator::start(cluster, &op_ns, &app, &[]).await;
-    wait_for_webhook(cluster, &operator.webhook).await;
-    let pod = create_pod(cluster, &app, "runpod-0", json!({"toolgate.dev/inject": "enabled"})).await;
-    let ca = published_ca(cluster, &app).await;
-    let token = pod_token(cluster, &pod).await;
+    let (cluster, op_ns, app, operator) = setup(&[]).await;
+    let (pod, ca, token) = injected_pod(cluster, &app, "runpod-0", json!({"toolgate.dev/inject": "enabled"})).await;
     let fake = toolgate_tests::mcp::fake_runpod();
     let server = toolgate_tests::mcp::runpod_http(&fake);
     let dir = tempfile::tempdir().unwrap();
@@ -671,20 +640,14 @@ async fn held_calls_wait_for_a_person_against_runpod() {
     assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"denied\"}"), 1.0, "{m}");
     assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"expired\"}"), 1.0, "{m}");
     drop(operator);
-    cluster.delete_namespace(&app).await;
-    cluster.delete_namespace(&op_ns).await;
+    teardown(cluster, &op_ns, &app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_serving_certificate_is_rotated_before_expiry_without_a_restart() {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    let cluster = TestCluster::shared();
-    install_crd(cluster).await;
-    let op_ns = cluster.create_namespace().await;
-    let app = cluster.create_namespace().await;
     // A 15 s serving certificate: renewed when 5 s are left.
-    let operator = Operator::start(cluster, &op_ns, &app, &["--serving-cert-seconds=15"]).await;
-    wait_for_webhook(cluster, &operator.webhook).await;
+    let (cluster, op_ns, app, operator) = setup(&["--serving-cert-seconds=15"]).await;
     create_pod(cluster, &app, "before-rotation", json!({"toolgate.dev/inject": "enabled"})).await;
     let ca = published_ca(cluster, &app).await;
     let first = served_certificate(operator.port, &ca).await;
@@ -708,6 +671,5 @@ async fn the_serving_certificate_is_rotated_before_expiry_without_a_restart() {
     let m = operator.metrics();
     assert!(toolgate_tests::mcp::sample(&m, "toolgate_operator_certificate_rotations_total") >= 1.0, "{m}");
     drop(operator);
-    cluster.delete_namespace(&app).await;
-    cluster.delete_namespace(&op_ns).await;
+    teardown(cluster, &op_ns, &app).await;
 }

@@ -467,3 +467,29 @@ pub async fn served_certificate(port: u16, ca_pem: &str) -> Vec<u8> {
     let tls = connector.connect(server, tcp).await.expect("TLS handshake with the operator");
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
+
+/// The usual start: CRDs, a namespace for the operator and one for the app, and a running
+/// operator whose webhook serves the app namespace (caBundle patched).
+pub async fn setup(extra: &[&str]) -> (&'static TestCluster, String, String, Operator) {
+    let cluster = TestCluster::shared();
+    install_crd(cluster).await;
+    let op_ns = cluster.create_namespace().await;
+    let app = cluster.create_namespace().await;
+    let operator = Operator::start(cluster, &op_ns, &app, extra).await;
+    wait_for_webhook(cluster, &operator.webhook).await;
+    (cluster, op_ns, app, operator)
+}
+
+/// An injected pod of `app`, the CA bundle published there and a token for the pod.
+pub async fn injected_pod(cluster: &TestCluster, app: &str, name: &str, labels: Value) -> (Pod, String, String) {
+    let pod = create_pod(cluster, app, name, labels).await;
+    let ca = published_ca(cluster, app).await;
+    let token = pod_token(cluster, &pod).await;
+    (pod, ca, token)
+}
+
+/// Deletes the test's namespaces.
+pub async fn teardown(cluster: &TestCluster, op_ns: &str, app: &str) {
+    cluster.delete_namespace(app).await;
+    cluster.delete_namespace(op_ns).await;
+}
