@@ -411,9 +411,23 @@ async fn webhook_is_opt_in_and_fails_closed() {
     let docs = render("toolgate", "toolgate-system", &[]).await;
     let config = find(&docs, "MutatingWebhookConfiguration", "toolgate-operator");
     assert!(config["metadata"]["annotations"].get("cert-manager.io/inject-ca-from").is_none());
-    let webhooks = config["webhooks"].as_array().unwrap();
-    let names: Vec<&str> = webhooks.iter().map(|w| w["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["inject.toolgate.dev", "pod.inject.toolgate.dev"]);
+    let all = config["webhooks"].as_array().unwrap();
+    let names: Vec<&str> = all.iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["inject.toolgate.dev", "pod.inject.toolgate.dev", "approvals.toolgate.dev"]);
+    // The approvals webhook: status updates of McpApprovals, failing closed, at /approval.
+    let approvals = &all[2];
+    assert_eq!(approvals["failurePolicy"], "Fail");
+    assert_eq!(approvals["sideEffects"], "None");
+    assert!(approvals["timeoutSeconds"].as_i64().unwrap() <= 5);
+    assert_eq!(
+        approvals["rules"],
+        json!([{"operations": ["UPDATE"], "apiGroups": ["toolgate.dev"], "apiVersions": ["v1alpha1"], "resources": ["mcpapprovals/status"], "scope": "Namespaced"}])
+    );
+    assert_eq!(
+        approvals["clientConfig"],
+        json!({"service": {"name": "toolgate-operator", "namespace": "toolgate-system", "path": "/approval", "port": 8443}})
+    );
+    let webhooks = &all[..2];
     for webhook in webhooks {
         let name = &webhook["name"];
         assert_eq!(webhook["failurePolicy"], "Fail", "{name}");
@@ -471,7 +485,8 @@ async fn webhook_is_opt_in_and_fails_closed() {
     let docs = render("toolgate", "toolgate-system", DEV_MODE).await;
     let config = find(&docs, "MutatingWebhookConfiguration", "toolgate-operator");
     for webhook in config["webhooks"].as_array().unwrap() {
-        assert_eq!(webhook["clientConfig"], json!({"url": "https://127.0.0.1:9443/inject"}));
+        let path = if webhook["name"] == "approvals.toolgate.dev" { "approval" } else { "inject" };
+        assert_eq!(webhook["clientConfig"], json!({"url": format!("https://127.0.0.1:9443/{path}")}));
         assert_eq!(webhook["failurePolicy"], "Fail");
     }
     assert!(all_of(&docs, "Deployment").is_empty() && all_of(&docs, "Service").is_empty(), "{:?}", kinds(&docs));
@@ -1080,7 +1095,8 @@ async fn installed_release_checks(cluster: &TestCluster, release: &str, release_
         {"op": "test", "path": "/webhooks/0/name", "value": "inject.toolgate.dev"},
         {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": ca_bundle},
         {"op": "test", "path": "/webhooks/1/name", "value": "pod.inject.toolgate.dev"},
-        {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": ca_bundle}
+        {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": ca_bundle},
+        {"op": "add", "path": "/webhooks/2/clientConfig/caBundle", "value": ca_bundle}
     ]);
     eventually("RBAC to let the operator patch its webhook configuration's caBundle", TIMEOUT, || async {
         webhooks.patch(&operator, &PatchParams::default(), &json_patch(ca_patch.clone())).await.ok()
