@@ -12,10 +12,12 @@ mod approval;
 mod audit;
 mod gate;
 mod jsonrpc;
+mod legacy_clients;
 mod metrics;
 mod operator;
 mod policy_files;
 mod server;
+mod sessions;
 mod sse;
 mod stdio;
 mod upstream;
@@ -31,9 +33,11 @@ use clap::{ArgGroup, Parser};
 
 use crate::approval::Approvals;
 use crate::gate::{Approver, Effective, Gate, IdentitySource, Source};
+use crate::legacy_clients::LegacyClients;
 use crate::metrics::Metrics;
 use crate::server::App;
-use crate::upstream::{HttpUpstream, StdioSessions, Upstream};
+use crate::sessions::{Opener, Sessions};
+use crate::upstream::{HttpUpstream, Transport, Upstream};
 
 /// Deterministic rules in front of every MCP tool call.
 #[derive(Parser, Debug)]
@@ -74,9 +78,16 @@ struct Args {
     #[arg(long, env = "TOOLGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     admin_listen: SocketAddr,
 
-    /// Upstream Streamable-HTTP MCP endpoint, e.g. http://127.0.0.1:3000/mcp.
+    /// Upstream MCP endpoint, e.g. http://127.0.0.1:3000/mcp (Streamable HTTP) or
+    /// http://127.0.0.1:3000/sse (the 2024-11-05 HTTP+SSE transport).
     #[arg(long, env = "TOOLGATE_UPSTREAM", conflicts_with = "command")]
     upstream: Option<hyper::Uri>,
+
+    /// What --upstream speaks: auto (detected per the MCP spec's backwards compatibility:
+    /// POST initialize, on a 4xx GET an SSE stream that begins with an endpoint event),
+    /// streamable, or sse (2024-11-05 HTTP+SSE; the URL is the SSE endpoint).
+    #[arg(long, env = "TOOLGATE_UPSTREAM_TRANSPORT", value_enum, default_value = "auto", requires = "upstream")]
+    upstream_transport: Transport,
 
     /// Speak MCP over stdio to the client (for desktop clients) instead of HTTP.
     #[arg(long, env = "TOOLGATE_STDIO", requires = "command")]
@@ -99,11 +110,14 @@ struct Args {
     #[arg(long, env = "TOOLGATE_RELOAD_INTERVAL_MS", default_value_t = 500)]
     reload_interval_ms: u64,
 
-    /// Most concurrent MCP sessions (child processes) in `-- CMD` mode.
+    /// Most sessions the proxy holds upstream for its clients: child processes (`-- CMD`)
+    /// or connections to a 2024-11-05 HTTP+SSE upstream; also the most open `/sse`
+    /// client streams.
     #[arg(long, env = "TOOLGATE_MAX_SESSIONS", default_value_t = 32)]
     max_sessions: usize,
 
-    /// Idle time after which a session's child process is stopped, in seconds.
+    /// Idle time after which a session's child process is stopped (or its connection to a
+    /// 2024-11-05 HTTP+SSE upstream closed), in seconds.
     #[arg(long, env = "TOOLGATE_SESSION_IDLE_SECONDS", default_value_t = 1800)]
     session_idle_seconds: u64,
 
@@ -269,7 +283,12 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
     if args.stdio {
-        let app = Arc::new(App { gate: gate.clone(), upstream: placeholder_upstream(), max_body: args.max_body_bytes });
+        let app = Arc::new(App {
+            gate: gate.clone(),
+            upstream: placeholder_upstream(),
+            max_body: args.max_body_bytes,
+            legacy: LegacyClients::new(0),
+        });
         let admin = tokio::spawn(server::serve(admin_listener, app, server::admin, shutdown_rx));
         let result = stdio::run(gate, &args.command, args.max_body_bytes).await;
         let _ = shutdown_tx.send(true);
@@ -282,10 +301,16 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
             if uri.scheme_str() != Some("http") {
                 anyhow::bail!("--upstream must be an http:// URL (TLS to the upstream is not supported yet)");
             }
-            Upstream::Http(Box::new(HttpUpstream::new(uri.clone(), Duration::from_secs(args.upstream_timeout_seconds))))
+            Upstream::Http(Box::new(HttpUpstream::new(
+                uri.clone(),
+                Duration::from_secs(args.upstream_timeout_seconds),
+                args.upstream_transport,
+                args.max_sessions.max(1),
+                Duration::from_secs(args.session_idle_seconds),
+            )))
         }
-        None => Upstream::Stdio(StdioSessions::new(
-            args.command.clone(),
+        None => Upstream::Stdio(Sessions::new(
+            Opener::Command(args.command.clone()),
             args.max_sessions.max(1),
             Duration::from_secs(args.session_idle_seconds),
             Duration::from_secs(args.upstream_timeout_seconds),
@@ -294,8 +319,13 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, admin = %args.admin_listen, "serving MCP at /mcp");
-    let app = Arc::new(App { gate, upstream, max_body: args.max_body_bytes });
+    tracing::info!(listen = %args.listen, admin = %args.admin_listen, "serving MCP at /mcp (and /sse, /messages for 2024-11-05 clients)");
+    let app = Arc::new(App {
+        gate,
+        upstream,
+        max_body: args.max_body_bytes,
+        legacy: LegacyClients::new(args.max_sessions.max(1)),
+    });
     let admin = tokio::spawn(server::serve(admin_listener, app.clone(), server::admin, shutdown_rx.clone()));
     let main = tokio::spawn(server::serve(listener, app.clone(), server::handle, shutdown_rx));
     shutdown_signal().await;
@@ -303,15 +333,19 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = main.await;
     let _ = admin.await;
-    if let Upstream::Stdio(s) = &app.upstream {
-        s.shutdown();
-    }
+    app.upstream.shutdown();
     Ok(())
 }
 
 /// In `--stdio` mode the HTTP upstream is unused; the admin listener only needs the gate.
 fn placeholder_upstream() -> Upstream {
-    Upstream::Http(Box::new(HttpUpstream::new(hyper::Uri::from_static("http://127.0.0.1:9/"), Duration::from_secs(1))))
+    Upstream::Http(Box::new(HttpUpstream::new(
+        hyper::Uri::from_static("http://127.0.0.1:9/"),
+        Duration::from_secs(1),
+        Transport::Streamable,
+        1,
+        Duration::from_secs(1),
+    )))
 }
 
 async fn shutdown_signal() {

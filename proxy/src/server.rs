@@ -18,6 +18,7 @@ use toolgate_policy::Caller;
 
 use crate::gate::{Checked, Gate, Tracker};
 use crate::jsonrpc::{self, code};
+use crate::legacy_clients::{self, LegacyClients};
 use crate::metrics::Metrics;
 use crate::sse;
 use crate::upstream::Upstream;
@@ -35,6 +36,8 @@ pub struct App {
     pub gate: Arc<Gate>,
     pub upstream: Upstream,
     pub max_body: usize,
+    /// Clients of the 2024-11-05 HTTP+SSE transport (`/sse`, `/messages`).
+    pub legacy: LegacyClients,
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> RespBody {
@@ -52,31 +55,44 @@ fn rpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> Respo
     json_response(status, &jsonrpc::error(Value::Null, code, message, None))
 }
 
-/// Routes `/mcp`; everything else is 404.
+/// Routes `/mcp` (Streamable HTTP) and the 2024-11-05 HTTP+SSE endpoints `/sse` and
+/// `/messages`; everything else is 404.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
     let started = Instant::now();
-    if req.uri().path() != "/mcp" {
-        return Ok(rpc_error(StatusCode::NOT_FOUND, code::INVALID_REQUEST, "not found: the MCP endpoint is /mcp"));
-    }
-    let (resp, method) = match *req.method() {
-        Method::POST => post(&app, req).await,
-        Method::GET => (forward_stream(&app, req).await, "get"),
-        Method::DELETE => (forward_stream(&app, req).await, "delete"),
-        _ => {
-            let mut r = rpc_error(StatusCode::METHOD_NOT_ALLOWED, code::INVALID_REQUEST, "use POST, GET or DELETE");
-            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
-            (r, Metrics::method_label(""))
-        }
+    let (resp, method) = match (req.uri().path(), req.method()) {
+        ("/mcp", &Method::POST) => post(&app, req).await,
+        ("/mcp", &Method::GET) => (forward_stream(&app, req).await, "get"),
+        ("/mcp", &Method::DELETE) => (forward_stream(&app, req).await, "delete"),
+        ("/mcp", _) => (not_allowed("POST, GET, DELETE"), Metrics::method_label("")),
+        ("/sse", &Method::GET) => (legacy_clients::open(&app), "get"),
+        ("/sse", _) => (not_allowed("GET"), Metrics::method_label("")),
+        ("/messages", &Method::POST) => legacy_clients::message(&app, req).await,
+        ("/messages", _) => (not_allowed("POST"), Metrics::method_label("")),
+        _ => (
+            rpc_error(
+                StatusCode::NOT_FOUND,
+                code::INVALID_REQUEST,
+                "not found: the MCP endpoint is /mcp (and /sse, /messages for 2024-11-05 clients)",
+            ),
+            Metrics::method_label(""),
+        ),
     };
     app.gate.metrics.request(method, resp.status().as_u16(), started.elapsed().as_secs_f64());
     Ok(resp)
+}
+
+fn not_allowed(allow: &'static str) -> Response<RespBody> {
+    let mut r = rpc_error(StatusCode::METHOD_NOT_ALLOWED, code::INVALID_REQUEST, format!("use {allow}"));
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'static str) {
+/// A client's POST: parsed and checked, then forwarded (or answered by the proxy).
+pub async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'static str) {
     let (parts, body) = req.into_parts();
     let ct = header_str(&parts.headers, "content-type").unwrap_or("");
     if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) {
@@ -177,7 +193,7 @@ async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'stati
 }
 
 /// Passes an upstream answer to the client, inspecting what must be inspected.
-async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, caller: Caller) -> Response<RespBody> {
+pub async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, caller: Caller) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if !parts.status.is_success() {

@@ -88,6 +88,33 @@ pub fn data(event: &[u8]) -> Option<String> {
     out
 }
 
+/// The `event` field of an event (its type), or None if it has none (type `message`).
+pub fn event_type(event: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut out = None;
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if let Some(v) = line.strip_prefix("event:") {
+            // The last `event` line wins, as in a browser's EventSource.
+            out = Some(v.strip_prefix(' ').unwrap_or(v).to_owned());
+        }
+    }
+    out
+}
+
+/// An SSE `message` event carrying `data` (one line: JSON has no raw newlines).
+pub fn message_event(data: &str) -> Bytes {
+    let mut out = String::with_capacity(data.len() + 24);
+    out.push_str("event: message\n");
+    for d in data.split('\n') {
+        out.push_str("data: ");
+        out.push_str(d);
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
 /// The event with its data replaced by `new_data` (other fields kept in order).
 pub fn replace_data(event: &[u8], new_data: &str) -> Bytes {
     let text = String::from_utf8_lossy(event);
@@ -140,6 +167,14 @@ mod tests {
         assert_eq!(data(ev).as_deref(), Some("line1\nline2"));
         let r = replace_data(ev, "{}");
         assert_eq!(&r[..], b"id: 7\nevent: message\ndata: {}\n\n");
+    }
+
+    #[test]
+    fn event_types() {
+        assert_eq!(event_type(b"event: endpoint\ndata: /m\n\n").as_deref(), Some("endpoint"));
+        assert_eq!(event_type(b"event:message\r\ndata: {}\r\n\r\n").as_deref(), Some("message"));
+        assert_eq!(event_type(b"data: {}\n\n"), None);
+        assert_eq!(&message_event("{}")[..], b"event: message\ndata: {}\n\n");
     }
 
     #[test]

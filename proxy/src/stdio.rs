@@ -15,7 +15,7 @@ use crate::jsonrpc;
 
 /// Reads one newline-terminated line of at most `max` bytes. Ok(None) at end of input;
 /// Err(()) for an over-long line (which is skipped).
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+pub(crate) async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> std::io::Result<Option<Result<Vec<u8>, ()>>> {
