@@ -443,3 +443,53 @@ fn legacy_client_endpoints_refuse_like_mcp() {
         http(port, "POST", &endpoint, &JSON, tools_call(10, "echo").to_string().as_bytes()).0 == 404
     });
 }
+
+#[test]
+fn a_request_id_already_waiting_is_refused_and_server_requests_use_the_get_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.jsonl");
+    let server = test_server("--sse", &record);
+    let sse_url = format!("http://127.0.0.1:{}/sse", server.port);
+    let proxy = proxy(&[&policy_file(dir.path())], &proxy_args(&sse_url, &["--upstream-transport", "sse"]), &[]);
+    let raw = Raw::initialize(proxy.proc.port);
+    let (status, head, mut events) = SseStream::open(proxy.proc.port, "/mcp", &[("Mcp-Session-Id", &raw.session)]);
+    assert_eq!(status, 200, "{head}");
+
+    // `ask` waits for the client's sampling answer; meanwhile its id is taken.
+    let ask = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                     "params": {"name": "ask", "arguments": {"prompt": "raw?"}}})
+    .to_string();
+    let waiting = {
+        let (port, session) = (raw.port, raw.session.clone());
+        std::thread::spawn(move || Raw { port, session }.post(&ask))
+    };
+    let (kind, data) = events.next_event();
+    let request: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!((kind.as_str(), &request["method"]), ("message", &json!("sampling/createMessage")), "{request}");
+    assert_eq!(request["params"]["messages"][0]["content"]["text"], "raw?");
+
+    // A second request with id 5 would get the first one's answer (or the other way round):
+    // refused, not forwarded.
+    let (status, _, v) = raw.post(&json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}).to_string());
+    assert_eq!((status, v["error"]["code"].as_i64()), (400, Some(-32600)), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("already waiting"), "{v}");
+    let lists =
+        records(&record).iter().filter(|r| r["kind"] == "message" && r["message"]["method"] == "tools/list").count();
+    assert_eq!(lists, 0, "the refused request reached the server");
+
+    // The client answers the server's request with a POST; the waiting call completes.
+    let answer = json!({"jsonrpc": "2.0", "id": request["id"], "result": {
+        "role": "assistant", "content": {"type": "text", "text": "raw answer"}, "model": "m"}});
+    let (status, _, _) = raw.post(&answer.to_string());
+    assert_eq!(status, 202);
+    let (status, _, v) = waiting.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["result"]["content"][0]["text"], "sampled: raw answer (model m)", "{v}");
+    // The id is free again.
+    let (status, _, v) = raw.post(&json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}).to_string());
+    assert_eq!(status, 200, "{v}");
+    let names: Vec<&str> =
+        v["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, VISIBLE, "filtered for this caller too");
+    events.close();
+}
