@@ -455,7 +455,18 @@ impl Sessions {
         body: Bytes,
     ) -> Result<Response<RespBody>, UpstreamError> {
         let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let existing = sid.as_ref().and_then(|id| self.sessions().get(id).cloned());
+        let existing = sid.as_ref().and_then(|id| {
+            let mut map = self.sessions();
+            let s = map.get(id).cloned()?;
+            if s.is_dead() {
+                // The server side is gone (process exited, SSE stream ended): the session
+                // is over, the client must initialize again.
+                map.remove(id);
+                s.kill();
+                return None;
+            }
+            Some(s)
+        });
         match *method {
             Method::DELETE => {
                 let removed = sid.and_then(|id| self.sessions().remove(&id));
