@@ -493,3 +493,43 @@ fn a_request_id_already_waiting_is_refused_and_server_requests_use_the_get_strea
     assert_eq!(names, VISIBLE, "filtered for this caller too");
     events.close();
 }
+
+#[test]
+fn when_a_legacy_upstream_ends_its_stream_waiting_calls_fail_and_give_their_quota_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.jsonl");
+    let policy = write_policy(
+        dir.path(),
+        "one-ask.yaml",
+        r#"{"version":"1","default":"allow","tools":{"ask":{"limits":[{"counter":"asks","window":"minute","max":1,"scope":"global"}]}}}"#,
+    );
+    let server = test_server("--sse", &record);
+    let port = server.port;
+    let proxy =
+        proxy(&[&policy], &proxy_args(&format!("http://127.0.0.1:{port}/sse"), &["--upstream-transport", "sse"]), &[]);
+    let raw = Raw::initialize(proxy.proc.port);
+    let ask = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                     "params": {"name": "ask", "arguments": {"prompt": "never answered"}}})
+    .to_string();
+    let waiting = {
+        let (port, session) = (raw.port, raw.session.clone());
+        std::thread::spawn(move || Raw { port, session }.post(&ask))
+    };
+    eventually(10, "the call reached the server", || called_tools(&record) == ["ask"]);
+    drop(server);
+
+    let (status, _, v) = waiting.join().unwrap();
+    assert_eq!((status, v["error"]["code"].as_i64()), (502, Some(-32014)), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("SSE stream ended"), "{v}");
+    let (status, _, v) = raw.post(&tools_call(2, "echo").to_string());
+    assert_eq!(status, 404, "the session is over: {v}");
+
+    // The failed call spent nothing: the one call a minute is still there.
+    let _server = test_server_on(port, &record);
+    let (out, _) =
+        callback_client(&over_http(&proxy, "x"), &answers("again"), &json!([call("ask", json!({"prompt": "now?"}))]));
+    assert_eq!(result_text(&out[0]), "sampled: sampled-by-again <- now? (model callback-model)", "{}", out[0]);
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, r#"toolgate_decisions_total{tool="ask",decision="allow""#), 2.0, "{m}");
+    assert_eq!(sample(&m, r#"toolgate_decisions_total{tool="ask",decision="rate_limited""#), 0.0, "{m}");
+}
