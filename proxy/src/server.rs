@@ -180,7 +180,11 @@ pub async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'s
     let resp = match app.upstream.send(&parts.method, &parts.headers, bytes).await {
         Ok(r) => r,
         Err(e) => {
-            tracker.rollback_all();
+            if e.maybe_delivered() {
+                tracker.keep_spent();
+            } else {
+                tracker.rollback_all();
+            }
             app.gate.metrics.upstream_error(e.kind());
             tracing::warn!(error = %e, "upstream request failed");
             return (

@@ -617,12 +617,12 @@ impl Sessions {
             match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(v)) => answers.push(v),
                 Ok(Err(_)) => {
-                    return Err(UpstreamError::Connect(match session.link {
+                    return Err(UpstreamError::Lost(match session.link {
                         Link::Child { .. } => "the MCP server process exited".into(),
                         Link::Sse { .. } => "the upstream's SSE stream ended".into(),
                     }));
                 }
-                Err(_) => return Err(UpstreamError::Timeout),
+                Err(_) => return Err(UpstreamError::Lost("timed out waiting for the answer".into())),
             }
         }
         let out = if value.is_array() { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
@@ -648,8 +648,10 @@ async fn post_message(
     let req = req.body(Full::new(body)).map_err(|_| UpstreamError::Protocol("cannot build the request"))?;
     let resp = tokio::time::timeout(timeout, client.request(req))
         .await
-        .map_err(|_| UpstreamError::Timeout)?
-        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        .map_err(|_| UpstreamError::Lost("timed out posting the message".into()))?
+        .map_err(|e| {
+            if e.is_connect() { UpstreamError::Connect(e.to_string()) } else { UpstreamError::Lost(e.to_string()) }
+        })?;
     let (mut parts, body) = resp.into_parts();
     if parts.status.is_success() {
         // "Accepted": the answer comes on the SSE stream. Read the body so the connection

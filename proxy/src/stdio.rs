@@ -130,6 +130,7 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
     let _ = from_child.await;
     drop(out_tx);
     let _ = writer.await;
-    tracker.lock().unwrap_or_else(|p| p.into_inner()).rollback_all();
+    // Calls the child received but never answered may have run: they stay spent.
+    std::mem::take(&mut *tracker.lock().unwrap_or_else(|p| p.into_inner())).keep_spent();
     Ok(())
 }

@@ -34,6 +34,10 @@ pub enum UpstreamError {
     Spawn(String),
     #[error("too many MCP sessions (limit {0})")]
     TooManySessions(usize),
+    /// The request reached the MCP server but its answer never came (it timed out, the
+    /// process exited, the stream ended): the call may have run.
+    #[error("no answer from the upstream: {0}")]
+    Lost(String),
 }
 
 impl UpstreamError {
@@ -44,7 +48,14 @@ impl UpstreamError {
             UpstreamError::Protocol(_) => "protocol",
             UpstreamError::Spawn(_) => "spawn",
             UpstreamError::TooManySessions(_) => "sessions",
+            UpstreamError::Lost(_) => "lost",
         }
+    }
+
+    /// Whether the request may have been acted on upstream: then its quota stays spent
+    /// (never admit more than a limit allows); otherwise it is given back.
+    pub fn maybe_delivered(&self) -> bool {
+        matches!(self, UpstreamError::Lost(_))
     }
 }
 
@@ -194,10 +205,14 @@ impl HttpUpstream {
         }
         let req = req.body(Full::new(body)).map_err(|_| UpstreamError::Protocol("cannot build the request"))?;
         // The timeout covers the response head; SSE bodies may stream for long.
+        // Only a failed connection is a definite "not delivered"; a timeout or an error
+        // after the request went out leaves the outcome unknown.
         let resp = tokio::time::timeout(self.timeout, self.client.request(req))
             .await
-            .map_err(|_| UpstreamError::Timeout)?
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            .map_err(|_| UpstreamError::Lost("timed out waiting for the answer".into()))?
+            .map_err(|e| {
+                if e.is_connect() { UpstreamError::Connect(e.to_string()) } else { UpstreamError::Lost(e.to_string()) }
+            })?;
         Ok(resp.map(|b| b.map_err(std::io::Error::other).boxed()))
     }
 }

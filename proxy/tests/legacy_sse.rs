@@ -495,7 +495,7 @@ fn a_request_id_already_waiting_is_refused_and_server_requests_use_the_get_strea
 }
 
 #[test]
-fn when_a_legacy_upstream_ends_its_stream_waiting_calls_fail_and_give_their_quota_back() {
+fn when_a_legacy_upstream_ends_its_stream_waiting_calls_fail_and_keep_their_quota_spent() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.jsonl");
     let policy = write_policy(
@@ -524,12 +524,13 @@ fn when_a_legacy_upstream_ends_its_stream_waiting_calls_fail_and_give_their_quot
     let (status, _, v) = raw.post(&tools_call(2, "echo").to_string());
     assert_eq!(status, 404, "the session is over: {v}");
 
-    // The failed call spent nothing: the one call a minute is still there.
+    // The call reached the server, which may have acted on it: its quota stays spent
+    // (never admit more than the limit), so the one call a minute is used up.
     let _server = test_server_on(port, &record);
     let (out, _) =
         callback_client(&over_http(&proxy, "x"), &answers("again"), &json!([call("ask", json!({"prompt": "now?"}))]));
-    assert_eq!(result_text(&out[0]), "sampled: sampled-by-again <- now? (model callback-model)", "{}", out[0]);
+    assert_eq!(error_code(&out[0]), Some(-32011), "{}", out[0]);
     let m = metrics(&proxy);
-    assert_eq!(sample(&m, r#"toolgate_decisions_total{tool="ask",decision="allow""#), 2.0, "{m}");
-    assert_eq!(sample(&m, r#"toolgate_decisions_total{tool="ask",decision="rate_limited""#), 0.0, "{m}");
+    assert_eq!(sample(&m, r#"toolgate_decisions_total{tool="ask",decision="allow""#), 1.0, "{m}");
+    assert_eq!(sample(&m, r#"toolgate_decisions_total{tool="ask",decision="rate_limited""#), 1.0, "{m}");
 }
