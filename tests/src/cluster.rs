@@ -21,7 +21,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::discovery::{Discovery, Scope, verbs};
 
 use crate::certs::{TestCa, to_pem};
-use crate::process::{Supervised, free_port, log_tail, remove_at_exit};
+use crate::process::{PROXY_ENV, Supervised, free_port, log_tail, remove_at_exit};
 use crate::serve::http_get;
 use crate::tools::{Tool, tool_path};
 
@@ -203,12 +203,16 @@ impl TestCluster {
                 "--profiling=false".to_owned(),
                 "--v=0".to_owned(),
             ];
-            let mut apiserver = Supervised::spawn(
+            // Without the proxy variables of the machine: the apiserver calls webhooks,
+            // aggregated APIs and etcd directly, as in a cluster (a Service-based webhook
+            // otherwise goes to the proxy, which cannot resolve `<svc>.<ns>.svc`).
+            let mut apiserver = Supervised::spawn_without_env(
                 "kube-apiserver",
                 &apiserver_bin,
                 &args,
                 &dir.join(format!("kube-apiserver-{port}.log")),
                 None,
+                PROXY_ENV,
             )?;
             let url = format!("https://127.0.0.1:{port}");
             let kubeconfig = kubeconfig_yaml(&url, ca.cert_pem(), Credentials::Cert(&admin));
@@ -558,7 +562,7 @@ async fn start_etcd(binary: &Path, dir: &Path, processes: &mut Vec<Supervised>) 
             "--log-level=warn".to_owned(),
         ];
         let log = dir.join(format!("etcd-{attempt}.log"));
-        let mut etcd = Supervised::spawn("etcd", binary, &args, &log, Some(dir))?;
+        let mut etcd = Supervised::spawn_without_env("etcd", binary, &args, &log, Some(dir), PROXY_ENV)?;
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let result = loop {
             if let Err(e) = etcd.check_running() {

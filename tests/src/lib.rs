@@ -32,7 +32,7 @@ mod tools;
 
 pub use certs::{CertPair, TestCa, pem_blocks, to_pem};
 pub use cluster::{SERVICE_ACCOUNT_ISSUER, TEST_NAMESPACE_LABEL, TOOLGATE_AUDIENCE, TestCluster};
-pub use process::{Supervised, free_port, log_tail};
+pub use process::{PROXY_ENV, Supervised, free_port, log_tail};
 pub use prometheus::Prometheus;
 pub use serve::{TestServer, http_get, response, serve_http, serve_https, url_encode};
 pub use tools::{Tool, command, run_ok, run_output, testbin_cache, tool_path};

@@ -85,13 +85,27 @@ impl Supervised {
     /// Starts `program args...` with stdout and stderr appended to `log`. `remove_after`, if
     /// given, is deleted once the server has stopped.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path, remove_after: Option<&Path>) -> Result<Self> {
+        Self::spawn_without_env(name, program, args, log, remove_after, &[])
+    }
+
+    /// [`Supervised::spawn`] with the environment variables `remove_env` unset for the
+    /// server (e.g. [`PROXY_ENV`]).
+    pub fn spawn_without_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        remove_after: Option<&Path>,
+        remove_env: &[&str],
+    ) -> Result<Self> {
         let out = File::options()
             .create(true)
             .append(true)
             .open(log)
             .with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("duplicating the log file handle")?;
-        let child = Command::new("sh")
+        let mut command = Command::new("sh");
+        command
             .arg("-c")
             .arg(WRAPPER)
             .arg("toolgate-watchdog")
@@ -100,9 +114,11 @@ impl Supervised {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {name} ({})", program.display()))?;
+            .stderr(err);
+        for var in remove_env {
+            command.env_remove(var);
+        }
+        let child = command.spawn().with_context(|| format!("starting {name} ({})", program.display()))?;
         Ok(Self { name: name.to_owned(), child, log: log.to_owned() })
     }
 
@@ -144,6 +160,12 @@ impl Drop for Supervised {
         drop(self.child.stdin.take());
     }
 }
+
+/// The environment variables that route HTTP(S) through a proxy (Go's `net/http` and most
+/// other clients read them). A sandbox or CI machine may set them; servers that call other
+/// servers by cluster names (the apiserver calling a webhook Service) must not use them.
+pub const PROXY_ENV: &[&str] =
+    &["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"];
 
 /// Keeps `dir` until the test process exits, then removes it (see the module docs).
 pub fn remove_at_exit(dir: &Path) -> Result<Child> {
