@@ -28,6 +28,7 @@ pub mod mcp;
 mod process;
 mod prometheus;
 mod serve;
+pub mod sidecar;
 mod tools;
 
 pub use certs::{CertPair, TestCa, pem_blocks, to_pem};

@@ -59,16 +59,46 @@ pub fn fake_runpod() -> Proc {
 /// RunPod MCP 4.0.0 over Streamable HTTP (`/mcp`, bearer token required), talking to the
 /// fake API.
 pub fn runpod_http(fake: &Proc) -> Proc {
-    let base = format!("http://127.0.0.1:{}", fake.port);
     let mut cmd = Command::new("node");
-    cmd.current_dir(node_dir())
-        .args(["runpod-http.mjs", "--port", "0"])
-        .env("RUNPOD_API_BASE_URL", &base)
-        .env("RUNPOD_SERVERLESS_API_URL", format!("{base}/runtime/v2"))
+    cmd.current_dir(node_dir()).args(["runpod-http.mjs", "--port", "0"]);
+    fake_runpod_env(&mut cmd, fake);
+    spawn_listening("runpod-http", cmd)
+}
+
+/// The RunPod environment that points RunPod MCP 4.0.0 at the fake API.
+fn fake_runpod_env(cmd: &mut Command, fake: &Proc) {
+    let base = format!("http://127.0.0.1:{}", fake.port);
+    cmd.env("RUNPOD_SERVERLESS_API_URL", format!("{base}/runtime/v2"))
         .env("RUNPOD_AUTHED_GRAPHQL_URL", format!("{base}/graphql"))
         .env("RUNPOD_PUBLIC_GRAPHQL_URL", format!("{base}/graphql"))
+        .env("RUNPOD_API_BASE_URL", base)
         .env_remove("POSTHOG_API_KEY");
-    spawn_listening("runpod-http", cmd)
+}
+
+/// The example workload's server (`examples/runpod-mcp/server.mjs`, RunPod MCP 4.0.0 over
+/// Streamable HTTP on 127.0.0.1) talking to the fake API. It runs from a scratch
+/// directory holding a copy of `server.mjs` and `node_modules/@runpod/mcp-server` linked to
+/// tests/node's pinned 4.0.0, which is what the example's `npm ci` installs in the pod.
+#[derive(Debug)]
+pub struct ExampleServer {
+    /// The server process; `proc.port` is where it listens (`/mcp`, `/healthz`).
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts [`ExampleServer`] (the example's `PORT` is 0: any free port).
+pub fn runpod_example(fake: &Proc) -> ExampleServer {
+    let package = node_dir().join("node_modules/runpod-mcp-4");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/runpod-mcp/server.mjs");
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    std::fs::copy(&example, dir.path().join("server.mjs")).expect("copying examples/runpod-mcp/server.mjs");
+    std::fs::create_dir_all(dir.path().join("node_modules/@runpod")).expect("creating node_modules");
+    std::os::unix::fs::symlink(&package, dir.path().join("node_modules/@runpod/mcp-server"))
+        .expect("linking @runpod/mcp-server");
+    let mut cmd = Command::new("node");
+    cmd.current_dir(dir.path()).arg("server.mjs").env("PORT", "0");
+    fake_runpod_env(&mut cmd, fake);
+    ExampleServer { proc: spawn_listening("runpod-example", cmd), _dir: dir }
 }
 
 /// A minimal HTTP/1.1 client (`Connection: close`) to loopback, so tests send exactly
