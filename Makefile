@@ -39,6 +39,16 @@ bench:
 bench-proxy:
 	bash bench/run.sh
 
+# Policy push (McpPolicy edit -> acks of 1, 100, 1000 sidecar clients) and admission-webhook
+# latency of a release toolgate-operator against the test apiserver (bench/src/bin/push-bench.rs,
+# docs/benchmarks.md). BENCH_PUSH_ARGS passes options, e.g. "--clients 1,100 --rounds 3".
+.PHONY: bench-push
+bench-push: testbin
+	$(CARGO) build --release --locked -p toolgate-operator --bin toolgate-operator
+	$(CARGO) build --release --locked -p toolgate-bench --bin push-bench
+	ulimit -n "$$(ulimit -Hn)" 2>/dev/null || ulimit -n 8192 2>/dev/null || true; \
+	source "$(TESTBIN_CACHE)/env.sh" && $(CARGO) run --release --locked --quiet -p toolgate-bench --bin push-bench -- $(BENCH_PUSH_ARGS)
+
 testbin:
 	bash tests/cluster/testbin.sh
 
