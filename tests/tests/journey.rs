@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use serde::Deserialize as _;
@@ -578,6 +579,32 @@ async fn five_minutes_on_a_cluster() {
         assert_eq!((method.as_str(), path.as_str()), ("POST", "/v2/pods/pod-2/action"));
         assert_eq!(body, &json!({"action": "start"}));
     }
+    // README's curl: the same refusal, as the HTTP answer a client gets (the proxy answers
+    // it; nothing is forwarded).
+    let request =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete-pod","arguments":{"id":"pod-1"}}}"#;
+    let (status, _, body) = http(
+        sidecar.proc.port,
+        "POST",
+        "/mcp",
+        &[
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("authorization", "Bearer agent-key-1"),
+        ],
+        request.as_bytes(),
+    );
+    let body = String::from_utf8(body).unwrap();
+    eprintln!("journey: curl delete-pod → {status} {body}");
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let reason = r#"tool "delete-pod" is not allowed by policy (default: deny)"#;
+    assert_eq!(
+        answer,
+        json!({"jsonrpc": "2.0", "id": 1, "error": {"code": -32010, "message": format!("toolgate: denied: {reason}"),
+            "data": {"decision": "deny", "policy": SEED_NAME, "rule": "default", "reason": reason}}})
+    );
+    assert_eq!(runpod_calls(&fake).len(), 10, "the refused call reached nothing");
     let audit = sidecar.audit();
     let denial = audit.iter().find(|a| a["tool"] == "delete-pod").expect("an audit line for delete-pod");
     assert_eq!(denial["decision"], "deny", "{denial}");
@@ -614,7 +641,7 @@ async fn five_minutes_on_a_cluster() {
         ("pod-action", "allow", 10.0),
         ("pod-action", "rate_limited", 1.0),
         ("pod-action", "deny", 1.0),
-        ("delete-pod", "deny", 1.0),
+        ("delete-pod", "deny", 2.0),
     ]);
     let deadline = std::time::Instant::now() + TIMEOUT;
     let samples = loop {
@@ -652,12 +679,19 @@ async fn five_minutes_on_a_cluster() {
     assert_eq!(up[0]["value"][1], "1", "{up}");
 
     // ---------------------------------------------------------------- 7a. edit the policy
-    let raised = std::fs::read_to_string(repo().join(SEED)).unwrap().replace("max: 10", "max: 12");
-    assert!(raised.contains("max: 12"));
-    let raised_path = scratch.path().join("seed-raised.yaml");
-    std::fs::write(&raised_path, raised).unwrap();
-    let applied = run_ok(cluster.kubectl().args(["-n", APP_NS, "apply", "-f"]).arg(&raised_path)).await;
-    assert_eq!(applied.trim(), format!("mcppolicy.toolgate.dev/{SEED_NAME} configured"));
+    // README's command.
+    let patched = run_ok(cluster.kubectl().args([
+        "-n",
+        APP_NS,
+        "patch",
+        "mcpp",
+        SEED_NAME,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/tools/pod-action/limits/0/max","value":12}]"#,
+    ]))
+    .await;
+    assert_eq!(patched.trim(), format!("mcppolicy.toolgate.dev/{SEED_NAME} patched"));
     policy_status(cluster, SEED_NAME, "generation 2 enforced", |s| s["enforcing"] == 1 && s["observedGeneration"] == 2)
         .await;
     // A new caller (limits are per grant, i.e. per credential): 12 allowed, the 13th not.
@@ -742,6 +776,12 @@ async fn five_minutes_on_a_cluster() {
             .is_some()
     );
     assert!(configmaps.get_opt(&format!("{RELEASE}-ca")).await.unwrap().is_some());
+    let leases = Api::<Lease>::namespaced(client.clone(), RELEASE_NS).list(&Default::default()).await.unwrap();
+    assert!(
+        leases.items.iter().any(|l| l.metadata.name.as_deref() == Some(&format!("{RELEASE}-operator-leader"))),
+        "{:?}",
+        leases.items.iter().map(|l| l.metadata.name.clone()).collect::<Vec<_>>()
+    );
     // No webhook any more: new pods start without a sidecar.
     let plain = create_pod(cluster, &pod_from_template(&deployment, "runpod-mcp-6b7f9d8c5d-9z8y7")).await;
     assert!(
