@@ -102,18 +102,26 @@ pub fn runpod_example(fake: &Proc) -> ExampleServer {
 }
 
 /// A minimal HTTP/1.1 client (`Connection: close`) to loopback, so tests send exactly
-/// the bytes they mean. Returns (status, head, body); status 0 when nothing listens.
+/// the bytes an attacker would: a `Content-Length` given in `headers` is sent as is (even
+/// when it lies), and the answer is read even when the server stops reading the body
+/// early. Returns (status, head, body); status 0 when nothing listens.
 pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, Vec<u8>) {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new(), Vec::new()) };
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    let mut has_length = false;
     for (k, v) in headers {
+        has_length |= k.eq_ignore_ascii_case("content-length");
         req.push_str(&format!("{k}: {v}\r\n"));
     }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    if s.write_all(req.as_bytes()).and_then(|()| s.write_all(body)).is_err() {
+    if !has_length {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
         return (0, String::new(), Vec::new());
     }
+    let _ = s.write_all(body);
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let split = out.windows(4).position(|w| w == b"\r\n\r\n").map_or(out.len(), |i| i + 4);
