@@ -74,9 +74,40 @@ fn expiry(token: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(claims.get("exp")?.as_u64()?))
 }
 
+/// The identity a token proved on one connection: later requests on the same connection
+/// (a sidecar's acks travel on its stream's HTTP/2 connection) with the same token skip
+/// the TokenReview until the token expires. A rotated token is reviewed again.
+#[derive(Debug, Default)]
+pub struct ConnAuth(Mutex<Option<([u8; 32], PodIdentity, SystemTime)>>);
+
+impl ConnAuth {
+    fn get(&self, key: &[u8; 32]) -> Option<PodIdentity> {
+        let guard = self.0.lock().expect("connection auth lock");
+        let (k, id, until) = guard.as_ref()?;
+        (k == key && *until > SystemTime::now()).then(|| id.clone())
+    }
+
+    fn remember(&self, key: [u8; 32], id: &PodIdentity, until: SystemTime) {
+        *self.0.lock().expect("connection auth lock") = Some((key, id.clone(), until));
+    }
+}
+
 impl Authenticator {
     pub fn new(client: kube::Client) -> Self {
         Self { api: Api::all(client), cache: Mutex::default() }
+    }
+
+    /// [`Authenticator::authenticate`], remembering the result on the connection.
+    pub async fn authenticate_on(&self, conn: Option<&ConnAuth>, token: &str) -> Result<PodIdentity, AuthError> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(id) = conn.and_then(|c| c.get(&key)) {
+            return Ok(id);
+        }
+        let id = self.authenticate(token).await?;
+        if let (Some(conn), Some(exp)) = (conn, expiry(token)) {
+            conn.remember(key, &id, exp);
+        }
+        Ok(id)
     }
 
     /// Reviews `token` and returns the pod it is bound to.
@@ -149,6 +180,23 @@ mod tests {
         assert!(bearer(Some(&h("Basic abc"))).is_err());
         assert!(bearer(Some(&h("Bearer "))).is_err());
         assert!(bearer(None).is_err());
+    }
+
+    #[test]
+    fn a_connection_remembers_only_the_same_unexpired_token() {
+        let conn = ConnAuth::default();
+        let id = PodIdentity {
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            pod_name: "p".into(),
+            pod_uid: "u".into(),
+        };
+        let key = |t: &str| -> [u8; 32] { Sha256::digest(t.as_bytes()).into() };
+        conn.remember(key("t1"), &id, SystemTime::now() + Duration::from_secs(60));
+        assert_eq!(conn.get(&key("t1")), Some(id.clone()));
+        assert_eq!(conn.get(&key("t2")), None, "another (e.g. rotated) token is reviewed again");
+        conn.remember(key("t1"), &id, SystemTime::now() - Duration::from_secs(1));
+        assert_eq!(conn.get(&key("t1")), None, "an expired token is reviewed again");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use toolgate_policy::push::{
     Message, PolicySet, STREAM_PATH,
 };
 
-use crate::auth::{AuthError, Authenticator, PodIdentity, bearer};
+use crate::auth::{AuthError, Authenticator, ConnAuth, PodIdentity, bearer};
 use crate::hub::{Hub, StreamGuard};
 use crate::inject::InjectConfig;
 use crate::metrics::Metrics;
@@ -131,7 +131,8 @@ async fn caller(ctx: &Ctx, req: &Request<Incoming>) -> Result<(PodIdentity, Arc<
     };
     let token = bearer(req.headers().get(hyper::header::AUTHORIZATION))
         .map_err(|e| refuse(ctx, "unauthenticated", StatusCode::UNAUTHORIZED, e.to_string()))?;
-    let id = match ctx.auth.authenticate(token).await {
+    let conn = req.extensions().get::<Arc<ConnAuth>>().cloned();
+    let id = match ctx.auth.authenticate_on(conn.as_deref(), token).await {
         Ok(id) => id,
         Err(e @ AuthError::Unavailable(_)) => {
             tracing::warn!(error = %e, "TokenReview failed");
@@ -362,7 +363,12 @@ pub async fn serve<F, Fut>(
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handler(ctx.clone(), req));
+            // Per connection: what a token proved here (see `ConnAuth`).
+            let conn_auth = Arc::new(ConnAuth::default());
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(conn_auth.clone());
+                handler(ctx.clone(), req)
+            });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let result = match tls {
                 Some(acceptor) => {
