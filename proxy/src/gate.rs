@@ -860,7 +860,11 @@ mod tests {
     use crate::jsonrpc::parse_body;
 
     fn gate(policy: &str) -> (Gate, Arc<Effective>) {
-        let p = Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid")));
+        gate_for(Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid"))))
+    }
+
+    /// A gate enforcing `p` (without an operator to ask for approvals).
+    fn gate_for(p: Arc<Effective>) -> (Gate, Arc<Effective>) {
         let (_tx, rx) = watch::channel(p.clone());
         (
             Gate::new(
@@ -885,19 +889,7 @@ mod tests {
                 .collect();
             if d.is_empty() { Policy::empty() } else { Policy::compile(d).expect("valid") }
         };
-        let p = Arc::new(Effective::new(compile(false), compile(true), "rev".into(), Source::Operator));
-        let (_tx, rx) = watch::channel(p.clone());
-        (
-            Gate::new(
-                rx,
-                Arc::new(Metrics::new()),
-                IdentitySource::Authorization,
-                false,
-                None,
-                Approver::Unavailable("no operator to ask"),
-            ),
-            p,
-        )
+        gate_for(Arc::new(Effective::new(compile(false), compile(true), "rev".into(), Source::Operator)))
     }
 
     const SEED: &str = r#"{"version":"1","default":"deny","tools":{"start-pod":{"limits":[{"counter":"start-pod_rate","window":"minute","max":2,"scope":"grant"}]}}}"#;
