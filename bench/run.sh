@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # `make bench-proxy`: toolgate-proxy against a direct connection to the same upstream.
 #
-# Builds the release binaries, starts mock-mcp (the upstream) and toolgate-proxy in front
-# of it, then runs mcp-load for 1 and 8 sessions directly and through the proxy,
-# interleaved (direct-1, proxy-1, direct-8, proxy-8) so slow drift of a shared machine
-# hits both sides alike. Proxy RSS is read from /proc/<pid>/status: idle (after start,
+# Builds the release binaries, starts mock-mcp (the upstream), toolgate-proxy in front of
+# it and tcp-relay (a byte-copying relay: the floor any process in the path pays), then
+# runs mcp-load for 1 and 8 sessions directly, through the relay and through the proxy,
+# interleaved (direct-1, relay-1, proxy-1, direct-8, relay-8, proxy-8) so slow drift of a
+# shared machine hits all sides alike. Proxy RSS is read from /proc/<pid>/status: idle (after start,
 # before any load), peak (sampled every 100 ms during the 8-session proxied run) and after.
 # Prints a table and writes target/bench-proxy.json. Every process started here is
 # stopped on exit.
@@ -77,6 +78,18 @@ done
 MOCK_PORT=$(awk '/^LISTENING/ {print $2; exit}' "$WORK/mock.out")
 [[ -n $MOCK_PORT ]] || { echo "mock-mcp did not start" >&2; exit 1; }
 
+# --- byte relay (floor) ----------------------------------------------------------------
+"${PIN_PROXY[@]}" "$BIN/tcp-relay" "127.0.0.1:$MOCK_PORT" >"$WORK/relay.out" 2>"$WORK/relay.err" &
+PIDS+=($!)
+RELAY_PID=$!
+for _ in $(seq 1 100); do
+  grep -q '^LISTENING ' "$WORK/relay.out" 2>/dev/null && break
+  kill -0 "$RELAY_PID" 2>/dev/null || { cat "$WORK/relay.err" >&2; exit 1; }
+  sleep 0.05
+done
+RELAY_PORT=$(awk '/^LISTENING/ {print $2; exit}' "$WORK/relay.out")
+[[ -n $RELAY_PORT ]] || { echo "tcp-relay did not start" >&2; exit 1; }
+
 # --- proxy ------------------------------------------------------------------------------
 PROXY_PORT=${BENCH_PROXY_PORT:-$(free_port)}
 ADMIN_PORT=${BENCH_ADMIN_PORT:-$(free_port)}
@@ -99,7 +112,7 @@ RSS_IDLE=$(rss_kib "$PROXY_PID")
 
 MACHINE="$(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "machine: $MACHINE"
-echo "mock-mcp :$MOCK_PORT (pid $MOCK_PID), toolgate-proxy :$PROXY_PORT admin :$ADMIN_PORT (pid $PROXY_PID), idle RSS ${RSS_IDLE} KiB"
+echo "mock-mcp :$MOCK_PORT (pid $MOCK_PID), tcp-relay :$RELAY_PORT, toolgate-proxy :$PROXY_PORT admin :$ADMIN_PORT (pid $PROXY_PID), idle RSS ${RSS_IDLE} KiB"
 echo "each run: ${WARMUP}s warm-up + ${SECS}s measured"
 
 load() { # name sessions url
@@ -110,10 +123,13 @@ load() { # name sessions url
 }
 DIRECT=http://127.0.0.1:$MOCK_PORT/mcp
 PROXIED=http://127.0.0.1:$PROXY_PORT/mcp
+RELAYED=http://127.0.0.1:$RELAY_PORT/mcp
 
 load direct-1 1 "$DIRECT"
+load relay-1 1 "$RELAYED"
 load proxy-1 1 "$PROXIED"
 load direct-8 8 "$DIRECT"
+load relay-8 8 "$RELAYED"
 
 # The 8-session proxied run, with the RSS sampled while it runs.
 echo 0 >"$WORK/rss.peak"
@@ -143,6 +159,7 @@ mkdir -p "$(dirname "$OUT")"
 "$BIN/mcp-load" report \
   --direct-1 "$WORK/direct-1.json" --proxy-1 "$WORK/proxy-1.json" \
   --direct-8 "$WORK/direct-8.json" --proxy-8 "$WORK/proxy-8.json" \
+  --relay-1 "$WORK/relay-1.json" --relay-8 "$WORK/relay-8.json" \
   --rss-idle-kib "$RSS_IDLE" --rss-load-kib "$RSS_LOAD" --rss-after-kib "$RSS_AFTER" \
   --audit-lines "${AUDIT:-0}" --machine "$MACHINE" --out "$OUT"
 echo "audit lines written by the proxy: ${AUDIT:-0} (one per decided tools/call, warm-up included)"

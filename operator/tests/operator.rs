@@ -569,7 +569,7 @@ async fn pending_approval(cluster: &TestCluster, ns: &str, tool: &str, seen: &[S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_calls_wait_for_a_person_against_runpod() {
     use toolgate_policy::crd::{ApprovalPhase, McpApproval as Approval};
-    let (cluster, op_ns, app, operator) = setup(&[]).await;
+    let (cluster, op_ns, app, mut operator) = setup(&[]).await;
     let (pod, ca, token) = injected_pod(cluster, &app, "runpod-0", json!({"toolgate.dev/inject": "enabled"})).await;
     let fake = toolgate_tests::mcp::fake_runpod();
     let server = toolgate_tests::mcp::runpod_http(&fake);
@@ -635,8 +635,32 @@ async fn held_calls_wait_for_a_person_against_runpod() {
     })
     .await;
     assert_eq!(deletes(&fake), 1);
+
+    // The operator restarts (a rollout) while a call is held: the McpApproval outlives it,
+    // the sidecar reconnects, and a decision made after the restart reaches the held call.
+    let held = tokio::spawn(run_client(agent.clone(), vec![call("delete-network-volume", json!({"id": "vol-3"}))]));
+    let fourth = pending_approval(cluster, &app, "delete-network-volume", &[first.clone(), second.clone()]).await;
+    operator.kill();
+    operator.restart(cluster).await;
+    eventually("the sidecar to reconnect", TIMEOUT, || {
+        let m = operator.metrics();
+        async move { (toolgate_tests::mcp::sample(&m, "toolgate_operator_sidecars_connected") == 1.0).then_some(()) }
+    })
+    .await;
+    assert!(!held.is_finished(), "the call is still held across the restart");
+    assert_eq!(
+        approvals.get(&fourth).await.unwrap().status.unwrap().phase,
+        Some(ApprovalPhase::Pending),
+        "a reconnect of the same sidecar instance does not abandon its approvals"
+    );
+    let (ok, out) = toolgate_cli(cluster, &alice, &["approve", &fourth, "-n", &app]).await;
+    assert!(ok, "{out}");
+    let out = held.await.unwrap();
+    assert_eq!(codes(&out), [None], "{out:?}");
+    assert_eq!(deletes(&fake), 2, "approved after the restart: reaches RunPod exactly once");
+
     let m = sidecar.metrics();
-    assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"approved\"}"), 1.0, "{m}");
+    assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"approved\"}"), 2.0, "{m}");
     assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"denied\"}"), 1.0, "{m}");
     assert_eq!(toolgate_tests::mcp::sample(&m, "toolgate_approval_decisions_total{decision=\"expired\"}"), 1.0, "{m}");
     drop(operator);

@@ -87,6 +87,11 @@ struct ReportArgs {
     direct_8: PathBuf,
     #[arg(long)]
     proxy_8: PathBuf,
+    /// The same loads through `tcp-relay` (a byte-copying relay: the floor any proxy pays).
+    #[arg(long, requires = "relay_8")]
+    relay_1: Option<PathBuf>,
+    #[arg(long, requires = "relay_1")]
+    relay_8: Option<PathBuf>,
     /// Proxy VmRSS after start, before any load (KiB).
     #[arg(long)]
     rss_idle_kib: u64,
@@ -333,6 +338,10 @@ fn num(v: &Value, ptr: &str) -> f64 {
 
 fn report(a: ReportArgs) -> anyhow::Result<bool> {
     let (d1, p1, d8, p8) = (load(&a.direct_1)?, load(&a.proxy_1)?, load(&a.direct_8)?, load(&a.proxy_8)?);
+    let relay = match (&a.relay_1, &a.relay_8) {
+        (Some(r1), Some(r8)) => Some((load(r1)?, load(r8)?)),
+        _ => None,
+    };
     let added_p50_1 = num(&p1, "/latency_us/p50") - num(&d1, "/latency_us/p50");
     let added_p99_1 = num(&p1, "/latency_us/p99") - num(&d1, "/latency_us/p99");
     let added_p50_8 = num(&p8, "/latency_us/p50") - num(&d8, "/latency_us/p50");
@@ -353,7 +362,12 @@ fn report(a: ReportArgs) -> anyhow::Result<bool> {
         "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
         "scenario", "p50 µs", "p90 µs", "p99 µs", "max µs", "calls/s", "errors"
     );
-    for (name, v) in [("direct-1", &d1), ("proxy-1", &p1), ("direct-8", &d8), ("proxy-8", &p8)] {
+    let mut rows = vec![("direct-1", &d1), ("proxy-1", &p1), ("direct-8", &d8), ("proxy-8", &p8)];
+    if let Some((r1, r8)) = &relay {
+        rows.insert(1, ("relay-1", r1));
+        rows.insert(4, ("relay-8", r8));
+    }
+    for (name, v) in rows {
         println!(
             "{:<10} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>8}",
             name,
@@ -372,6 +386,28 @@ fn report(a: ReportArgs) -> anyhow::Result<bool> {
     println!(
         "added latency, 8 sessions: p50 {added_p50_8:+.1} µs  p99 {added_p99_8:+.1} µs  (throughput ratio {ratio_8:.3})"
     );
+    // What any process in the path costs here (the relay), and what toolgate adds on top.
+    let floor = relay.as_ref().map(|(r1, r8)| {
+        let relay_p50_1 = num(r1, "/latency_us/p50") - num(&d1, "/latency_us/p50");
+        let relay_p99_1 = num(r1, "/latency_us/p99") - num(&d1, "/latency_us/p99");
+        let over_p50_1 = num(&p1, "/latency_us/p50") - num(r1, "/latency_us/p50");
+        let over_p99_1 = num(&p1, "/latency_us/p99") - num(r1, "/latency_us/p99");
+        let relay_ratio_8 = num(r8, "/rps") / num(&d8, "/rps");
+        let proxy_vs_relay_8 = num(&p8, "/rps") / num(r8, "/rps");
+        println!(
+            "byte relay (floor), 1 session: p50 {relay_p50_1:+.1} µs  p99 {relay_p99_1:+.1} µs over direct; \
+             toolgate over the relay: p50 {over_p50_1:+.1} µs  p99 {over_p99_1:+.1} µs"
+        );
+        println!(
+            "byte relay (floor), 8 sessions: throughput ratio {relay_ratio_8:.3} of direct; toolgate {proxy_vs_relay_8:.3} of the relay"
+        );
+        json!({
+            "relay_added_us_1": {"p50": relay_p50_1, "p99": relay_p99_1},
+            "proxy_over_relay_us_1": {"p50": over_p50_1, "p99": over_p99_1},
+            "relay_throughput_ratio_8": relay_ratio_8,
+            "proxy_vs_relay_throughput_8": proxy_vs_relay_8,
+        })
+    });
     print!("proxy RSS: idle {idle_mib:.1} MiB, peak under 8-session load {load_mib:.1} MiB");
     if let Some(after) = a.rss_after_kib {
         print!(", after the loads {:.1} MiB", after as f64 / 1024.0);
@@ -392,7 +428,9 @@ fn report(a: ReportArgs) -> anyhow::Result<bool> {
     }
     let out = json!({
         "machine": a.machine,
-        "runs": {"direct_1": d1, "proxy_1": p1, "direct_8": d8, "proxy_8": p8},
+        "runs": {"direct_1": d1, "proxy_1": p1, "direct_8": d8, "proxy_8": p8,
+                 "relay_1": relay.as_ref().map(|r| &r.0), "relay_8": relay.as_ref().map(|r| &r.1)},
+        "relay_floor": floor,
         "added_latency_us": {
             "sessions_1": {"p50": added_p50_1, "p99": added_p99_1},
             "sessions_8": {"p50": added_p50_8, "p99": added_p99_8},
