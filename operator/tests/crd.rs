@@ -10,7 +10,6 @@ use toolgate_operator::{McpPolicy, Mode};
 use toolgate_tests::{TestCluster, eventually, install_crypto_provider, run_ok, run_output};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
-const CRD: &str = include_str!("../../crds/mcppolicies.toolgate.dev.yaml");
 
 /// The seed policy of the README, as YAML under `spec:` (4 spaces deep).
 const SEED_SPEC: &str = r#"    version: "1"
@@ -24,24 +23,9 @@ const SEED_SPEC: &str = r#"    version: "1"
           scope: grant
 "#;
 
-/// Applies the CRD (idempotent; every test of this binary calls it) and waits until
-/// kubectl can use it.
 async fn install_crd(cluster: &TestCluster) {
-    // Once per process: concurrent first applies of the same CRD race (AlreadyExists).
-    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     install_crypto_provider();
-    INSTALLED
-        .get_or_init(|| async {
-            cluster.kubectl_apply(None, CRD).await;
-            run_ok(cluster.kubectl().args([
-                "wait",
-                "--for=condition=Established",
-                "--timeout=90s",
-                "crd/mcppolicies.toolgate.dev",
-            ]))
-            .await;
-        })
-        .await;
+    cluster.install_toolgate_crds().await;
 }
 
 fn dedent(spec: &str) -> String {

@@ -25,6 +25,12 @@ use crate::process::{PROXY_ENV, Supervised, free_port, log_tail, remove_at_exit}
 use crate::serve::http_get;
 use crate::tools::{Tool, tool_path};
 
+/// toolgate's generated CRDs (`make crds`), for [`TestCluster::install_toolgate_crds`].
+const TOOLGATE_CRDS: [&str; 2] = [
+    include_str!("../../crds/mcppolicies.toolgate.dev.yaml"),
+    include_str!("../../crds/mcpapprovals.toolgate.dev.yaml"),
+];
+
 /// The audience of tokens meant for toolgate (accepted by the test apiserver's TokenReview
 /// besides the default `https://kubernetes.default.svc.cluster.local`).
 pub const TOOLGATE_AUDIENCE: &str = "toolgate";
@@ -323,6 +329,28 @@ impl TestCluster {
         let out = crate::tools::run_ok(&mut cmd).await;
         let _ = std::fs::remove_file(&path);
         out
+    }
+
+    /// Applies toolgate's CRDs (`crds/`: McpPolicy, McpApproval) and waits until they are
+    /// Established. Once per test process: concurrent first applies of the same CRD race
+    /// (AlreadyExists), so every test calls this instead of applying them itself.
+    pub async fn install_toolgate_crds(&self) {
+        static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        INSTALLED
+            .get_or_init(|| async {
+                for crd in TOOLGATE_CRDS {
+                    self.kubectl_apply(None, crd).await;
+                }
+                crate::tools::run_ok(self.kubectl().args([
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=90s",
+                    "crd/mcppolicies.toolgate.dev",
+                    "crd/mcpapprovals.toolgate.dev",
+                ]))
+                .await;
+            })
+            .await;
     }
 
     /// `helm --kubeconfig <admin kubeconfig>`, with helm's cache, config and data

@@ -1325,17 +1325,6 @@ async fn chart_installs_with_every_option() {
 
 // ------------------------------------------------------------------ examples
 
-async fn ensure_mcppolicy_crd(cluster: &TestCluster) {
-    cluster.kubectl_apply(None, &read("crds/mcppolicies.toolgate.dev.yaml")).await;
-    run_ok(cluster.kubectl().args([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=90s",
-        "crd/mcppolicies.toolgate.dev",
-    ]))
-    .await;
-}
-
 #[tokio::test]
 async fn example_policies_are_valid_and_match_their_sources() {
     let dir = repo().join("examples/runpod-mcp/policies");
@@ -1359,7 +1348,7 @@ async fn example_policies_are_valid_and_match_their_sources() {
     }
 
     let cluster = TestCluster::shared();
-    ensure_mcppolicy_crd(cluster).await;
+    cluster.install_toolgate_crds().await;
     cluster
         .with_temp_namespace(|ns| async move {
             let out = eventually("kubectl to know McpPolicy", TIMEOUT, || async {

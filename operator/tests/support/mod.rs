@@ -20,26 +20,10 @@ use toolgate_policy::push::{Ack, Message};
 use toolgate_tests::{Supervised, TestCluster, eventually, free_port, install_crypto_provider, run_ok};
 
 pub const TIMEOUT: Duration = Duration::from_secs(90);
-const CRD: &str = include_str!("../../../crds/mcppolicies.toolgate.dev.yaml");
-const APPROVAL_CRD: &str = include_str!("../../../crds/mcpapprovals.toolgate.dev.yaml");
 
 pub async fn install_crd(cluster: &TestCluster) {
-    static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     install_crypto_provider();
-    INSTALLED
-        .get_or_init(|| async {
-            cluster.kubectl_apply(None, CRD).await;
-            cluster.kubectl_apply(None, APPROVAL_CRD).await;
-            run_ok(cluster.kubectl().args([
-                "wait",
-                "--for=condition=Established",
-                "--timeout=90s",
-                "crd/mcppolicies.toolgate.dev",
-                "crd/mcpapprovals.toolgate.dev",
-            ]))
-            .await;
-        })
-        .await;
+    cluster.install_toolgate_crds().await;
 }
 
 /// A running operator; its own namespace holds the Secret and the Lease.
