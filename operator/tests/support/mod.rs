@@ -17,7 +17,7 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use toolgate_policy::push::{Ack, Message};
-use toolgate_tests::{Supervised, TestCluster, eventually, free_port, install_crypto_provider, run_ok};
+use toolgate_tests::{Supervised, TestCluster, eventually, free_port, install_crypto_provider};
 
 pub const TIMEOUT: Duration = Duration::from_secs(90);
 
