@@ -64,3 +64,73 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the runtime")?
         .block_on(serve(args))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes go through unchanged both ways, and the client's end of stream reaches the
+    /// server (which then ends its side, and the relay finishes).
+    #[tokio::test]
+    async fn copies_both_ways_and_passes_end_of_stream() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let upstream_addr = upstream.local_addr().expect("upstream address");
+        // The server answers everything it reads in upper case, then closes at EOF.
+        let server = tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = s.read(&mut buf).await.expect("server read");
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                s.write_all(&buf[..n].to_ascii_uppercase()).await.expect("server write");
+            }
+            seen
+        });
+        let front = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let front_addr = front.local_addr().expect("relay address");
+        let relayed = tokio::spawn(async move {
+            let (client, _) = front.accept().await.expect("accept client");
+            relay(client, upstream_addr).await
+        });
+
+        let mut client = TcpStream::connect(front_addr).await.expect("connect");
+        let body = b"POST /mcp HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}";
+        client.write_all(body).await.expect("client write");
+        let mut answer = vec![0u8; body.len()];
+        let within = std::time::Duration::from_secs(10);
+        tokio::time::timeout(within, client.read_exact(&mut answer))
+            .await
+            .expect("answer in time")
+            .expect("client read");
+        assert_eq!(answer, body.to_ascii_uppercase());
+        client.shutdown().await.expect("client shutdown");
+        let mut rest = Vec::new();
+        tokio::time::timeout(within, client.read_to_end(&mut rest))
+            .await
+            .expect("end in time")
+            .expect("read to the end");
+        assert!(rest.is_empty(), "nothing after the answer: {rest:?}");
+        assert_eq!(server.await.expect("server task"), body.to_vec());
+        relayed.await.expect("relay task").expect("relay ends cleanly");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_an_error() {
+        // A port nobody listens on: bind, note it, close it.
+        let addr = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("address");
+        let front = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let front_addr = front.local_addr().expect("relay address");
+        let relayed = tokio::spawn(async move {
+            let (client, _) = front.accept().await.expect("accept client");
+            relay(client, addr).await
+        });
+        let _client = TcpStream::connect(front_addr).await.expect("connect");
+        let err = relayed.await.expect("relay task").expect_err("connect refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+}
