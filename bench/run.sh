@@ -66,29 +66,31 @@ free_port() {
   return 1
 }
 
+# Waits for a started benchmark tool to print "LISTENING <port>" (its stdout and stderr are
+# $WORK/<name>.out and .err) and prints the port; shows its stderr and fails if it exits
+# first or never says where it listens.
+listening_port() { # name pid
+  local _ port
+  for _ in $(seq 1 100); do
+    grep -q '^LISTENING ' "$WORK/$1.out" 2>/dev/null && break
+    kill -0 "$2" 2>/dev/null || { cat "$WORK/$1.err" >&2; return 1; }
+    sleep 0.05
+  done
+  port=$(awk '/^LISTENING/ {print $2; exit}' "$WORK/$1.out")
+  [[ -n $port ]] || { echo "$1 did not start" >&2; return 1; }
+  echo "$port"
+}
+
 # --- upstream ---------------------------------------------------------------------------
-"${PIN_LOAD[@]}" "$BIN/mock-mcp" 0 --threads "$MOCK_THREADS" >"$WORK/mock.out" 2>"$WORK/mock.err" &
+"${PIN_LOAD[@]}" "$BIN/mock-mcp" 0 --threads "$MOCK_THREADS" >"$WORK/mock-mcp.out" 2>"$WORK/mock-mcp.err" &
 PIDS+=($!)
 MOCK_PID=$!
-for _ in $(seq 1 100); do
-  grep -q '^LISTENING ' "$WORK/mock.out" 2>/dev/null && break
-  kill -0 "$MOCK_PID" 2>/dev/null || { cat "$WORK/mock.err" >&2; exit 1; }
-  sleep 0.05
-done
-MOCK_PORT=$(awk '/^LISTENING/ {print $2; exit}' "$WORK/mock.out")
-[[ -n $MOCK_PORT ]] || { echo "mock-mcp did not start" >&2; exit 1; }
+MOCK_PORT=$(listening_port mock-mcp "$MOCK_PID")
 
 # --- byte relay (floor) ----------------------------------------------------------------
-"${PIN_PROXY[@]}" "$BIN/tcp-relay" "127.0.0.1:$MOCK_PORT" >"$WORK/relay.out" 2>"$WORK/relay.err" &
+"${PIN_PROXY[@]}" "$BIN/tcp-relay" "127.0.0.1:$MOCK_PORT" >"$WORK/tcp-relay.out" 2>"$WORK/tcp-relay.err" &
 PIDS+=($!)
-RELAY_PID=$!
-for _ in $(seq 1 100); do
-  grep -q '^LISTENING ' "$WORK/relay.out" 2>/dev/null && break
-  kill -0 "$RELAY_PID" 2>/dev/null || { cat "$WORK/relay.err" >&2; exit 1; }
-  sleep 0.05
-done
-RELAY_PORT=$(awk '/^LISTENING/ {print $2; exit}' "$WORK/relay.out")
-[[ -n $RELAY_PORT ]] || { echo "tcp-relay did not start" >&2; exit 1; }
+RELAY_PORT=$(listening_port tcp-relay "$!")
 
 # --- proxy ------------------------------------------------------------------------------
 PROXY_PORT=${BENCH_PROXY_PORT:-$(free_port)}
