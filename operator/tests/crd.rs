@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use toolgate_operator::{McpPolicy, Mode};
-use toolgate_tests::{TestCluster, eventually, install_crypto_provider, run_ok, run_output};
+use toolgate_tests::{TestCluster, eventually, run_ok, run_output};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -22,11 +22,6 @@ const SEED_SPEC: &str = r#"    version: "1"
           max: 10
           scope: grant
 "#;
-
-async fn install_crd(cluster: &TestCluster) {
-    install_crypto_provider();
-    cluster.install_toolgate_crds().await;
-}
 
 fn dedent(spec: &str) -> String {
     spec.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect()
@@ -68,7 +63,7 @@ async fn apply_ok(cluster: &TestCluster, ns: &str, yaml: &str) {
 #[tokio::test]
 async fn the_seed_policy_is_accepted_and_listed_with_its_columns() {
     let cluster = TestCluster::shared();
-    install_crd(cluster).await;
+    cluster.install_toolgate_crds().await;
     cluster
         .with_temp_namespace(|ns| async move {
             apply_ok(cluster, &ns, &manifest(&ns, "seed", SEED_SPEC)).await;
@@ -107,7 +102,7 @@ async fn the_seed_policy_is_accepted_and_listed_with_its_columns() {
 #[tokio::test]
 async fn selector_and_dry_run_are_accepted() {
     let cluster = TestCluster::shared();
-    install_crd(cluster).await;
+    cluster.install_toolgate_crds().await;
     cluster
         .with_temp_namespace(|ns| async move {
             let spec = format!("    mode: dryRun\n    selector:\n      matchLabels: {{app: agent}}\n{SEED_SPEC}");
@@ -124,7 +119,7 @@ async fn selector_and_dry_run_are_accepted() {
 #[tokio::test]
 async fn invalid_policies_are_refused_by_the_schema_with_the_field_named() {
     let cluster = TestCluster::shared();
-    install_crd(cluster).await;
+    cluster.install_toolgate_crds().await;
     cluster
         .with_temp_namespace(|ns| async move {
             // Wait until the CRD is usable with a valid object, so that refusals below are
@@ -155,7 +150,7 @@ async fn invalid_policies_are_refused_by_the_schema_with_the_field_named() {
 #[tokio::test]
 async fn kubectl_explain_shows_the_field_docs() {
     let cluster = TestCluster::shared();
-    install_crd(cluster).await;
+    cluster.install_toolgate_crds().await;
     let text = eventually("kubectl explain to know McpPolicy", TIMEOUT, || async {
         let out = run_output(cluster.kubectl().args(["explain", "mcppolicy.spec.tools"])).await;
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())

@@ -287,11 +287,7 @@ async fn an_injected_sidecar_enforces_what_the_operator_pushes_against_runpod() 
     assert_eq!(sidecar.ready(), 200);
     // It comes back: the sidecar reconnects on its own.
     operator.restart(cluster).await;
-    eventually("the sidecar to reconnect", TIMEOUT, || {
-        let m = operator.metrics();
-        async move { (toolgate_tests::mcp::sample(&m, "toolgate_operator_sidecars_connected") == 1.0).then_some(()) }
-    })
-    .await;
+    operator.wait_for_sidecars(1.0).await;
 
     // A dryRun policy refusing list-pods: calls still pass, the would-be denial is counted.
     apply_policy(
@@ -334,7 +330,7 @@ async fn an_injected_sidecar_enforces_what_the_operator_pushes_against_runpod() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledgements_reach_status_through_any_replica_and_a_new_leader_takes_over() {
     let cluster = TestCluster::shared();
-    install_crd(cluster).await;
+    cluster.install_toolgate_crds().await;
     let op_ns = cluster.create_namespace().await;
     let app = cluster.create_namespace().await;
     let mut a = Operator::start_as(cluster, "replica-a", &op_ns, &app, &[]).await;
@@ -642,11 +638,7 @@ async fn held_calls_wait_for_a_person_against_runpod() {
     let fourth = pending_approval(cluster, &app, "delete-network-volume", &[first.clone(), second.clone()]).await;
     operator.kill();
     operator.restart(cluster).await;
-    eventually("the sidecar to reconnect", TIMEOUT, || {
-        let m = operator.metrics();
-        async move { (toolgate_tests::mcp::sample(&m, "toolgate_operator_sidecars_connected") == 1.0).then_some(()) }
-    })
-    .await;
+    operator.wait_for_sidecars(1.0).await;
     assert!(!held.is_finished(), "the call is still held across the restart");
     assert_eq!(
         approvals.get(&fourth).await.unwrap().status.unwrap().phase,

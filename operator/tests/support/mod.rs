@@ -17,14 +17,9 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use toolgate_policy::push::{Ack, Message};
-use toolgate_tests::{Supervised, TestCluster, eventually, free_port, install_crypto_provider};
+use toolgate_tests::{Supervised, TestCluster, eventually, free_port};
 
 pub const TIMEOUT: Duration = Duration::from_secs(90);
-
-pub async fn install_crd(cluster: &TestCluster) {
-    install_crypto_provider();
-    cluster.install_toolgate_crds().await;
-}
 
 /// A running operator; its own namespace holds the Secret and the Lease.
 pub struct Operator {
@@ -108,6 +103,16 @@ impl Operator {
                 }
                 (status == 200).then_some(())
             }
+        })
+        .await;
+    }
+
+    /// Waits until `n` sidecars hold a policy stream to this process (e.g. after a restart,
+    /// once they have reconnected on their own).
+    pub async fn wait_for_sidecars(&self, n: f64) {
+        eventually(&format!("{n} sidecar(s) connected"), TIMEOUT, || {
+            let m = self.metrics();
+            async move { (toolgate_tests::mcp::sample(&m, "toolgate_operator_sidecars_connected") == n).then_some(()) }
         })
         .await;
     }
@@ -379,7 +384,7 @@ pub async fn served_certificate(port: u16, ca_pem: &str) -> Vec<u8> {
 /// operator whose webhook serves the app namespace (caBundle patched).
 pub async fn setup(extra: &[&str]) -> (&'static TestCluster, String, String, Operator) {
     let cluster = TestCluster::shared();
-    install_crd(cluster).await;
+    cluster.install_toolgate_crds().await;
     let op_ns = cluster.create_namespace().await;
     let app = cluster.create_namespace().await;
     let operator = Operator::start(cluster, &op_ns, &app, extra).await;
