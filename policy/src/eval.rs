@@ -536,7 +536,12 @@ fn scope_key(scope: Scope, grant: Option<&Arc<str>>, caller: &Caller) -> Box<str
     match (scope, grant) {
         (Scope::Grant, Some(g)) => format!("grant:{g}").into(),
         (Scope::Grant | Scope::Identity, _) => format!("id:{}", caller.identity).into(),
-        (Scope::Session, _) => format!("session:{}", caller.session.as_deref().unwrap_or("")).into(),
+        (Scope::Session, _) => match caller.session.as_deref() {
+            Some(s) => format!("session:{s}").into(),
+            // No session (a stateless upstream): the caller's own bucket, never one shared
+            // by every session-less caller nor a fresh one per request.
+            None => format!("sessionless:{}", caller.identity).into(),
+        },
         (Scope::Global, _) => "".into(),
     }
 }

@@ -25,7 +25,7 @@ use toolgate_policy::{Call, Caller, Decision, DecisionKind, DenialStyle, Limiter
 
 use crate::approval::{self, Approvals, ReuseKey};
 use crate::audit;
-use crate::jsonrpc::{self, Body, Kind, code};
+use crate::jsonrpc::{self, Body, Kind, code, id_key};
 use crate::metrics::Metrics;
 
 /// Who decides calls held for approval.
@@ -44,6 +44,10 @@ pub enum IdentitySource {
     Authorization,
     /// The value of a header set by a trusted gateway.
     Header(hyper::header::HeaderName),
+    /// Nobody authenticates callers (a child process that uses its own key and never sees
+    /// the caller's `Authorization`): every caller is one identity, so a limit holds for
+    /// the whole server instead of per header value a client picks.
+    Shared,
 }
 
 /// Where the live documents came from (shown on `/policy`).
@@ -216,37 +220,84 @@ impl Gate {
         self.policy.borrow().clone()
     }
 
-    pub fn caller(&self, headers: &HeaderMap, policy: &Effective) -> Caller {
-        let identity = match &self.identity {
-            IdentitySource::Authorization => headers
-                .get(hyper::header::AUTHORIZATION)
-                .map(|v| audit::fingerprint(&String::from_utf8_lossy(v.as_bytes())))
-                .unwrap_or_default(),
-            IdentitySource::Header(name) => {
-                headers.get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_owned()).unwrap_or_default()
+    /// Who is calling. Refused (the request is answered 400, nothing forwarded) when a
+    /// header that identifies the caller or its session is repeated: which copy counts
+    /// would be the caller's choice, and the upstream may read another one than the
+    /// proxy did.
+    pub fn caller(&self, headers: &HeaderMap, policy: &Effective) -> Result<Caller, CallerError> {
+        let single = |name: &str| -> Result<Option<&hyper::header::HeaderValue>, CallerError> {
+            let mut all = headers.get_all(name).iter();
+            let first = all.next();
+            if all.next().is_some() {
+                return Err(CallerError(format!("the {name} header is repeated: send it once")));
             }
+            Ok(first)
         };
-        let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let authorization = single(hyper::header::AUTHORIZATION.as_str())?;
+        let identity = match &self.identity {
+            IdentitySource::Authorization => {
+                authorization.map(|v| audit::fingerprint(&String::from_utf8_lossy(v.as_bytes()))).unwrap_or_default()
+            }
+            IdentitySource::Header(name) => match single(name.as_str())? {
+                None => String::new(),
+                Some(v) => v
+                    .to_str()
+                    .map(|s| s.trim().to_owned())
+                    .map_err(|_| CallerError(format!("the {name} header is not visible ASCII")))?,
+            },
+            IdentitySource::Shared => String::new(),
+        };
+        let session = match single("mcp-session-id")? {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| CallerError("the Mcp-Session-Id header is not visible ASCII".into()))?
+                    .to_owned(),
+            ),
+        };
         let wanted = policy.header_names();
-        let headers = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            wanted
-                .iter()
-                .filter_map(|n| {
-                    headers.get(n.as_str()).and_then(|v| v.to_str().ok()).map(|v| (n.clone(), v.to_owned()))
-                })
-                .collect()
-        };
-        Caller { identity, session, headers }
+        let mut matched = Vec::new();
+        for n in wanted {
+            if let Some(v) = single(n)?
+                && let Ok(v) = v.to_str()
+            {
+                matched.push((n.clone(), v.to_owned()));
+            }
+        }
+        Ok(Caller { identity, session, headers: matched })
     }
 }
 
-/// Requests of one POST whose answers must be inspected, keyed by the id's JSON text.
+/// A request whose caller cannot be told unambiguously (see [`Gate::caller`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CallerError(pub String);
+
+impl CallerError {
+    /// The JSON-RPC answer (sent with HTTP 400).
+    pub fn answer(&self) -> Value {
+        jsonrpc::error(Value::Null, code::INVALID_REQUEST, format!("toolgate: {}", self.0), None)
+    }
+}
+
+/// Requests of one POST whose answers must be inspected, keyed by the id's canonical
+/// text ([`id_key`]).
 #[derive(Debug, Default)]
 pub struct Tracker {
     calls: HashMap<String, Held>,
     lists: HashMap<String, ()>,
+    /// Held until the answers are settled (dropped with the tracker): the claim on the
+    /// requests' ids in their session.
+    keep: Option<Keep>,
+}
+
+/// Something a [`Tracker`] holds until it is dropped.
+pub struct Keep(#[allow(dead_code, reason = "held for its Drop")] Box<dyn Send + Sync>);
+
+impl std::fmt::Debug for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keep")
+    }
 }
 
 impl Tracker {
@@ -259,6 +310,11 @@ impl Tracker {
 
     pub fn is_empty(&self) -> bool {
         self.calls.is_empty() && self.lists.is_empty()
+    }
+
+    /// Holds `k` until this tracker is dropped (its answers settled or given up).
+    pub fn keep_until_settled(&mut self, k: impl Send + Sync + 'static) {
+        self.keep = Some(Keep(Box::new(k)));
     }
 
     /// Takes over the entries of another tracker (stdio mode keeps one for the session).
@@ -357,10 +413,6 @@ enum Decided {
     Forward(Held),
     Refuse(Value),
     Hold(Box<Hold>),
-}
-
-fn id_key(id: &Value) -> String {
-    id.to_string()
 }
 
 impl Gate {
@@ -681,7 +733,9 @@ impl Gate {
     /// Inspects one message the upstream sent back. Returns a replacement when the
     /// message must change (a filtered tools/list result).
     pub fn inspect_answer(&self, msg: &Value, tracker: &mut Tracker, caller: &Caller) -> Option<Value> {
-        let key = msg.get("id").map(id_key);
+        // Only answers (no `method`) settle or match a request: a server's own request
+        // to the client may carry any id, also one of the client's.
+        let key = msg.get("id").filter(|_| msg.get("method").is_none()).map(id_key);
         if let Some(k) = &key
             && let Some(r) = tracker.calls.remove(k)
         {
@@ -716,6 +770,7 @@ impl Gate {
         if !tracker.calls.is_empty()
             && body.trim_ascii_start().first() == Some(&b'{')
             && let Ok(head) = serde_json::from_slice::<AnswerHead>(body)
+            && !head.method
             && let Some(id) = &head.id
             && let Some(r) = tracker.calls.remove(&id_key(id))
         {
@@ -758,6 +813,9 @@ struct AnswerHead {
     /// Present at all (even `null`), as `msg.get("error").is_some()` in `inspect_answer`.
     #[serde(default, deserialize_with = "present")]
     error: bool,
+    /// A request of the server (any id), not an answer.
+    #[serde(default, deserialize_with = "present")]
+    method: bool,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {

@@ -65,8 +65,38 @@ impl Message {
     }
 }
 
-fn is_valid_id(v: &Value) -> bool {
-    matches!(v, Value::String(_) | Value::Number(_))
+/// Largest integer id accepted: 2^53 − 1, the largest integer every JSON reader (a
+/// JavaScript server's among them) holds exactly.
+pub const MAX_SAFE_ID: u64 = (1 << 53) - 1;
+
+/// The one rule for JSON-RPC ids, in every transport: a string, or an integer in
+/// ±(2^53 − 1) written as an integer (`1`, not `1.0`, `1e0`, `10E-1` or
+/// `1.00000000000000001`). Anything else — a fraction, an exponent, `-0`, a huge
+/// number — is refused with `-32600`.
+///
+/// Why: the proxy matches answers to requests by id, and so does the server, but a
+/// JavaScript server compares numeric values (`1.0 === 1`) while text differs. Two ids
+/// equal to the server but not to the proxy would let the answer to one request settle
+/// (and refund) another. Accepted ids have exactly one spelling ([`id_key`]), so equal
+/// ids are equal keys, and a server's answer (written canonically) matches exactly the
+/// request it answers.
+pub fn is_valid_id(v: &Value) -> bool {
+    match v {
+        Value::String(_) => true,
+        // serde_json keeps integers written without fraction or exponent as i64/u64;
+        // everything else (and `-0`) is read as a float.
+        Value::Number(n) => {
+            n.as_u64().is_some_and(|u| u <= MAX_SAFE_ID) || n.as_i64().is_some_and(|i| i.unsigned_abs() <= MAX_SAFE_ID)
+        }
+        _ => false,
+    }
+}
+
+/// The canonical text of a valid id ([`is_valid_id`]): the key answers, refunds, the
+/// `tools/list` filter and duplicate checks use. Strings are re-encoded (escapes
+/// normalised), integers written without sign of zero or padding.
+pub fn id_key(id: &Value) -> String {
+    id.to_string()
 }
 
 /// A POST body: one message or a batch.
@@ -152,6 +182,39 @@ mod tests {
         assert!(kinds[1].starts_with("Notification"));
         assert_eq!(kinds[2], "Response");
         assert_eq!(kinds[3], "Invalid");
+    }
+
+    #[test]
+    fn ids_have_one_spelling() {
+        for ok in [r#""a""#, r#""1""#, "0", "1", "-1", "9007199254740991", "-9007199254740991", r#""\u0031""#] {
+            let v: Value = serde_json::from_str(ok).expect(ok);
+            assert!(is_valid_id(&v), "{ok} must be accepted");
+        }
+        // `"\u0031"` and `"1"` are one string: one key.
+        assert_eq!(id_key(&serde_json::from_str(r#""\u0031""#).expect("json")), r#""1""#);
+        for bad in [
+            "1.0",
+            "1e0",
+            "10E-1",
+            "1E0",
+            "-0",
+            "-0.0",
+            "0.0",
+            "1.00000000000000001",
+            "9007199254740992",
+            "-9007199254740992",
+            "18446744073709551616",
+            "null",
+            "true",
+            "[1]",
+            "{}",
+        ] {
+            let v: Value = serde_json::from_str(bad).expect(bad);
+            assert!(!is_valid_id(&v), "{bad} must be refused");
+            let msg = Message { value: serde_json::json!({"jsonrpc":"2.0","id": v,"method":"tools/call"}) };
+            assert_eq!(msg.kind(), Kind::Invalid, "{bad}");
+            assert_eq!(msg.id(), Value::Null, "{bad}: a refusal names no id it cannot match");
+        }
     }
 
     #[test]

@@ -90,7 +90,11 @@ impl Drop for Closer {
         headers.insert("mcp-session-id", sid);
         let app = self.app.clone();
         rt.spawn(async move {
-            if let Err(e) = app.upstream.send(&Method::DELETE, &headers, Bytes::new()).await {
+            let owner = app.gate.caller(&headers, &app.gate.current()).map(|c| c.identity).unwrap_or_default();
+            if let Some(sid) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+                app.owners.closed(sid);
+            }
+            if let Err(e) = app.upstream.send(&Method::DELETE, &headers, Bytes::new(), &owner).await {
                 tracing::debug!(error = %e, "could not end the upstream session of a closed /sse stream");
             }
         });
@@ -260,8 +264,9 @@ async fn pump(app: Arc<App>, session: Weak<ClientSession>) {
         headers.remove("mcp-name");
         headers.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
         let policy = app.gate.current();
-        let caller = app.gate.caller(&headers, &policy);
-        let resp = match app.upstream.send(&Method::GET, &headers, Bytes::new()).await {
+        // The headers of a POST that passed the same check.
+        let Ok(caller) = app.gate.caller(&headers, &policy) else { return };
+        let resp = match app.upstream.send(&Method::GET, &headers, Bytes::new(), &caller.identity).await {
             Ok(r) if r.status().is_success() => r,
             // No GET stream offered (405, a stateless server) or none any more.
             Ok(_) => return,

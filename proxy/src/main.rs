@@ -15,6 +15,7 @@ mod jsonrpc;
 mod legacy_clients;
 mod metrics;
 mod operator;
+mod owners;
 mod policy_files;
 mod server;
 mod sessions;
@@ -35,6 +36,7 @@ use crate::approval::Approvals;
 use crate::gate::{Approver, Effective, Gate, IdentitySource, Source};
 use crate::legacy_clients::LegacyClients;
 use crate::metrics::Metrics;
+use crate::owners::Owners;
 use crate::server::App;
 use crate::sessions::{Opener, Sessions};
 use crate::upstream::{HttpUpstream, Transport, Upstream};
@@ -116,9 +118,17 @@ struct Args {
     #[arg(long, env = "TOOLGATE_MAX_SESSIONS", default_value_t = 32)]
     max_sessions: usize,
 
+    /// Sessions one caller identity may hold upstream at once (its fair share of
+    /// --max-sessions); at its share, its least recently used idle session is ended to make
+    /// room. 0: a quarter of --max-sessions (at least 1), or all of them when every caller
+    /// is one identity (a child process without --identity-header).
+    #[arg(long, env = "TOOLGATE_MAX_SESSIONS_PER_IDENTITY", default_value_t = 0)]
+    max_sessions_per_identity: usize,
+
     /// Idle time after which a session's child process is stopped (or its connection to a
-    /// 2024-11-05 HTTP+SSE upstream closed), in seconds.
-    #[arg(long, env = "TOOLGATE_SESSION_IDLE_SECONDS", default_value_t = 1800)]
+    /// 2024-11-05 HTTP+SSE upstream closed), in seconds. A session with a waiting call or
+    /// an open GET stream is not idle.
+    #[arg(long, env = "TOOLGATE_SESSION_IDLE_SECONDS", default_value_t = 300)]
     session_idle_seconds: u64,
 
     /// Time to wait for an upstream answer (response head), in seconds.
@@ -256,6 +266,16 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
     };
     let identity = match args.identity_header.clone() {
         Some(h) => IdentitySource::Header(h),
+        // A child process uses its own key (RUNPOD_API_KEY…) and never sees the caller's
+        // Authorization: a credential the proxy cannot check is a name the client picks.
+        None if args.upstream.is_none() => {
+            tracing::warn!(
+                "no identity source: the MCP server runs as a child process and authenticates nobody, so every \
+                 caller of this proxy is one identity (limits hold for the whole server); set --identity-header \
+                 behind a gateway that authenticates callers to tell them apart"
+            );
+            IdentitySource::Shared
+        }
         None => IdentitySource::Authorization,
     };
     // Calls that need approval are held only where a person can be asked and the call's
@@ -265,6 +285,7 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
         Some(a) => Approver::Operator(a),
         None => Approver::Unavailable("no operator to ask"),
     };
+    let shared_identity = matches!(identity, IdentitySource::Shared);
     let gate = Arc::new(Gate::new(
         policy_rx,
         metrics.clone(),
@@ -288,6 +309,7 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
             upstream: placeholder_upstream(),
             max_body: args.max_body_bytes,
             legacy: LegacyClients::new(0),
+            owners: Owners::new(Duration::ZERO, true),
         });
         let admin = tokio::spawn(server::serve(admin_listener, app, server::admin, shutdown_rx));
         let result = stdio::run(gate, &args.command, args.max_body_bytes).await;
@@ -296,6 +318,12 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
         return result;
     }
 
+    let per_identity = match args.max_sessions_per_identity {
+        0 if shared_identity => args.max_sessions,
+        0 => args.max_sessions.div_ceil(4),
+        n => n,
+    }
+    .clamp(1, args.max_sessions.max(1));
     let upstream = match &args.upstream {
         Some(uri) => {
             if uri.scheme_str() != Some("http") {
@@ -306,15 +334,24 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
                 Duration::from_secs(args.upstream_timeout_seconds),
                 args.upstream_transport,
                 args.max_sessions.max(1),
+                per_identity,
                 Duration::from_secs(args.session_idle_seconds),
             )))
         }
         None => Upstream::Stdio(Sessions::new(
             Opener::Command(args.command.clone()),
             args.max_sessions.max(1),
+            per_identity,
             Duration::from_secs(args.session_idle_seconds),
             Duration::from_secs(args.upstream_timeout_seconds),
         )),
+    };
+    // Sessions of child processes are the proxy's own (it gives out their ids) and end
+    // when idle; an HTTP upstream's live as long as the upstream keeps them (bounded here
+    // by owners::MAX_SESSIONS and a day without use).
+    let owners = match &upstream {
+        Upstream::Stdio(_) => Owners::new(Duration::from_secs(args.session_idle_seconds.max(1)), true),
+        Upstream::Http(_) => Owners::new(Duration::from_secs(24 * 3600), false),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -325,6 +362,7 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
         upstream,
         max_body: args.max_body_bytes,
         legacy: LegacyClients::new(args.max_sessions.max(1)),
+        owners,
     });
     let admin = tokio::spawn(server::serve(admin_listener, app.clone(), server::admin, shutdown_rx.clone()));
     let main = tokio::spawn(server::serve(listener, app.clone(), server::handle, shutdown_rx));
@@ -343,6 +381,7 @@ fn placeholder_upstream() -> Upstream {
         hyper::Uri::from_static("http://127.0.0.1:9/"),
         Duration::from_secs(1),
         Transport::Streamable,
+        1,
         1,
         Duration::from_secs(1),
     )))

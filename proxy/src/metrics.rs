@@ -69,6 +69,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RevisionLabels {
     revision: String,
 }
@@ -101,6 +106,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily,
     upstream_errors: Family<KindLabels, Counter>,
+    /// Requests refused before any decision because of who or which session they name.
+    caller_refusals: Family<ReasonLabels, Counter>,
     policy_loaded: Gauge,
     policy_info: Family<RevisionLabels, Gauge>,
     reload_errors: Counter,
@@ -144,6 +151,12 @@ impl Metrics {
             "toolgate_upstream_errors",
             "Failures talking to the upstream MCP server, by kind",
             upstream_errors.clone(),
+        );
+        let caller_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "toolgate_caller_refusals",
+            "Requests refused before any decision: a repeated identity or session header (ambiguous_caller), a session that is unknown or another caller's (session), a request id already waiting (duplicate_id), no session slot left for the caller (session_slots)",
+            caller_refusals.clone(),
         );
         let policy_loaded = Gauge::default();
         registry.register(
@@ -204,6 +217,7 @@ impl Metrics {
             requests,
             duration,
             upstream_errors,
+            caller_refusals,
             policy_loaded,
             policy_info,
             reload_errors,
@@ -252,6 +266,11 @@ impl Metrics {
     pub fn request(&self, method: &'static str, code: u16, seconds: f64) {
         self.requests.get_or_create(&RequestLabels { method, code }).inc();
         self.duration.get_or_create(&MethodLabels { method }).observe(seconds);
+    }
+
+    /// A request refused before any decision; `reason` is one of the documented labels.
+    pub fn caller_refused(&self, reason: &'static str) {
+        self.caller_refusals.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn upstream_error(&self, kind: &'static str) {

@@ -20,6 +20,7 @@ use crate::gate::{Checked, Gate, Tracker};
 use crate::jsonrpc::{self, code};
 use crate::legacy_clients::{self, LegacyClients};
 use crate::metrics::Metrics;
+use crate::owners::{Owners, Verdict};
 use crate::sse;
 use crate::upstream::Upstream;
 
@@ -38,6 +39,37 @@ pub struct App {
     pub max_body: usize,
     /// Clients of the 2024-11-05 HTTP+SSE transport (`/sse`, `/messages`).
     pub legacy: LegacyClients,
+    /// Which caller opened which session.
+    pub owners: Owners,
+}
+
+impl App {
+    /// The caller of a request, bound to its session: `Err` is the answer that refuses it
+    /// (a repeated identity header: 400; a session that is not this caller's: 404).
+    /// For a stateless upstream a session id means nothing and is dropped, so a
+    /// `scope: session` limit counts under the caller's identity.
+    #[expect(clippy::result_large_err, reason = "the refusal is the response itself, built at most once per request")]
+    fn bound_caller(&self, headers: &HeaderMap, policy: &crate::gate::Effective) -> Result<Caller, Response<RespBody>> {
+        let mut caller = self.gate.caller(headers, policy).map_err(|e| {
+            self.gate.metrics.caller_refused("ambiguous_caller");
+            json_response(StatusCode::BAD_REQUEST, &e.answer())
+        })?;
+        if let Some(sid) = &caller.session {
+            match self.owners.check(sid, &caller.identity) {
+                Verdict::Own => {}
+                Verdict::Stateless => caller.session = None,
+                Verdict::NotFound => {
+                    self.gate.metrics.caller_refused("session");
+                    return Err(rpc_error(
+                        StatusCode::NOT_FOUND,
+                        code::INVALID_REQUEST,
+                        "unknown session, or not this caller's: initialize again",
+                    ));
+                }
+            }
+        }
+        Ok(caller)
+    }
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> RespBody {
@@ -151,7 +183,10 @@ pub async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'s
         }
     };
     let policy = app.gate.current();
-    let caller = app.gate.caller(&parts.headers, &policy);
+    let caller = match app.bound_caller(&parts.headers, &policy) {
+        Ok(c) => c,
+        Err(refusal) => return (refusal, method),
+    };
     let checked = app.gate.check(
         &parsed,
         &caller,
@@ -159,6 +194,20 @@ pub async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'s
         header_str(&parts.headers, "mcp-method"),
         header_str(&parts.headers, "mcp-name"),
     );
+    // Over Streamable HTTP the upstream matches answers to requests by id within the
+    // session: two waiting requests with one id are refused here (child processes and
+    // 2024-11-05 upstreams are the proxy's own sessions, which refuse them themselves).
+    let claim_ids: Vec<String> = match (&caller.session, &app.upstream) {
+        (Some(_), Upstream::Http(_)) if matches!(checked, Checked::Forward(_) | Checked::Hold(_)) => parsed
+            .messages
+            .iter()
+            .filter_map(|m| match m.kind() {
+                jsonrpc::Kind::Request { id, .. } => Some(jsonrpc::id_key(id)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     drop(parsed);
     let mut tracker = match checked {
         Checked::Answer(v) => {
@@ -177,7 +226,26 @@ pub async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'s
             Err(v) => return (json_response(StatusCode::OK, &v), method),
         },
     };
-    let resp = match app.upstream.send(&parts.method, &parts.headers, bytes).await {
+    if let Some(sid) = &caller.session
+        && !claim_ids.is_empty()
+    {
+        match app.owners.claim(sid, claim_ids) {
+            Some(claim) => tracker.keep_until_settled(claim),
+            None => {
+                tracker.rollback_all();
+                app.gate.metrics.caller_refused("duplicate_id");
+                return (
+                    rpc_error(
+                        StatusCode::BAD_REQUEST,
+                        code::INVALID_REQUEST,
+                        "a request with this id is already waiting for its answer in this session",
+                    ),
+                    method,
+                );
+            }
+        }
+    }
+    let resp = match app.upstream.send(&parts.method, &parts.headers, bytes, &caller.identity).await {
         Ok(r) => r,
         Err(e) => {
             if e.maybe_delivered() {
@@ -193,6 +261,12 @@ pub async fn post(app: &App, req: Request<Incoming>) -> (Response<RespBody>, &'s
             );
         }
     };
+    if caller.session.is_none()
+        && resp.status().is_success()
+        && let Some(sid) = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok())
+    {
+        app.owners.opened(sid, &caller.identity);
+    }
     (answer(app, resp, tracker, caller).await, method)
 }
 
@@ -201,9 +275,15 @@ pub async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, c
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if !parts.status.is_success() {
-        tracker.rollback_all();
-        if parts.status.is_server_error() {
-            app.gate.metrics.upstream_error("status");
+        if parts.status.is_client_error() {
+            // Refused as a request (bad session, credentials, shape…): nothing ran.
+            tracker.rollback_all();
+        } else {
+            // A server error may come after the work began: the units stay spent.
+            tracker.keep_spent();
+            if parts.status.is_server_error() {
+                app.gate.metrics.upstream_error("status");
+            }
         }
         return Response::from_parts(parts, body);
     }
@@ -222,7 +302,8 @@ pub async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, c
     let bytes = match Limited::new(body, MAX_ANSWER_BYTES).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
-            tracker.rollback_all();
+            // The upstream accepted the request (2xx) and may have acted on it.
+            tracker.keep_spent();
             app.gate.metrics.upstream_error("body");
             return rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream answer unreadable: {e}"));
         }
@@ -296,9 +377,20 @@ fn rewrite_event(gate: &Gate, event: Bytes, tracker: &mut Tracker, caller: &Call
 async fn forward_stream(app: &App, req: Request<Incoming>) -> Response<RespBody> {
     let (parts, _body) = req.into_parts();
     let policy = app.gate.current();
-    let caller = app.gate.caller(&parts.headers, &policy);
-    match app.upstream.send(&parts.method, &parts.headers, Bytes::new()).await {
-        Ok(resp) => answer(app, resp, Tracker::default(), caller).await,
+    let caller = match app.bound_caller(&parts.headers, &policy) {
+        Ok(c) => c,
+        Err(refusal) => return refusal,
+    };
+    match app.upstream.send(&parts.method, &parts.headers, Bytes::new(), &caller.identity).await {
+        Ok(resp) => {
+            if parts.method == Method::DELETE
+                && resp.status().is_success()
+                && let Some(sid) = &caller.session
+            {
+                app.owners.closed(sid);
+            }
+            answer(app, resp, Tracker::default(), caller).await
+        }
         Err(e) => {
             app.gate.metrics.upstream_error(e.kind());
             rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream MCP server failed: {e}"))

@@ -36,6 +36,9 @@ pub const MAX_PENDING: usize = 256;
 const EVENTS_QUEUE: usize = 256;
 /// Longest wait for a 2024-11-05 server's `endpoint` event (it sends it at once).
 const ENDPOINT_WAIT: Duration = Duration::from_secs(10);
+/// A session without a waiting request or an open GET stream for this long may be ended to
+/// make room for a new one (its identity's, when that identity is at its share).
+const RECLAIM_AFTER: Duration = Duration::from_secs(30);
 /// Largest line a child may write (one JSON-RPC message).
 const MAX_LINE_BYTES: usize = sse::MAX_EVENT_BYTES;
 
@@ -85,6 +88,8 @@ struct Pending {
 #[derive(Debug)]
 struct Session {
     link: Link,
+    /// The identity whose `initialize` opened it.
+    owner: String,
     pending: Mutex<Pending>,
     /// Server messages for the GET stream; one GET reads at a time, a later one takes over
     /// when it ends.
@@ -94,10 +99,11 @@ struct Session {
 }
 
 impl Session {
-    fn new(link: Link) -> (Arc<Self>, mpsc::Sender<Value>) {
+    fn new(link: Link, owner: &str) -> (Arc<Self>, mpsc::Sender<Value>) {
         let (tx, rx) = mpsc::channel(EVENTS_QUEUE);
         let s = Arc::new(Self {
             link,
+            owner: owner.to_owned(),
             pending: Mutex::default(),
             events: Arc::new(tokio::sync::Mutex::new(rx)),
             last_used: Mutex::new(Instant::now()),
@@ -108,6 +114,10 @@ impl Session {
 
     fn touch(&self) {
         *self.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn last_used(&self) -> Instant {
+        *self.last_used.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -168,7 +178,7 @@ impl Session {
         if msg.get("method").is_none()
             && let Some(id) = msg.get("id")
         {
-            let waiter = self.pending().waiters.remove(&id.to_string());
+            let waiter = self.pending().waiters.remove(&jsonrpc::id_key(id));
             match waiter {
                 Some((_, w)) => {
                     if w.send(msg).is_err() {
@@ -192,7 +202,7 @@ impl Session {
     /// with one id would get each other's answers) and more than [`MAX_PENDING`] at once.
     fn register(&self, ids: &[&Value]) -> Result<Registration<'_>, (StatusCode, Value)> {
         let mut p = self.pending();
-        if let Some(dup) = ids.iter().find(|id| p.waiters.contains_key(&id.to_string())) {
+        if let Some(dup) = ids.iter().find(|id| p.waiters.contains_key(&jsonrpc::id_key(id))) {
             return Err((
                 StatusCode::BAD_REQUEST,
                 jsonrpc::error(
@@ -205,7 +215,7 @@ impl Session {
         }
         if p.waiters.len() + ids.len() > MAX_PENDING {
             return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::TOO_MANY_REQUESTS,
                 jsonrpc::error(
                     Value::Null,
                     code::INVALID_REQUEST,
@@ -219,7 +229,7 @@ impl Session {
             p.next += 1;
             let n = p.next;
             let (tx, rx) = oneshot::channel();
-            let key = id.to_string();
+            let key = jsonrpc::id_key(id);
             p.waiters.insert(key.clone(), (n, tx));
             reg.entries.push((key, n));
             reg.answers.push(rx);
@@ -368,6 +378,8 @@ pub fn resolve_endpoint(base: &Uri, reference: &str) -> Result<Uri, UpstreamErro
 pub struct Sessions {
     opener: Opener,
     max_sessions: usize,
+    /// Sessions one identity may hold at once (its fair share of `max_sessions`).
+    per_identity: usize,
     idle_timeout: Duration,
     call_timeout: Duration,
     map: Mutex<HashMap<String, Arc<Session>>>,
@@ -385,10 +397,17 @@ impl Drop for Slot<'_> {
 }
 
 impl Sessions {
-    pub fn new(opener: Opener, max_sessions: usize, idle_timeout: Duration, call_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        opener: Opener,
+        max_sessions: usize,
+        per_identity: usize,
+        idle_timeout: Duration,
+        call_timeout: Duration,
+    ) -> Arc<Self> {
         let s = Arc::new(Self {
             opener,
             max_sessions,
+            per_identity: per_identity.clamp(1, max_sessions.max(1)),
             idle_timeout,
             call_timeout,
             map: Mutex::default(),
@@ -435,24 +454,49 @@ impl Sessions {
         }
     }
 
-    fn slot(&self) -> Result<Slot<'_>, UpstreamError> {
-        let full = |s: &Self| s.session_count() + s.opening.load(Ordering::Acquire) >= s.max_sessions;
-        if full(self) {
+    /// A place for a new session of `owner`. When `owner` holds its share, its least
+    /// recently used idle session is ended to make room (else: refused); when every place
+    /// is taken, anyone's least recently used idle session is (else: refused). Idle: no
+    /// request waiting, no GET stream open, unused for [`RECLAIM_AFTER`].
+    fn slot(&self, owner: &str) -> Result<Slot<'_>, UpstreamError> {
+        if self.session_count() + self.opening.load(Ordering::Acquire) >= self.max_sessions {
             self.reap();
         }
-        let map = self.sessions();
-        if map.len() + self.opening.load(Ordering::Acquire) >= self.max_sessions {
+        let mut map = self.sessions();
+        if map.values().filter(|s| s.owner == owner).count() >= self.per_identity
+            && !self.reclaim(&mut map, Some(owner))
+        {
+            return Err(UpstreamError::TooManySessionsFor(self.per_identity));
+        }
+        if map.len() + self.opening.load(Ordering::Acquire) >= self.max_sessions && !self.reclaim(&mut map, None) {
             return Err(UpstreamError::TooManySessions(self.max_sessions));
         }
         self.opening.fetch_add(1, Ordering::AcqRel);
         Ok(Slot(&self.opening))
     }
 
+    /// Ends the least recently used idle session (of `owner`, if given). False: none.
+    fn reclaim(&self, map: &mut HashMap<String, Arc<Session>>, owner: Option<&str>) -> bool {
+        let after = RECLAIM_AFTER.min(self.idle_timeout);
+        let victim = map
+            .iter()
+            .filter(|(_, s)| owner.is_none_or(|o| s.owner == o) && s.is_idle(after))
+            .min_by_key(|(_, s)| s.last_used())
+            .map(|(id, _)| id.clone());
+        let Some(id) = victim.and_then(|id| map.remove_entry(&id)) else { return false };
+        tracing::info!(session = %id.0, "ending an idle upstream session to make room for a new one");
+        id.1.kill();
+        true
+    }
+
+    /// One client request of session-holding transports; `owner` is the caller's
+    /// identity (a new session is counted against its share).
     pub async fn send(
         &self,
         method: &Method,
         headers: &HeaderMap,
         body: Bytes,
+        owner: &str,
     ) -> Result<Response<RespBody>, UpstreamError> {
         let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let existing = sid.as_ref().and_then(|id| {
@@ -495,7 +539,7 @@ impl Sessions {
                 r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                 Ok(r)
             }
-            _ => self.post(sid, existing, headers, body, None).await,
+            _ => self.post(sid, existing, headers, body, None, owner).await,
         }
     }
 
@@ -506,8 +550,9 @@ impl Sessions {
         opened: SseOpened,
         headers: &HeaderMap,
         body: Bytes,
+        owner: &str,
     ) -> Result<Response<RespBody>, UpstreamError> {
-        self.post(None, None, headers, body, Some(opened)).await
+        self.post(None, None, headers, body, Some(opened), owner).await
     }
 
     async fn post(
@@ -517,6 +562,7 @@ impl Sessions {
         headers: &HeaderMap,
         body: Bytes,
         opened: Option<SseOpened>,
+        owner: &str,
     ) -> Result<Response<RespBody>, UpstreamError> {
         // The gate already parsed and checked this body.
         let value: Value = serde_json::from_slice(&body).map_err(|_| UpstreamError::Protocol("body is not JSON"))?;
@@ -539,12 +585,12 @@ impl Sessions {
                 ));
             }
             (None, None) if is_init => {
-                let slot = self.slot()?;
+                let slot = self.slot(owner)?;
                 let session = match (opened, &self.opener) {
-                    (Some(o), Opener::Sse(t)) => start_sse(t, o),
-                    (_, Opener::Command(cmd)) => spawn_child(cmd)?,
+                    (Some(o), Opener::Sse(t)) => start_sse(t, o, owner),
+                    (_, Opener::Command(cmd)) => spawn_child(cmd, owner)?,
                     (None, Opener::Sse(t)) => match open_sse(t, headers).await? {
-                        SseOpen::Open(o) => start_sse(t, o),
+                        SseOpen::Open(o) => start_sse(t, o, owner),
                         SseOpen::Refused(resp) => return Ok(resp),
                     },
                 };
@@ -598,9 +644,11 @@ impl Sessions {
                 // One line per message: the body may have been pretty-printed.
                 let mut line = serde_json::to_vec(value).map_err(|_| UpstreamError::Protocol("cannot encode"))?;
                 line.push(b'\n');
+                // A failed write may have delivered part or all of the line (the child may
+                // act on it): the outcome is unknown, so its quota stays spent.
                 let mut stdin = stdin.lock().await;
-                stdin.write_all(&line).await.map_err(|e| UpstreamError::Connect(format!("MCP server stdin: {e}")))?;
-                stdin.flush().await.map_err(|e| UpstreamError::Connect(format!("MCP server stdin: {e}")))?;
+                stdin.write_all(&line).await.map_err(|e| UpstreamError::Lost(format!("MCP server stdin: {e}")))?;
+                stdin.flush().await.map_err(|e| UpstreamError::Lost(format!("MCP server stdin: {e}")))?;
             }
             Link::Sse { endpoint, client, .. } => {
                 if let Some(refused) = post_message(client, endpoint, headers, body.clone(), self.call_timeout).await? {
@@ -663,12 +711,12 @@ async fn post_message(
     Ok(Some(Response::from_parts(parts, body.map_err(std::io::Error::other).boxed())))
 }
 
-fn spawn_child(command: &[String]) -> Result<Arc<Session>, UpstreamError> {
+fn spawn_child(command: &[String], owner: &str) -> Result<Arc<Session>, UpstreamError> {
     let mut child = spawn_server(command).map_err(|e| UpstreamError::Spawn(e.to_string()))?;
     let stdin = child.stdin.take().ok_or(UpstreamError::Spawn("no stdin".into()))?;
     let stdout = child.stdout.take().ok_or(UpstreamError::Spawn("no stdout".into()))?;
     let link = Link::Child { stdin: tokio::sync::Mutex::new(stdin), child: Mutex::new(Some(child)) };
-    let (session, events) = Session::new(link);
+    let (session, events) = Session::new(link, owner);
     let reader = session.clone();
     tokio::spawn(async move {
         let mut out = BufReader::new(stdout);
@@ -689,10 +737,10 @@ fn spawn_child(command: &[String]) -> Result<Arc<Session>, UpstreamError> {
 }
 
 /// Starts the session of an open 2024-11-05 SSE stream: a task reads its `message` events.
-fn start_sse(t: &SseTarget, o: SseOpened) -> Arc<Session> {
+fn start_sse(t: &SseTarget, o: SseOpened, owner: &str) -> Arc<Session> {
     let SseOpened { endpoint, mut body, mut splitter, first } = o;
     let link = Link::Sse { endpoint, client: t.client.clone(), reader: Mutex::new(None) };
-    let (session, events) = Session::new(link);
+    let (session, events) = Session::new(link, owner);
     let reader = session.clone();
     let task = tokio::spawn(async move {
         let on_event = |ev: &[u8]| {

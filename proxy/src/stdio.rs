@@ -2,6 +2,7 @@
 //! it) and runs the MCP server as one child process. Same checks as over HTTP; the
 //! caller is the local user (anonymous identity).
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -12,6 +13,7 @@ use toolgate_policy::Caller;
 
 use crate::gate::{Checked, Gate, Tracker};
 use crate::jsonrpc;
+use crate::sessions::MAX_PENDING;
 
 /// Reads one newline-terminated line of at most `max` bytes. Ok(None) at end of input;
 /// Err(()) for an over-long line (which is skipped).
@@ -43,7 +45,7 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
     let mut child = crate::upstream::spawn_server(command).context("cannot start the MCP server")?;
     let mut child_in = child.stdin.take().context("child stdin")?;
     let child_out = child.stdout.take().context("child stdout")?;
-    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let state = Arc::new(Mutex::new(State::default()));
     let caller = Caller::default();
 
     // One writer owns our stdout, so lines never interleave.
@@ -61,15 +63,16 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
     // Server → client: inspect answers, pass everything on.
     let from_child = {
         let gate = gate.clone();
-        let tracker = tracker.clone();
+        let state = state.clone();
         let caller = caller.clone();
         let out_tx = out_tx.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(child_out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let replaced = {
-                    let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-                    gate.inspect_body(line.as_bytes(), &mut t, &caller)
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.answered(line.as_bytes());
+                    gate.inspect_body(line.as_bytes(), &mut st.tracker, &caller)
                 };
                 if out_tx.send(replaced.unwrap_or_else(|| line.into_bytes())).await.is_err() {
                     break;
@@ -104,6 +107,12 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
                 continue;
             }
         };
+        let refusal = state.lock().unwrap_or_else(|p| p.into_inner()).refuse_waiting(&body);
+        if let Some(refusal) = refusal {
+            gate.metrics.caller_refused("duplicate_id");
+            let _ = out_tx.send(serde_json::to_vec(&refusal).unwrap_or_default()).await;
+            continue;
+        }
         let policy = gate.current();
         match gate.check(&body, &caller, &policy, None, None) {
             Checked::Answer(v) => {
@@ -115,7 +124,11 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
                 let _ = out_tx.send(serde_json::to_vec(&v).unwrap_or_default()).await;
             }
             Checked::Forward(t) => {
-                tracker.lock().unwrap_or_else(|p| p.into_inner()).absorb(t);
+                {
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.tracker.absorb(t);
+                    st.forwarded(&body);
+                }
                 let mut l = line;
                 l.push(b'\n');
                 if child_in.write_all(&l).await.is_err() || child_in.flush().await.is_err() {
@@ -131,6 +144,68 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
     drop(out_tx);
     let _ = writer.await;
     // Calls the child received but never answered may have run: they stay spent.
-    std::mem::take(&mut *tracker.lock().unwrap_or_else(|p| p.into_inner())).keep_spent();
+    std::mem::take(&mut state.lock().unwrap_or_else(|p| p.into_inner()).tracker).keep_spent();
     Ok(())
+}
+
+/// What the one session of `--stdio` keeps between lines.
+#[derive(Debug, Default)]
+struct State {
+    /// Forwarded calls and lists whose answers settle quota and are filtered.
+    tracker: Tracker,
+    /// Ids ([`jsonrpc::id_key`]) of every forwarded request not answered yet.
+    waiting: HashSet<String>,
+}
+
+impl State {
+    /// A request whose id is already waiting for its answer is refused (with the rest of
+    /// its body): the child could not tell the two apart, and the answer to one would
+    /// settle the other's quota. Also refused: more than [`MAX_PENDING`] waiting at once.
+    fn refuse_waiting(&self, body: &jsonrpc::Body) -> Option<Value> {
+        let ids: Vec<&Value> = request_ids(body).collect();
+        let why = if ids.iter().any(|id| self.waiting.contains(&jsonrpc::id_key(id))) {
+            "a request with this id is already waiting for its answer"
+        } else if self.waiting.len() + ids.len() > MAX_PENDING {
+            "too many requests waiting for their answers"
+        } else {
+            return None;
+        };
+        let answers: Vec<Value> = ids
+            .iter()
+            .map(|id| jsonrpc::error((*id).clone(), jsonrpc::code::INVALID_REQUEST, format!("toolgate: {why}"), None))
+            .collect();
+        Some(if body.batch { Value::Array(answers) } else { answers.into_iter().next().unwrap_or(Value::Null) })
+    }
+
+    fn forwarded(&mut self, body: &jsonrpc::Body) {
+        for id in request_ids(body) {
+            self.waiting.insert(jsonrpc::id_key(id));
+        }
+    }
+
+    /// A line from the child: answers (messages without `method`) end their request's wait.
+    fn answered(&mut self, line: &[u8]) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let mut done = |m: &Value| {
+            if m.get("method").is_none()
+                && let Some(id) = m.get("id")
+            {
+                self.waiting.remove(&jsonrpc::id_key(id));
+            }
+        };
+        match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Array(items)) => items.iter().for_each(&mut done),
+            Ok(m) => done(&m),
+            Err(_) => {}
+        }
+    }
+}
+
+fn request_ids(body: &jsonrpc::Body) -> impl Iterator<Item = &Value> {
+    body.messages.iter().filter_map(|m| match m.kind() {
+        jsonrpc::Kind::Request { id, .. } => Some(id),
+        _ => None,
+    })
 }

@@ -34,6 +34,10 @@ pub enum UpstreamError {
     Spawn(String),
     #[error("too many MCP sessions (limit {0})")]
     TooManySessions(usize),
+    #[error(
+        "this caller already holds its share of MCP sessions ({0}, --max-sessions-per-identity): end one (DELETE /mcp) or let one go idle"
+    )]
+    TooManySessionsFor(usize),
     /// The request reached the MCP server but its answer never came (it timed out, the
     /// process exited, the stream ended): the call may have run.
     #[error("no answer from the upstream: {0}")]
@@ -47,7 +51,7 @@ impl UpstreamError {
             UpstreamError::Timeout => "timeout",
             UpstreamError::Protocol(_) => "protocol",
             UpstreamError::Spawn(_) => "spawn",
-            UpstreamError::TooManySessions(_) => "sessions",
+            UpstreamError::TooManySessions(_) | UpstreamError::TooManySessionsFor(_) => "sessions",
             UpstreamError::Lost(_) => "lost",
         }
     }
@@ -71,10 +75,11 @@ impl Upstream {
         method: &Method,
         headers: &HeaderMap,
         body: Bytes,
+        owner: &str,
     ) -> Result<Response<RespBody>, UpstreamError> {
         match self {
-            Upstream::Http(h) => h.send(method, headers, body).await,
-            Upstream::Stdio(s) => s.send(method, headers, body).await,
+            Upstream::Http(h) => h.send(method, headers, body, owner).await,
+            Upstream::Stdio(s) => s.send(method, headers, body, owner).await,
         }
     }
 
@@ -124,10 +129,17 @@ pub fn http_client() -> HttpClient {
 }
 
 impl HttpUpstream {
-    pub fn new(uri: Uri, timeout: Duration, transport: Transport, max_sessions: usize, idle_timeout: Duration) -> Self {
+    pub fn new(
+        uri: Uri,
+        timeout: Duration,
+        transport: Transport,
+        max_sessions: usize,
+        per_identity: usize,
+        idle_timeout: Duration,
+    ) -> Self {
         let client = http_client();
         let target = SseTarget { uri: uri.clone(), client: client.clone(), timeout };
-        let legacy = Sessions::new(Opener::Sse(Box::new(target)), max_sessions, idle_timeout, timeout);
+        let legacy = Sessions::new(Opener::Sse(Box::new(target)), max_sessions, per_identity, idle_timeout, timeout);
         let transport = match transport {
             Transport::Auto => UNKNOWN,
             Transport::Streamable => STREAMABLE,
@@ -141,13 +153,14 @@ impl HttpUpstream {
         method: &Method,
         headers: &HeaderMap,
         body: Bytes,
+        owner: &str,
     ) -> Result<Response<RespBody>, UpstreamError> {
         let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
         if sid.is_some_and(|id| self.legacy.contains(id)) {
-            return self.legacy.send(method, headers, body).await;
+            return self.legacy.send(method, headers, body, owner).await;
         }
         match self.transport.load(Ordering::Acquire) {
-            SSE => return self.legacy.send(method, headers, body).await,
+            SSE => return self.legacy.send(method, headers, body, owner).await,
             STREAMABLE => return self.forward(method, headers, body).await,
             _ => {}
         }
@@ -172,7 +185,7 @@ impl HttpUpstream {
                 if self.transport.swap(SSE, Ordering::AcqRel) != SSE {
                     tracing::info!(upstream = %self.uri, "the upstream speaks the 2024-11-05 HTTP+SSE transport: translating");
                 }
-                self.legacy.start_opened(opened, headers, body).await
+                self.legacy.start_opened(opened, headers, body, owner).await
             }
             Ok(SseOpen::Refused(r)) => {
                 tracing::debug!(status = %resp.status(), get = %r.status(), "initialize refused; GET opened no SSE stream either");

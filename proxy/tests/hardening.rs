@@ -1,0 +1,408 @@
+//! What a caller controls — request ids, identity headers, session ids, the number of
+//! sessions it opens — must not change what counts. Each test is an attack that worked
+//! before (it reached RunPod more often than the policy allows, or reached another caller's
+//! session), driven against the real RunPod MCP servers from npm with the fake RunPod API
+//! recording what reached it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+/// pod-action start, 3 a minute (4.0.0 names).
+const POD_ACTION_3: &str = r#"
+version: "1"
+default: deny
+tools:
+  list-pods: {}
+  pod-action:
+    require:
+      - {path: args.body.action, op: eq, value: start}
+    limits:
+      - {counter: starts, window: minute, max: 3, scope: grant}
+"#;
+
+/// start-pod, 3 a minute (1.1.0 names).
+const START_POD_3: &str = r#"
+version: "1"
+default: deny
+tools:
+  start-pod:
+    limits:
+      - {counter: starts, window: minute, max: 3, scope: grant}
+"#;
+
+const JSON_HEADERS: [(&str, &str); 2] =
+    [("Content-Type", "application/json"), ("Accept", "application/json, text/event-stream")];
+
+/// The JSON-RPC messages of an answer body: JSON, or the `data:` lines of an SSE body.
+fn messages(body: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(body);
+    let values: Vec<Value> = if text.trim_start().starts_with(['{', '[']) {
+        vec![serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))]
+    } else {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str(d.trim()).ok())
+            .collect()
+    };
+    values.into_iter().flat_map(|v| if let Value::Array(a) = v { a } else { vec![v] }).collect()
+}
+
+/// POSTs `body` to the proxy's /mcp with `extra` headers.
+fn post(proxy: &Proxy, extra: &[(&str, &str)], body: &str) -> (u16, String, Vec<Value>) {
+    let headers: Vec<(&str, &str)> = JSON_HEADERS.iter().copied().chain(extra.iter().copied()).collect();
+    let (status, head, body) = http(proxy.proc.port, "POST", "/mcp", &headers, body.as_bytes());
+    (status, head, messages(&body))
+}
+
+fn initialize(proxy: &Proxy, extra: &[(&str, &str)]) -> String {
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "attacker", "version": "0"}}});
+    let (status, head, msgs) = post(proxy, extra, &init.to_string());
+    assert_eq!(status, 200, "initialize: {head} {msgs:?}");
+    let sid = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("mcp-session-id:").map(|v| v.trim().to_owned()))
+        .expect("a session id");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (status, _, _) = post(proxy, &[extra, &[("Mcp-Session-Id", &sid)]].concat(), &initialized.to_string());
+    assert_eq!(status, 202);
+    sid
+}
+
+fn start_call(id: &str, tool: &str) -> String {
+    let args =
+        if tool == "pod-action" { r#"{"id":"pod-2","body":{"action":"start"}}"# } else { r#"{"podId":"pod-2"}"# };
+    format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}","arguments":{args}}}}}"#)
+}
+
+/// Bodies in which a second request's id equals the call's id as a number but not as
+/// text: the server would answer the second one with the call's id, and that error
+/// answer must never give the call's quota back (nor skip the tools/list filter).
+fn alias_bodies(tool: &str) -> Vec<String> {
+    let mut bodies = Vec::new();
+    for (call_id, alias) in [("1", "1.0"), ("1", "1e0"), ("1", "10E-1"), ("0", "-0"), ("1", "1.00000000000000001")] {
+        bodies.push(format!(r#"[{},{{"jsonrpc":"2.0","id":{alias},"method":"x/y"}}]"#, start_call(call_id, tool)));
+        bodies
+            .push(format!(r#"[{},{{"jsonrpc":"2.0","id":{alias},"method":"tools/list"}}]"#, start_call(call_id, tool)));
+    }
+    // The call itself with an id that is not written as an integer.
+    bodies.push(start_call("2.0", tool));
+    bodies.push(start_call("9007199254740993", tool));
+    bodies
+}
+
+fn assert_refused_as_invalid(what: &str, status: u16, msgs: &[Value]) {
+    assert!(!msgs.is_empty(), "{what}: an answer ({status})");
+    assert!(
+        msgs.iter().all(|m| m.get("result").is_none()),
+        "{what}: nothing is forwarded, so nothing is answered by the server: {msgs:?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m["error"]["code"] == -32600),
+        "{what}: the non-canonical id is refused as an invalid request: {msgs:?}"
+    );
+}
+
+/// Pod starts that reached the fake RunPod API: `POST /v1/pods/ID/start` (1.1.0) or
+/// `POST /v2/pods/ID/action` `{"action":"start"}` (4.0.0).
+fn starts(fake: &Proc) -> usize {
+    fake_requests(fake)
+        .iter()
+        .filter(|(m, p, b)| {
+            m == "POST" && (p.ends_with("/start") || (p.ends_with("/action") && b["action"] == "start"))
+        })
+        .count()
+}
+
+/// Calls that pass until the limit, then -32011: how many were allowed.
+fn allowed_of(results: &[Vec<Value>]) -> usize {
+    results.iter().filter(|m| m.iter().any(|m| m.get("result").is_some())).count()
+}
+
+#[test]
+fn id_aliases_never_refund_a_call_over_http() {
+    let fake = fake_runpod();
+    let server = runpod_http(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", POD_ACTION_3);
+    let proxy = proxy(&[&policy], &["--upstream".into(), format!("http://127.0.0.1:{}/mcp", server.port)], &[]);
+    let auth = [("Authorization", "Bearer k")];
+    for body in alias_bodies("pod-action") {
+        let (status, _, msgs) = post(&proxy, &auth, &body);
+        assert_refused_as_invalid(&body, status, &msgs);
+    }
+    assert_eq!(starts(&fake), 0, "no aliased body reached RunPod");
+    let results: Vec<Vec<Value>> =
+        (10..16).map(|id| post(&proxy, &auth, &start_call(&id.to_string(), "pod-action")).2).collect();
+    assert_eq!(allowed_of(&results), 3, "{results:?}");
+    assert_eq!(results[5][0]["error"]["code"], -32011, "{:?}", results[5]);
+    assert_eq!(starts(&fake), 3, "exactly the limit reached RunPod");
+}
+
+#[test]
+fn id_aliases_never_refund_a_call_in_a_child_session() {
+    let fake = fake_runpod();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
+    let mut tail = vec!["--".to_owned()];
+    tail.extend(runpod_1_stdio_command());
+    let proxy = proxy(
+        &[&policy],
+        &tail,
+        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
+    );
+    let sid = initialize(&proxy, &[]);
+    let session = [("Mcp-Session-Id", sid.as_str())];
+    for body in alias_bodies("start-pod") {
+        let (status, _, msgs) = post(&proxy, &session, &body);
+        assert_refused_as_invalid(&body, status, &msgs);
+    }
+    assert_eq!(starts(&fake), 0, "no aliased body reached RunPod");
+    let results: Vec<Vec<Value>> =
+        (10..16).map(|id| post(&proxy, &session, &start_call(&id.to_string(), "start-pod")).2).collect();
+    assert_eq!(allowed_of(&results), 3, "{results:?}");
+    assert_eq!(starts(&fake), 3);
+}
+
+/// `--stdio`: the same id rule, and a request id that is still waiting for its answer is
+/// refused (the child could not tell the two apart).
+#[test]
+fn id_aliases_and_waiting_ids_never_refund_over_stdio() {
+    let fake = fake_runpod();
+    // Starts take a while, so a second request with the same id arrives while one waits.
+    let fault = json!({"method": "POST", "path": "/v1/pods/*", "delay_ms": 400, "times": 0}).to_string();
+    let (status, _, _) =
+        http(fake.port, "POST", "/__faults", &[("Content-Type", "application/json")], fault.as_bytes());
+    assert!((200..300).contains(&status), "{status}");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate-proxy"))
+        .args(["--stdio", "--policy"])
+        .arg(&policy)
+        .args(["--admin-listen", &format!("127.0.0.1:{}", free_port()), "--"])
+        .args(runpod_1_stdio_command())
+        .env("RUNPOD_API_KEY", "k")
+        .env("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))
+        .env("TOOLGATE_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let mut send = |line: &str| {
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    };
+    // Answers by id (canonical text); every line gets exactly one answer (or a batch).
+    let wait_for = |id: &str| -> Value {
+        let want: Value = serde_json::from_str(id).unwrap();
+        loop {
+            let v = rx.recv_timeout(Duration::from_secs(60)).expect("an answer");
+            let items = if let Value::Array(a) = &v { a.clone() } else { vec![v.clone()] };
+            if items.iter().any(|m| m["id"] == want || m["id"].is_null()) {
+                return v;
+            }
+        }
+    };
+    send(
+        &json!({"jsonrpc":"2.0","id":"init","method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"a","version":"0"}}})
+            .to_string(),
+    );
+    assert!(wait_for(r#""init""#).get("result").is_some());
+    send(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    for body in alias_bodies("start-pod") {
+        send(&body);
+        let v = wait_for("null");
+        let items = if let Value::Array(a) = &v { a.clone() } else { vec![v.clone()] };
+        assert_refused_as_invalid(&body, 0, &items);
+    }
+    // A call waits (slow API); the same id again, meanwhile, is refused: its error answer
+    // would otherwise settle (and refund) the waiting call.
+    send(&start_call("7", "start-pod"));
+    send(r#"{"jsonrpc":"2.0","id":7,"method":"x/y"}"#);
+    let first = wait_for("7");
+    assert_eq!(first["error"]["code"], -32600, "the duplicate is refused first: {first}");
+    assert!(first["error"]["message"].as_str().unwrap().contains("already waiting"), "{first}");
+    let call = wait_for("7");
+    assert!(call.get("result").is_some(), "the call itself completes: {call}");
+    let mut allowed = 1;
+    for id in 20..25 {
+        send(&start_call(&id.to_string(), "start-pod"));
+        if wait_for(&id.to_string()).get("result").is_some() {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3, "3 a minute, whatever the ids");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(starts(&fake), 3, "exactly the limit reached RunPod");
+}
+
+#[test]
+fn repeated_identity_headers_are_refused() {
+    let fake = fake_runpod();
+    let server = runpod_http(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", POD_ACTION_3);
+    let upstream = format!("http://127.0.0.1:{}/mcp", server.port);
+    let by_header =
+        proxy(&[&policy], &["--upstream".into(), upstream.clone(), "--identity-header".into(), "X-Agent".into()], &[]);
+    let call = start_call("1", "pod-action");
+    for headers in [
+        vec![("X-Agent", "mallory"), ("X-Agent", "alice"), ("Authorization", "Bearer k")],
+        vec![("X-Agent", "alice"), ("Authorization", "Bearer k"), ("Authorization", "Bearer k2")],
+        vec![("X-Agent", "alice"), ("Authorization", "Bearer k"), ("Mcp-Session-Id", "a"), ("Mcp-Session-Id", "b")],
+    ] {
+        let (status, _, msgs) = post(&by_header, &headers, &call);
+        assert_eq!(status, 400, "{headers:?}: {msgs:?}");
+        assert_eq!(msgs[0]["error"]["code"], -32600);
+        assert!(msgs[0]["error"]["message"].as_str().unwrap().contains("repeated"), "{msgs:?}");
+    }
+    let by_auth = proxy(&[&policy], &["--upstream".into(), upstream], &[]);
+    let (status, _, _) = post(&by_auth, &[("Authorization", "Bearer a"), ("Authorization", "Bearer b")], &call);
+    assert_eq!(status, 400);
+    assert_eq!(starts(&fake), 0, "nothing ambiguous reached RunPod");
+    let m = metrics(&by_auth);
+    assert_eq!(sample(&m, r#"toolgate_caller_refusals_total{reason="ambiguous_caller"}"#), 1.0, "{m}");
+}
+
+/// Without an identity source, a child process authenticates nobody: invented tokens are
+/// one caller, and the limit holds for the whole server.
+#[test]
+fn invented_credentials_are_one_caller_in_child_mode() {
+    let fake = fake_runpod();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
+    let mut tail = vec!["--".to_owned()];
+    tail.extend(runpod_1_stdio_command());
+    let proxy = proxy(
+        &[&policy],
+        &tail,
+        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
+    );
+    let mut allowed = 0;
+    for token in ["a", "b", "c"] {
+        let auth = format!("Bearer {token}");
+        let sid = initialize(&proxy, &[("Authorization", &auth)]);
+        for id in 0..2 {
+            let (_, _, msgs) = post(
+                &proxy,
+                &[("Authorization", &auth), ("Mcp-Session-Id", &sid)],
+                &start_call(&id.to_string(), "start-pod"),
+            );
+            allowed += usize::from(msgs.iter().any(|m| m.get("result").is_some()));
+        }
+    }
+    assert_eq!(allowed, 3, "3 a minute for the whole server, not per invented token");
+    assert_eq!(starts(&fake), 3);
+}
+
+const PER_SESSION_2: &str = r#"
+version: "1"
+default: deny
+tools:
+  pod-action:
+    limits:
+      - {counter: per_session, window: minute, max: 2, scope: session}
+"#;
+
+/// A stateless upstream gives out no sessions: a session id a client invents is not a
+/// fresh bucket, the calls count under the caller's identity.
+#[test]
+fn invented_session_ids_are_not_fresh_buckets() {
+    let fake = fake_runpod();
+    let server = runpod_http(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", PER_SESSION_2);
+    let proxy = proxy(&[&policy], &["--upstream".into(), format!("http://127.0.0.1:{}/mcp", server.port)], &[]);
+    let results: Vec<Vec<Value>> = (0..6)
+        .map(|i| {
+            let sid = format!("invented-{i}");
+            post(
+                &proxy,
+                &[("Authorization", "Bearer k"), ("Mcp-Session-Id", &sid)],
+                &start_call(&i.to_string(), "pod-action"),
+            )
+            .2
+        })
+        .collect();
+    assert_eq!(allowed_of(&results), 2, "{results:?}");
+    assert_eq!(starts(&fake), 2);
+}
+
+/// A session belongs to the identity that opened it: another caller naming it gets 404 for
+/// POST, GET and DELETE, and the owner's session goes on.
+#[test]
+fn another_caller_cannot_use_take_over_or_end_a_session() {
+    let fake = fake_runpod();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
+    let mut tail = vec!["--identity-header".to_owned(), "X-Agent".to_owned(), "--".to_owned()];
+    tail.extend(runpod_1_stdio_command());
+    let proxy = proxy(
+        &[&policy],
+        &tail,
+        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
+    );
+    let sid = initialize(&proxy, &[("X-Agent", "alice")]);
+    let as_bob = [("X-Agent", "bob"), ("Mcp-Session-Id", sid.as_str())];
+    let (status, _, msgs) = post(&proxy, &as_bob, &start_call("1", "start-pod"));
+    assert_eq!(status, 404, "{msgs:?}");
+    let get = [("Accept", "text/event-stream"), ("X-Agent", "bob"), ("Mcp-Session-Id", sid.as_str())];
+    assert_eq!(http(proxy.proc.port, "GET", "/mcp", &get, b"").0, 404, "bob cannot take alice's GET stream");
+    assert_eq!(http(proxy.proc.port, "DELETE", "/mcp", &as_bob, b"").0, 404, "bob cannot end alice's session");
+    assert_eq!(starts(&fake), 0);
+    let (status, _, msgs) =
+        post(&proxy, &[("X-Agent", "alice"), ("Mcp-Session-Id", &sid)], &start_call("2", "start-pod"));
+    assert_eq!(status, 200, "{msgs:?}");
+    assert!(msgs[0].get("result").is_some(), "alice's session goes on: {msgs:?}");
+    let m = metrics(&proxy);
+    assert_eq!(sample(&m, r#"toolgate_caller_refusals_total{reason="session"}"#), 3.0, "{m}");
+}
+
+/// One caller cannot take every child slot: it gets its share, the next caller still gets in.
+#[test]
+fn one_caller_cannot_fill_every_child_slot() {
+    let fake = fake_runpod();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
+    let mut tail = vec!["--identity-header", "X-Agent", "--max-sessions", "4", "--"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    tail.extend(runpod_1_stdio_command());
+    let proxy = proxy(
+        &[&policy],
+        &tail,
+        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
+    );
+    let _mine = initialize(&proxy, &[("X-Agent", "mallory")]);
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "m", "version": "0"}}})
+    .to_string();
+    for _ in 0..3 {
+        let (status, _, msgs) = post(&proxy, &[("X-Agent", "mallory")], &init);
+        assert_ne!(status, 200, "mallory holds her share (1 of 4): {msgs:?}");
+        assert!(msgs[0]["error"]["message"].as_str().unwrap().contains("share"), "{msgs:?}");
+    }
+    for who in ["alice", "bob", "carol"] {
+        initialize(&proxy, &[("X-Agent", who)]);
+    }
+}
