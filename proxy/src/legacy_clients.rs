@@ -44,6 +44,8 @@ pub struct LegacyClients {
 
 #[derive(Debug)]
 struct ClientSession {
+    /// The identity that opened the `/sse` stream: only it may post messages to it.
+    owner: String,
     /// Events for the client's `/sse` stream.
     tx: mpsc::Sender<Bytes>,
     /// The upstream's `Mcp-Session-Id`, once it gave one.
@@ -101,8 +103,15 @@ impl Drop for Closer {
     }
 }
 
-/// `GET /sse`: a new session; its stream begins with the `endpoint` event.
-pub fn open(app: &Arc<App>) -> Response<RespBody> {
+/// `GET /sse`: a new session of the caller; its stream begins with the `endpoint` event.
+pub fn open(app: &Arc<App>, headers: &HeaderMap) -> Response<RespBody> {
+    let owner = match app.gate.caller(headers, &app.gate.current()) {
+        Ok(c) => c.identity,
+        Err(e) => {
+            app.gate.metrics.caller_refused("ambiguous_caller");
+            return json_response(StatusCode::BAD_REQUEST, &e.answer());
+        }
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let id = new_session_id();
     {
@@ -119,6 +128,7 @@ pub fn open(app: &Arc<App>) -> Response<RespBody> {
             );
         }
         let session = ClientSession {
+            owner,
             tx: tx.clone(),
             upstream_session: Mutex::default(),
             headers: Mutex::default(),
@@ -153,6 +163,16 @@ pub async fn message(app: &Arc<App>, mut req: Request<Incoming>) -> (Response<Re
     let id =
         req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sessionId=")).map(str::to_owned));
     let session = id.and_then(|id| app.legacy.sessions().get(&id).cloned());
+    // Another identity's session is as unknown as a closed one: it cannot post into it
+    // (its answers would go to the owner's stream).
+    let caller = app.gate.caller(req.headers(), &app.gate.current()).map(|c| c.identity).ok();
+    let session = session.filter(|s| {
+        let own = caller.as_deref() == Some(s.owner.as_str());
+        if !own {
+            app.gate.metrics.caller_refused("session");
+        }
+        own
+    });
     let Some(session) = session else {
         return (
             json_response(

@@ -96,7 +96,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Re
         ("/mcp", &Method::GET) => (forward_stream(&app, req).await, "get"),
         ("/mcp", &Method::DELETE) => (forward_stream(&app, req).await, "delete"),
         ("/mcp", _) => (not_allowed("POST, GET, DELETE"), Metrics::method_label("")),
-        ("/sse", &Method::GET) => (legacy_clients::open(&app), "get"),
+        ("/sse", &Method::GET) => (legacy_clients::open(&app, req.headers()), "get"),
         ("/sse", _) => (not_allowed("GET"), Metrics::method_label("")),
         ("/messages", &Method::POST) => legacy_clients::message(&app, req).await,
         ("/messages", _) => (not_allowed("POST"), Metrics::method_label("")),

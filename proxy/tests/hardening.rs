@@ -406,3 +406,40 @@ fn one_caller_cannot_fill_every_child_slot() {
         initialize(&proxy, &[("X-Agent", who)]);
     }
 }
+
+/// A 2024-11-05 client's `/sse` session is its opener's too: another identity cannot post
+/// into it (the answers would arrive on the owner's stream).
+#[test]
+fn another_caller_cannot_post_into_an_sse_session() {
+    use std::io::Read;
+    let fake = fake_runpod();
+    let server = runpod_http(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", POD_ACTION_3);
+    let proxy = proxy(&[&policy], &["--upstream".into(), format!("http://127.0.0.1:{}/mcp", server.port)], &[]);
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy.proc.port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        stream,
+        "GET /sse HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nAuthorization: Bearer alice\r\n\r\n"
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let endpoint = loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the /sse stream ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(line) = text.lines().find_map(|l| l.strip_prefix("data: /messages")) {
+            break format!("/messages{}", line.trim());
+        }
+    };
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let as_bob = [("Content-Type", "application/json"), ("Authorization", "Bearer bob")];
+    let (status, _, _) = http(proxy.proc.port, "POST", &endpoint, &as_bob, ping.as_bytes());
+    assert_eq!(status, 404, "bob cannot post into alice's /sse session");
+    let as_alice = [("Content-Type", "application/json"), ("Authorization", "Bearer alice")];
+    let (status, _, _) = http(proxy.proc.port, "POST", &endpoint, &as_alice, ping.as_bytes());
+    assert_eq!(status, 202, "alice can");
+}
