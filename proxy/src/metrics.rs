@@ -155,7 +155,7 @@ impl Metrics {
         let caller_refusals = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "toolgate_caller_refusals",
-            "Requests refused before any decision: a repeated identity or session header (ambiguous_caller), a session that is unknown or another caller's (session), a request id already waiting (duplicate_id), no session slot left for the caller (session_slots)",
+            "Requests refused before any decision: a repeated identity or session header (ambiguous_caller), a session that is unknown or another caller's (session), a request id already waiting in its session (duplicate_id)",
             caller_refusals.clone(),
         );
         let policy_loaded = Gauge::default();
