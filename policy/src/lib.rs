@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 pub use compile::{bounds, parse_duration};
 pub use document::{
     Action, AllTools, ApprovalSettings, Condition, DefaultAction, DenialStyle, Document, Grant, GrantMatch,
-    HeaderMatch, Limit, Op, Scope, ToolRule,
+    HeaderMatch, Limit, Op, Scope, ToolRule, Window,
 };
 pub use error::{Error, Problem, Result};
 pub use eval::{Call, Caller, Decision, DecisionKind};
