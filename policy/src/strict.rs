@@ -111,7 +111,8 @@ mod tests {
 
     #[test]
     fn huge_integers_read_alike_in_yaml_and_json() {
-        let yaml: StrictValue = serde_norway::from_str("a: 99999999999999999999\nb: -99999999999999999999\n").expect("YAML");
+        let yaml: StrictValue =
+            serde_norway::from_str("a: 99999999999999999999\nb: -99999999999999999999\n").expect("YAML");
         let json = from_slice_strict(br#"{"a":99999999999999999999,"b":-99999999999999999999}"#).expect("JSON");
         assert_eq!(yaml.0, json);
         assert_eq!(json["a"].as_f64(), Some(1e20));
