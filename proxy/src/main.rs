@@ -16,6 +16,8 @@ mod legacy_clients;
 mod metrics;
 mod operator;
 mod policy_files;
+#[cfg(test)]
+mod proptests;
 mod server;
 mod sessions;
 mod sse;
