@@ -46,7 +46,8 @@ enum Command {
         /// Caller identity: a `sha256:` fingerprint or any name (default: anonymous).
         #[arg(long, conflicts_with = "credential")]
         identity: Option<String>,
-        /// Caller credential (the Authorization header value); only its fingerprint is used.
+        /// Caller credential (the Authorization header value); only its fingerprint is used
+        /// (any spelling of the scheme: see `toolgate fingerprint --help`).
         #[arg(long)]
         credential: Option<String>,
         /// MCP session id (for `scope: session` limits).
@@ -124,6 +125,11 @@ enum Command {
     },
     /// Print the identity fingerprint of a credential (the Authorization header value),
     /// for `grants[].match.fingerprints`. Reads the credential from stdin when omitted.
+    ///
+    /// Every spelling of one credential has one fingerprint, as in the proxy: the scheme's
+    /// case and the spaces or tabs around the value and after the scheme do not count
+    /// (`bearer abc`, `BEARER  abc` and `Bearer abc` print the same); the credential after
+    /// the scheme is case-sensitive.
     Fingerprint {
         /// The credential, e.g. "Bearer abc". Prefer stdin to keep it out of shell history.
         credential: Option<String>,

@@ -271,6 +271,32 @@ fn fingerprint_from_argument_and_stdin() {
 }
 
 #[test]
+fn fingerprint_is_the_same_for_every_spelling_of_a_credential() {
+    // The usual spelling keeps the fingerprint it always had (grants in use list it).
+    let pinned = "sha256:c355dce96c1612880d11940ffdd9014d386c253e0c3652a6cd06a7226f7bd2b6";
+    for spelling in ["Bearer abc", "bearer abc", "BEARER abc", "BeArEr abc", " Bearer   abc ", "Bearer\tabc"] {
+        let out = toolgate(&["fingerprint", spelling]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), pinned, "{spelling:?}");
+    }
+    let out = toolgate(&["fingerprint", "Bearer ABC"]);
+    assert_ne!(text(&out.stdout).trim(), pinned, "the credential itself is case-sensitive");
+    let help = text(&toolgate(&["fingerprint", "--help"]).stdout);
+    assert!(help.contains("Every spelling of one credential"), "{help}");
+
+    // `eval --credential` finds the grant by any spelling too.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = file(
+        &dir,
+        "grants.yaml",
+        format!("version: '1'\ngrants:\n  - {{name: ops, match: {{fingerprints: ['{pinned}']}}, default: allow}}\n")
+            .as_bytes(),
+    );
+    let d = eval_json(&["eval", "-p", &policy, "--tool", "x", "--credential", "BEARER  abc"]);
+    assert_eq!((d["decision"].as_str(), d["grant"].as_str()), (Some("allow"), Some("ops")));
+}
+
+#[test]
 fn usage_errors_exit_2() {
     let out = toolgate(&["eval", "--tool", "x"]);
     assert_eq!(out.status.code(), Some(2));

@@ -11,7 +11,7 @@ use regex::Regex;
 use serde_json::Value;
 
 use crate::document::{
-    Action, AllTools, Condition, DefaultAction, DenialStyle, Document, Grant, Limit, Op, Scope, ToolRule,
+    Action, AllTools, Condition, DefaultAction, DenialStyle, Document, Grant, Limit, Op, Scope, ToolRule, Window,
 };
 use crate::error::Problem;
 use crate::parse::kind_of;
@@ -462,13 +462,17 @@ fn compile_limits(cx: &mut Ctx<'_>, rule_path: &str, limits: &[Limit]) -> Vec<Co
     let mut out = Vec::new();
     for (i, l) in limits.iter().enumerate() {
         let path = format!("{rule_path}.limits[{i}]");
-        let window = parse_window(&l.window);
+        let window = match &l.window {
+            Window::Text(t) => parse_window(t),
+            Window::Seconds(n) => window_seconds(*n),
+        };
         if window.is_none() {
             cx.err(
                 format!("{path}.window"),
                 format!(
-                    "{:?} is not a window; use second, minute, hour, day or a duration such as 90s, 5m, 2h, 1d (at most 31d)",
-                    l.window
+                    "{} is not a window; use second, minute, hour, day, a duration such as 90s, 5m, 2h, 1d, or a whole number of seconds (unquoted) from 1 to {} (at most 31d)",
+                    l.window,
+                    bounds::MAX_WINDOW_SECS
                 ),
             );
         }
@@ -531,6 +535,11 @@ pub(crate) fn parse_window(s: &str) -> Option<Duration> {
         "day" => Some(Duration::from_secs(86_400)),
         other => parse_duration(other),
     }
+}
+
+/// A window written as a bare number of seconds: positive and at most 31 days.
+fn window_seconds(n: u64) -> Option<Duration> {
+    (n > 0 && n <= bounds::MAX_WINDOW_SECS).then(|| Duration::from_secs(n))
 }
 
 /// `90s`, `5m`, `2h`, `1d`, `250ms`; positive and at most 31 days.

@@ -329,5 +329,23 @@ mod tests {
         assert_eq!(spec["required"], json!(["version"]));
         let tool = &spec["properties"]["tools"]["additionalProperties"];
         assert_eq!(tool["properties"]["arguments"]["x-kubernetes-preserve-unknown-fields"], json!(true));
+        // A window is a string or a number of seconds (PolicyLayer's `window: 60`).
+        let window = &tool["properties"]["limits"]["items"]["properties"]["window"];
+        assert_eq!(window["x-kubernetes-int-or-string"], json!(true), "{window}");
+        assert!(window.get("type").is_none(), "int-or-string has no type: {window}");
+    }
+
+    #[test]
+    fn a_window_in_seconds_under_spec() {
+        let mut spec = seed_spec();
+        spec["tools"]["start-pod"]["limits"][0]["window"] = json!(60);
+        let parsed: McpPolicySpec = serde_json::from_value(spec.clone()).expect("spec");
+        assert_eq!(parsed.policy.tools["start-pod"].limits[0].window, crate::Window::Seconds(60));
+        let (strict, _) = crate::document_from_value(McpPolicySpec::document_value(&spec)).expect("strict");
+        assert_eq!(strict, parsed.policy);
+        crate::Policy::compile(vec![("p".into(), strict)]).expect("valid");
+        spec["tools"]["start-pod"]["limits"][0]["window"] = json!(-60);
+        let err = crate::document_from_value(McpPolicySpec::document_value(&spec)).expect_err("negative");
+        assert!(err.to_string().contains("tools.start-pod.limits[0].window"), "{err}");
     }
 }

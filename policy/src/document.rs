@@ -5,9 +5,11 @@
 //! Field names are snake_case (not the Kubernetes camelCase) on purpose: a PolicyLayer
 //! policy must paste verbatim under `spec:`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -204,8 +206,9 @@ pub struct Limit {
     /// Default: the rule's own path (one counter per rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counter: Option<String>,
-    /// second, minute, hour, day, or a duration such as `90s`, `5m`, `2h`, `1d`.
-    pub window: String,
+    /// second, minute, hour, day, a duration such as `90s`, `5m`, `2h`, `1d`, or a whole
+    /// number of seconds (`60`, as PolicyLayer writes it).
+    pub window: Window,
     /// Most units admitted in any interval of length `window` (at least 1).
     pub max: u64,
     /// Whose calls share the count: `grant` (default), `identity`, `session` or `global`.
@@ -282,4 +285,94 @@ pub struct HeaderMatch {
     pub name: String,
     /// Accepted values (exact, case-sensitive).
     pub values: Vec<String>,
+}
+
+/// The length of a limit's window as written: a name or duration (`minute`, `90s`), or a
+/// whole number of seconds (`60`). Both are checked when the policy is compiled
+/// (positive, at most 31 days); here only the shape: a negative or fractional number is
+/// refused while parsing, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// `second`, `minute`, `hour`, `day` or a duration such as `90s`.
+    Text(String),
+    /// A number of seconds, written as a bare (unquoted) integer.
+    Seconds(u64),
+}
+
+impl From<&str> for Window {
+    fn from(s: &str) -> Self {
+        Window::Text(s.to_owned())
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Window::Text(s) => write!(f, "{s:?}"),
+            Window::Seconds(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for Window {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Window::Text(t) => s.serialize_str(t),
+            Window::Seconds(n) => s.serialize_u64(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Window {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(WindowVisitor)
+    }
+}
+
+const WINDOW_EXPECTED: &str =
+    "second, minute, hour, day, a duration such as 90s, 5m, 2h, 1d, or a whole number of seconds such as 60";
+
+struct WindowVisitor;
+
+impl serde::de::Visitor<'_> for WindowVisitor {
+    type Value = Window;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(WINDOW_EXPECTED)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Window, E> {
+        Ok(Window::Seconds(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Window, E> {
+        u64::try_from(v).map(Window::Seconds).map_err(|_| {
+            E::custom(format_args!("{v} is not a window: a number of seconds must be positive; use {WINDOW_EXPECTED}"))
+        })
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Window, E> {
+        Err(E::custom(format_args!(
+            "{v} is not a window: a number of seconds must be a whole number from 1 to {} (no fraction or exponent); use {WINDOW_EXPECTED}",
+            crate::bounds::MAX_WINDOW_SECS
+        )))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Window, E> {
+        Ok(Window::Text(v.to_owned()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Window, E> {
+        Ok(Window::Text(v))
+    }
+}
+
+impl JsonSchema for Window {
+    fn schema_name() -> Cow<'static, str> {
+        "Window".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    /// A string or an integer, as Kubernetes spells it (like `IntOrString`).
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({ "x-kubernetes-int-or-string": true })
+    }
 }

@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 pub use compile::{bounds, parse_duration};
 pub use document::{
     Action, AllTools, ApprovalSettings, Condition, DefaultAction, DenialStyle, Document, Grant, GrantMatch,
-    HeaderMatch, Limit, Op, Scope, ToolRule,
+    HeaderMatch, Limit, Op, Scope, ToolRule, Window,
 };
 pub use error::{Error, Problem, Result};
 pub use eval::{Call, Caller, Decision, DecisionKind};
@@ -144,10 +144,68 @@ impl Policy {
     }
 }
 
-/// The identity toolgate derives from a credential: `sha256:<hex>` of the exact
-/// `Authorization` header value. The credential itself is never stored or logged.
+/// The identity toolgate derives from a credential (an `Authorization` header value):
+/// `sha256:<hex>` of its [`canonical_credential`] form, so every spelling of one
+/// credential (`bearer T`, `BEARER  T`, ` Bearer T `) is one caller. The credential itself
+/// is never stored or logged.
 pub fn fingerprint(credential: &str) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(credential.as_bytes())))
+    fingerprint_bytes(credential.as_bytes())
+}
+
+/// [`fingerprint`] of a header value that need not be UTF-8 (its bytes are taken as they
+/// are; only ASCII letters of the scheme and spaces/tabs around it are normalised).
+pub fn fingerprint_bytes(credential: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(canonical_credential(credential))))
+}
+
+/// The canonical spelling of an `Authorization` header value, which [`fingerprint`] hashes.
+///
+/// The auth scheme is case-insensitive and is separated from the credentials by spaces
+/// (RFC 9110 §11.1, §11.4); the credentials themselves (a token68 or auth-params) are
+/// case-sensitive. So:
+///
+/// - spaces and tabs before and after the value are dropped;
+/// - a value of the form `scheme 1*(SP / HTAB) credentials`, where `scheme` is an HTTP
+///   `token`, becomes the scheme with its first letter upper-case and the rest lower-case
+///   (`Bearer`, `Basic`, `Digest`, `Dpop`), one space, and the credentials as written;
+/// - anything else (a lone token such as a bare API key, whose case matters; a value
+///   whose first word is not a token) is kept as written.
+///
+/// The capitalised scheme keeps the fingerprints of the usual spellings `Bearer T` and
+/// `Basic T` what they were before spellings were merged. Bytes that are not ASCII are
+/// never changed, so any input, UTF-8 or not, has exactly one canonical form.
+pub fn canonical_credential(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    let is_ws = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = value.iter().position(|b| !is_ws(b)).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !is_ws(b)).map_or(start, |i| i + 1);
+    let trimmed = &value[start..end];
+    let Some(gap) = trimmed.iter().position(is_ws) else {
+        return Cow::Borrowed(trimmed);
+    };
+    let scheme = &trimmed[..gap];
+    if !scheme.iter().all(|&b| is_tchar(b)) {
+        return Cow::Borrowed(trimmed);
+    }
+    let rest = &trimmed[gap..];
+    let credentials = &rest[rest.iter().position(|b| !is_ws(b)).unwrap_or(rest.len())..];
+    let canonical_scheme =
+        scheme.iter().enumerate().all(|(i, b)| if i == 0 { !b.is_ascii_lowercase() } else { !b.is_ascii_uppercase() });
+    if canonical_scheme && gap + 1 + credentials.len() == trimmed.len() && trimmed[gap] == b' ' {
+        return Cow::Borrowed(trimmed);
+    }
+    let mut out = Vec::with_capacity(scheme.len() + 1 + credentials.len());
+    for (i, b) in scheme.iter().enumerate() {
+        out.push(if i == 0 { b.to_ascii_uppercase() } else { b.to_ascii_lowercase() });
+    }
+    out.push(b' ');
+    out.extend_from_slice(credentials);
+    Cow::Owned(out)
+}
+
+/// RFC 9110 `tchar`: the characters of a token (an auth scheme is one).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -160,3 +218,68 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Keeps `Arc` in the public signature of [`Decision`] fields nameable.
 pub type Name = Arc<str>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canon(s: &str) -> String {
+        String::from_utf8(canonical_credential(s.as_bytes()).into_owned()).unwrap_or_default()
+    }
+
+    #[test]
+    fn one_credential_many_spellings() {
+        for spelling in [
+            "Bearer T-x_Y.z~+/=",
+            "bearer T-x_Y.z~+/=",
+            "BEARER T-x_Y.z~+/=",
+            "BeArEr T-x_Y.z~+/=",
+            " Bearer   T-x_Y.z~+/= ",
+            "\tBearer\tT-x_Y.z~+/=\t",
+            "Bearer \t \tT-x_Y.z~+/=",
+        ] {
+            assert_eq!(canon(spelling), "Bearer T-x_Y.z~+/=", "{spelling:?}");
+            assert_eq!(fingerprint(spelling), fingerprint("Bearer T-x_Y.z~+/="), "{spelling:?}");
+        }
+        assert_eq!(canon("basic dXNlcjpwYXNz"), "Basic dXNlcjpwYXNz");
+        assert_eq!(canon("DPoP abc"), "Dpop abc");
+        assert_eq!(canon("digest a=\"b\",  c=d "), "Digest a=\"b\",  c=d");
+    }
+
+    #[test]
+    fn credentials_keep_their_case_and_different_credentials_differ() {
+        assert_ne!(fingerprint("Bearer abc"), fingerprint("Bearer ABC"));
+        assert_ne!(fingerprint("Bearer abc"), fingerprint("Basic abc"));
+        assert_ne!(fingerprint("Bearer abc"), fingerprint("Bearer abcd"));
+        // A lone token (a bare API key) is the credential: its case is kept.
+        assert_eq!(canon("  sk-AbC  "), "sk-AbC");
+        assert_ne!(fingerprint("sk-AbC"), fingerprint("sk-abc"));
+        // The first word is not a token: nothing to normalise but the ends.
+        assert_eq!(canon(" é T "), "é T");
+        assert_eq!(canon("a\"b T"), "a\"b T");
+        assert_eq!(canon(""), "");
+        assert_eq!(canon(" \t "), "");
+    }
+
+    #[test]
+    fn the_usual_spelling_keeps_its_fingerprint() {
+        // Pinned: fingerprints users put into grants before spellings were merged.
+        assert_eq!(
+            fingerprint("Bearer bench-token"),
+            "sha256:2266689a4bad04fcdf44edb46a3b4b6b1a16875737397a49d27c49e1629be133"
+        );
+        assert!(matches!(canonical_credential(b"Bearer bench-token"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn any_bytes_have_one_canonical_form() {
+        let odd: &[&[u8]] = &[b"\xff\xfe", b"bearer \xff", b"\x80 x", b" \t\xc3", b"B\x00 x"];
+        for v in odd {
+            let c = canonical_credential(v).into_owned();
+            assert_eq!(canonical_credential(&c), c, "{v:?}");
+            assert_eq!(fingerprint_bytes(v), fingerprint_bytes(&c));
+        }
+        assert_eq!(&*canonical_credential(b"bearer \xff"), b"Bearer \xff");
+        assert_ne!(fingerprint_bytes(b"Bearer \xff"), fingerprint_bytes(b"Bearer \xfe"));
+    }
+}

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::document::{Action, AllTools, Condition, DefaultAction, Document, Limit, Op, Scope, ToolRule};
+use crate::document::{Action, AllTools, Condition, DefaultAction, Document, Limit, Op, Scope, ToolRule, Window};
 use crate::error::{Error, Problem, Result};
 
 /// Largest policy text accepted, in bytes.
@@ -163,7 +163,7 @@ enum InterceptAction {
 #[serde(deny_unknown_fields)]
 struct InterceptState {
     counter: String,
-    window: String,
+    window: Window,
     #[serde(default)]
     increment: Option<u64>,
     #[serde(default)]
@@ -230,7 +230,7 @@ fn convert_rule(r: InterceptRule, counter_scope: &str, path: &str, out: &mut Too
         match parse_rate_limit(spec) {
             Ok((max, window)) => out.limits.push(Limit {
                 counter: Some(format!("{counter_scope}._rate_{window}")),
-                window: window.to_owned(),
+                window: Window::from(window),
                 max,
                 scope: Some(Scope::Global),
                 increment: None,
@@ -325,7 +325,7 @@ mod tests {
         assert_eq!(doc.default, Some(DefaultAction::Deny));
         let limit = &doc.tools["start-pod"].limits[0];
         assert_eq!(limit.max, 10);
-        assert_eq!(limit.window, "minute");
+        assert_eq!(limit.window, Window::from("minute"));
         assert_eq!(limit.scope, Some(Scope::Grant));
     }
 

@@ -42,6 +42,20 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
         Ok(v.into())
     }
+    // The YAML reader hands out integers beyond 64 bits as 128-bit ones; read them as
+    // JSON text would be read (a float), so both formats mean the same.
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> std::result::Result<Value, E> {
+        match i64::try_from(v) {
+            Ok(i) => Ok(i.into()),
+            Err(_) => self.visit_f64(v as f64),
+        }
+    }
+    fn visit_u128<E: serde::de::Error>(self, v: u128) -> std::result::Result<Value, E> {
+        match u64::try_from(v) {
+            Ok(u) => Ok(u.into()),
+            Err(_) => self.visit_f64(v as f64),
+        }
+    }
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Value, E> {
         serde_json::Number::from_f64(v)
             .map(Value::Number)
@@ -93,5 +107,14 @@ mod tests {
         assert!(from_slice_strict(br#"[{"a":{"b":1,"b":1}}]"#).is_err());
         assert_eq!(from_slice_strict(br#"{"a":[1,{"b":null}]}"#).ok(), Some(serde_json::json!({"a":[1,{"b":null}]})));
         assert!(from_slice_strict(br#"{"a":1} trailing"#).is_err());
+    }
+
+    #[test]
+    fn huge_integers_read_alike_in_yaml_and_json() {
+        let yaml: StrictValue =
+            serde_norway::from_str("a: 99999999999999999999\nb: -99999999999999999999\n").expect("YAML");
+        let json = from_slice_strict(br#"{"a":99999999999999999999,"b":-99999999999999999999}"#).expect("JSON");
+        assert_eq!(yaml.0, json);
+        assert_eq!(json["a"].as_f64(), Some(1e20));
     }
 }

@@ -41,6 +41,36 @@ fn kind(p: &Policy, l: &Limiter, who: &Caller, tool: &str, args: Value) -> Decis
 // ---------------------------------------------------------------- the seed policy
 
 #[test]
+fn a_window_of_60_is_sixty_seconds_like_minute() {
+    // PolicyLayer's spelling: `max: 10, window: 60` is 10 calls per minute.
+    let by_number = r#"{"version":"1","default":"deny","tools":{"start-pod":{"limits":[{"window":60,"max":2}]}}}"#;
+    let by_name = r#"{"version":"1","default":"deny","tools":{"start-pod":{"limits":[{"window":"minute","max":2}]}}}"#;
+    for text in [by_number, by_name] {
+        let p = policy(&[text]);
+        let l = Limiter::default();
+        let alice = caller("Bearer alice");
+        assert_eq!(decide(&p, &l, &alice, "start-pod", json!({}), secs(0)).kind, DecisionKind::Allow);
+        assert_eq!(decide(&p, &l, &alice, "start-pod", json!({}), secs(1)).kind, DecisionKind::Allow);
+        let d = decide(&p, &l, &alice, "start-pod", json!({}), Duration::from_millis(59_999));
+        assert_eq!(d.kind, DecisionKind::RateLimited, "{text}");
+        assert_eq!(d.retry_after, Some(Duration::from_millis(1)), "{text}");
+        assert!(d.reason.as_deref().unwrap().contains("at most 2 per minute"), "{:?}", d.reason);
+        // 60 s after the first call, its unit has left the window: exactly one more.
+        assert_eq!(decide(&p, &l, &alice, "start-pod", json!({}), secs(60)).kind, DecisionKind::Allow, "{text}");
+        assert_eq!(decide(&p, &l, &alice, "start-pod", json!({}), secs(60)).kind, DecisionKind::RateLimited);
+    }
+}
+
+#[test]
+fn a_window_in_seconds_is_kept_as_written() {
+    // Serialised (the /policy endpoint, `toolgate convert`, the revision) as a number.
+    let doc = toolgate_policy::parse_document("version: '1'\ntools:\n  a: {limits: [{window: 90, max: 1}]}\n").unwrap();
+    let v = serde_json::to_value(&doc).unwrap();
+    assert_eq!(v["tools"]["a"]["limits"][0]["window"], json!(90));
+    assert_eq!(toolgate_policy::document_from_value(v).unwrap().0, doc);
+}
+
+#[test]
 fn seed_allows_start_pod_ten_times_a_minute_per_credential_and_denies_everything_else() {
     let p = policy(&[SEED]);
     let l = Limiter::default();

@@ -51,6 +51,56 @@ fn windows() {
 }
 
 #[test]
+fn windows_as_whole_seconds() {
+    // PolicyLayer writes windows as a bare number of seconds.
+    for good in ["1", "60", "3600", "2678400"] {
+        accepts(&tool(&format!("{{limits: [{{window: {good}, max: 1}}]}}")));
+        accepts(&format!(r#"{{"version":"1","tools":{{"start-pod":{{"limits":[{{"window":{good},"max":1}}]}}}}}}"#));
+    }
+    let path = "tools.start-pod.limits[0].window";
+    // Out of bounds: refused when compiled, like `0s` and `32d`.
+    for bad in ["0", "2678401", "18446744073709551615"] {
+        rejects(
+            &tool(&format!("{{limits: [{{window: {bad}, max: 1}}]}}")),
+            path,
+            &[bad, "whole number of seconds", "31d"],
+        );
+    }
+    // Not a whole positive number: refused when parsed, naming the field.
+    for (bad, needle) in [
+        ("-60", "must be positive"),
+        ("-0.5", "whole number"),
+        ("60.0", "whole number"),
+        ("1.5", "whole number"),
+        ("6e1", "whole number"),
+        ("99999999999999999999", "whole number"),
+    ] {
+        rejects(&tool(&format!("{{limits: [{{window: {bad}, max: 1}}]}}")), path, &[needle, "minute"]);
+        let json = format!(r#"{{"version":"1","tools":{{"start-pod":{{"limits":[{{"window":{bad},"max":1}}]}}}}}}"#);
+        rejects(&json, path, &[needle]);
+    }
+    for bad in ["true", "[60]", "{s: 60}", "null"] {
+        rejects(&tool(&format!("{{limits: [{{window: {bad}, max: 1}}]}}")), path, &["whole number of seconds"]);
+    }
+    // In grants, in all_tools and in Intercept's `state` too.
+    let fp = toolgate_policy::fingerprint("Bearer a");
+    accepts(&format!(
+        "version: '1'\ngrants:\n  - {{name: a, match: {{fingerprints: ['{fp}']}}, all_tools: {{limits: [{{window: 90, max: 1}}]}}}}\n"
+    ));
+    rejects(
+        &format!(
+            "version: '1'\ngrants:\n  - {{name: a, match: {{fingerprints: ['{fp}']}}, tools: {{x: {{limits: [{{window: -1, max: 1}}]}}}}}}\n"
+        ),
+        "grants[0].tools.x.limits[0].window",
+        &["must be positive"],
+    );
+    let intercept = "version: '1'\ntools:\n  pay:\n    rules:\n      - name: cap\n        conditions: [{path: state.pay.spent, op: lte, value: 10}]\n        state: {counter: spent, window: 86400}\n";
+    accepts(intercept);
+    // A quoted number is a string and needs a unit: `"60"` is ambiguous, `60` is not.
+    rejects(&tool("{limits: [{window: '60', max: 1}]}"), path, &["\"60\" is not a window", "unquoted"]);
+}
+
+#[test]
 fn max_and_increment() {
     rejects(&tool("{limits: [{window: minute, max: 0}]}"), "tools.start-pod.limits[0].max", &["at least 1"]);
     rejects(&tool("{limits: [{window: minute, max: -1}]}"), "tools.start-pod.limits[0].max", &["invalid value"]);

@@ -68,10 +68,17 @@ pub fn arguments_digest(args: &Value) -> String {
     sha256_text(&h.finalize())
 }
 
-/// `sha256:<hex>` of a credential: the same text as `toolgate_policy::fingerprint`, without
+/// `sha256:<hex>` of a credential: the same text as `toolgate_policy::fingerprint` (the
+/// hash of its canonical spelling, so `bearer T` and `Bearer  T` are one caller), without
 /// formatting each byte through `fmt` (this runs on every request).
 pub fn fingerprint(credential: &str) -> String {
-    sha256_text(&Sha256::digest(credential.as_bytes()))
+    fingerprint_bytes(credential.as_bytes())
+}
+
+/// [`fingerprint`] of a header value's bytes (UTF-8 or not), as
+/// `toolgate_policy::fingerprint_bytes`.
+pub fn fingerprint_bytes(credential: &[u8]) -> String {
+    sha256_text(&Sha256::digest(toolgate_policy::canonical_credential(credential)))
 }
 
 fn sha256_text(digest: &[u8]) -> String {
@@ -204,13 +211,39 @@ mod tests {
 
     #[test]
     fn fingerprint_matches_the_policy_crate() {
-        for c in ["", "Bearer bench-token", "Basic dXNlcjpwYXNz", "é \u{fffd} x"] {
+        for c in [
+            "",
+            "Bearer bench-token",
+            "Basic dXNlcjpwYXNz",
+            "é \u{fffd} x",
+            "bearer bench-token",
+            " BEARER \t bench-token ",
+            "sk-Bare",
+        ] {
             assert_eq!(fingerprint(c), toolgate_policy::fingerprint(c), "{c:?}");
+        }
+        for b in [&b"bearer \xff\xfe"[..], b"\x80", b" \tB\xc3 x"] {
+            assert_eq!(fingerprint_bytes(b), toolgate_policy::fingerprint_bytes(b), "{b:?}");
         }
         assert_eq!(
             fingerprint("Bearer bench-token"),
             "sha256:2266689a4bad04fcdf44edb46a3b4b6b1a16875737397a49d27c49e1629be133"
         );
+    }
+
+    #[test]
+    fn every_spelling_of_a_credential_is_one_identity() {
+        let canonical = fingerprint("Bearer bench-token");
+        for spelling in [
+            "bearer bench-token",
+            "BEARER bench-token",
+            "BeArEr bench-token",
+            " Bearer   bench-token ",
+            "Bearer\tbench-token",
+        ] {
+            assert_eq!(fingerprint(spelling), canonical, "{spelling:?}");
+        }
+        assert_ne!(fingerprint("Bearer BENCH-token"), canonical, "the credential itself is case-sensitive");
     }
 
     #[test]

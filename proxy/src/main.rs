@@ -17,6 +17,8 @@ mod metrics;
 mod operator;
 mod owners;
 mod policy_files;
+#[cfg(test)]
+mod proptests;
 mod server;
 mod sessions;
 mod sse;

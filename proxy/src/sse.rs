@@ -64,42 +64,52 @@ fn event_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// The `data` of an event (data lines joined with `\n`), or None if it has none.
-pub fn data(event: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut out: Option<String> = None;
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        let value = if line == "data" {
-            ""
-        } else if let Some(v) = line.strip_prefix("data:") {
-            v.strip_prefix(' ').unwrap_or(v)
-        } else {
-            continue;
+/// The lines of an event as an EventSource reads them: each ends at CRLF, LF or CR.
+fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = event;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let Some(i) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') else {
+            return Some(std::mem::take(&mut rest));
         };
+        let line = &rest[..i];
+        let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+        rest = &rest[i + skip..];
+        Some(line)
+    })
+}
+
+/// The value of `line` if its field is `name` (`name`, `name:value`, `name: value`).
+fn field<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    if line == name {
+        return Some(&[]);
+    }
+    let v = line.strip_prefix(name)?.strip_prefix(b":")?;
+    Some(v.strip_prefix(b" ").unwrap_or(v))
+}
+
+/// The `data` of an event (data lines joined with `\n`), or None if it has none. Read as
+/// the client's EventSource reads it: any line ending, UTF-8 with replacement characters.
+pub fn data(event: &[u8]) -> Option<String> {
+    let mut out: Option<Vec<u8>> = None;
+    for value in lines(event).filter_map(|l| field(l, b"data")) {
         match &mut out {
             Some(s) => {
-                s.push('\n');
-                s.push_str(value);
+                s.push(b'\n');
+                s.extend_from_slice(value);
             }
-            None => out = Some(value.to_owned()),
+            None => out = Some(value.to_vec()),
         }
     }
-    out
+    out.map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 /// The `event` field of an event (its type), or None if it has none (type `message`).
 pub fn event_type(event: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut out = None;
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if let Some(v) = line.strip_prefix("event:") {
-            // The last `event` line wins, as in a browser's EventSource.
-            out = Some(v.strip_prefix(' ').unwrap_or(v).to_owned());
-        }
-    }
-    out
+    // The last `event` line wins, as in a browser's EventSource.
+    lines(event).filter_map(|l| field(l, b"event")).last().map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// An SSE `message` event carrying `data` (one line: JSON has no raw newlines).
@@ -115,31 +125,30 @@ pub fn message_event(data: &str) -> Bytes {
     Bytes::from(out)
 }
 
-/// The event with its data replaced by `new_data` (other fields kept in order).
+/// The event with its data replaced by `new_data` (other fields kept in order, byte for
+/// byte; lines end with `\n`).
 pub fn replace_data(event: &[u8], new_data: &str) -> Bytes {
-    let text = String::from_utf8_lossy(event);
-    let mut out = String::with_capacity(new_data.len() + 64);
+    let mut out = Vec::with_capacity(event.len() + new_data.len() + 16);
     let mut wrote = false;
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
+    for line in lines(event) {
         if line.is_empty() {
             continue;
         }
-        if line == "data" || line.starts_with("data:") {
+        if field(line, b"data").is_some() {
             if !wrote {
                 for d in new_data.split('\n') {
-                    out.push_str("data: ");
-                    out.push_str(d);
-                    out.push('\n');
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(d.as_bytes());
+                    out.push(b'\n');
                 }
                 wrote = true;
             }
             continue;
         }
-        out.push_str(line);
-        out.push('\n');
+        out.extend_from_slice(line);
+        out.push(b'\n');
     }
-    out.push('\n');
+    out.push(b'\n');
     Bytes::from(out)
 }
 
@@ -175,6 +184,21 @@ mod tests {
         assert_eq!(event_type(b"event:message\r\ndata: {}\r\n\r\n").as_deref(), Some("message"));
         assert_eq!(event_type(b"data: {}\n\n"), None);
         assert_eq!(&message_event("{}")[..], b"event: message\ndata: {}\n\n");
+    }
+
+    #[test]
+    fn fields_are_read_as_an_event_source_reads_them() {
+        // CR alone ends a line too: the client sees `event: message` and this data.
+        let ev = b"event: message\rdata: {\"a\":1}\rdata:2\r\r";
+        assert_eq!(data(ev).as_deref(), Some("{\"a\":1}\n2"));
+        assert_eq!(event_type(ev).as_deref(), Some("message"));
+        assert_eq!(data(b"data: x\r\r\n").as_deref(), Some("x"));
+        assert_eq!(&replace_data(b"id: 1\rdata: old\r\r", "{}")[..], b"id: 1\ndata: {}\n\n");
+        // Bytes that are not UTF-8 become replacement characters, as in the client.
+        assert_eq!(data(b"data: {\"a\":\"\xff\"}\n\n").as_deref(), Some("{\"a\":\"\u{fffd}\"}"));
+        assert_eq!(event_type(b"event: m\xffx\n\n").as_deref(), Some("m\u{fffd}x"));
+        // `database: x` is not a data line.
+        assert_eq!(data(b"database: x\n\n"), None);
     }
 
     #[test]

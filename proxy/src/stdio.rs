@@ -27,15 +27,30 @@ pub(crate) async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
         return Ok(None);
     }
     if buf.last() != Some(&b'\n') && buf.len() > max {
-        // Drain the rest of the line.
-        let mut sink = Vec::new();
-        r.read_until(b'\n', &mut sink).await?;
+        skip_line(r).await?;
         return Ok(Some(Err(())));
     }
     while matches!(buf.last(), Some(b'\n' | b'\r')) {
         buf.pop();
     }
     Ok(Some(Ok(buf)))
+}
+
+/// Consumes the rest of a line (through its newline, or to the end of input) without
+/// keeping it: an over-long line costs no memory however long it is.
+async fn skip_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<()> {
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        if let Some(i) = chunk.iter().position(|b| *b == b'\n') {
+            r.consume(i + 1);
+            return Ok(());
+        }
+        let n = chunk.len();
+        r.consume(n);
+    }
 }
 
 /// Why calls that need approval are refused over `--stdio`.
