@@ -68,15 +68,15 @@ pub fn arguments_digest(args: &Value) -> String {
     sha256_text(&h.finalize())
 }
 
-/// `sha256:<hex>` of a credential: the same text as `toolgate_policy::fingerprint` (the
-/// hash of its canonical spelling, so `bearer T` and `Bearer  T` are one caller), without
-/// formatting each byte through `fmt` (this runs on every request).
-pub fn fingerprint(credential: &str) -> String {
+#[cfg(test)]
+fn fingerprint(credential: &str) -> String {
     fingerprint_bytes(credential.as_bytes())
 }
 
-/// [`fingerprint`] of a header value's bytes (UTF-8 or not), as
-/// `toolgate_policy::fingerprint_bytes`.
+/// `sha256:<hex>` of a credential header value's bytes (UTF-8 or not): the same text as
+/// `toolgate_policy::fingerprint_bytes` (the hash of its canonical spelling, so `bearer T`
+/// and `Bearer  T` are one caller), without formatting each byte through `fmt` (this runs
+/// on every request).
 pub fn fingerprint_bytes(credential: &[u8]) -> String {
     sha256_text(&Sha256::digest(toolgate_policy::canonical_credential(credential)))
 }

@@ -236,7 +236,7 @@ impl Gate {
         let authorization = single(hyper::header::AUTHORIZATION.as_str())?;
         let identity = match &self.identity {
             IdentitySource::Authorization => {
-                authorization.map(|v| audit::fingerprint(&String::from_utf8_lossy(v.as_bytes()))).unwrap_or_default()
+                authorization.map(|v| audit::fingerprint_bytes(v.as_bytes())).unwrap_or_default()
             }
             IdentitySource::Header(name) => match single(name.as_str())? {
                 None => String::new(),
