@@ -47,6 +47,10 @@ pub struct InjectConfig {
     pub requests: BTreeMap<String, String>,
     /// Resource limits of the sidecar.
     pub limits: BTreeMap<String, String>,
+    /// Host names the sidecar's MCP port accepts besides its defaults (`--allowed-hosts`).
+    pub allowed_hosts: Vec<String>,
+    /// Origins the sidecar's MCP port accepts besides its defaults (`--allowed-origins`).
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for InjectConfig {
@@ -60,6 +64,8 @@ impl Default for InjectConfig {
             admin_port: 15090,
             requests: map("50m", "32Mi"),
             limits: map("1", "128Mi"),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -188,6 +194,12 @@ fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str) -> Value {
     ];
     if config.ca_config_map.is_some() {
         args.push("--ca-file=/var/run/secrets/toolgate/ca.crt".into());
+    }
+    if !config.allowed_hosts.is_empty() {
+        args.push(format!("--allowed-hosts={}", config.allowed_hosts.join(",")));
+    }
+    if !config.allowed_origins.is_empty() {
+        args.push(format!("--allowed-origins={}", config.allowed_origins.join(",")));
     }
     json!({
         "name": CONTAINER_NAME,

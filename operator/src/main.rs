@@ -97,6 +97,15 @@ struct Args {
     /// URL sidecars stream their policy from (default: https://SERVICE.NAMESPACE.svc:8443).
     #[arg(long, env = "TOOLGATE_SIDECAR_OPERATOR_URL")]
     sidecar_operator_url: Option<String>,
+    /// Host names the injected sidecars' MCP port accepts besides its defaults (localhost,
+    /// IP addresses, Service short names, *.svc, *.svc.cluster.local), comma-separated;
+    /// `*.example.com` for subdomains. Passed as the sidecar's --allowed-hosts.
+    #[arg(long, env = "TOOLGATE_SIDECAR_ALLOWED_HOSTS", value_delimiter = ',')]
+    sidecar_allowed_hosts: Vec<String>,
+    /// Origins the injected sidecars accept besides http(s) on localhost and the allowed
+    /// hosts, comma-separated. Passed as the sidecar's --allowed-origins.
+    #[arg(long, env = "TOOLGATE_SIDECAR_ALLOWED_ORIGINS", value_delimiter = ',')]
+    sidecar_allowed_origins: Vec<String>,
     /// Seconds between heartbeats on idle policy streams.
     #[arg(long, env = "TOOLGATE_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
@@ -244,6 +253,18 @@ async fn run(args: Args) -> Result<()> {
             image: args.sidecar_image.clone(),
             operator_url,
             ca_config_map: Some(args.ca_config_map.clone()),
+            allowed_hosts: args
+                .sidecar_allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            allowed_origins: args
+                .sidecar_allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
             ..InjectConfig::default()
         },
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),

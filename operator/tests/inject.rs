@@ -123,3 +123,23 @@ fn upstream_port_comes_from_the_annotation_or_the_first_container_port() {
     // The app's own scrape annotations are left alone.
     assert!(!annotations.contains_key("prometheus.io/port"));
 }
+
+#[test]
+fn allowed_hosts_and_origins_reach_the_sidecar_only_when_configured() {
+    let sidecar_args = |config: &InjectConfig| {
+        let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/labelled-pod.json"));
+        let pod = apply(&case.pod, &inject(&case.pod, &case.ns_labels, config).expect("injects"));
+        pod.spec.expect("spec").init_containers.expect("init")[0].args.clone().expect("args")
+    };
+    // By default the sidecar's own defaults apply (localhost, IPs, Service names).
+    let args = sidecar_args(&InjectConfig::default());
+    assert!(!args.iter().any(|a| a.starts_with("--allowed-")), "{args:?}");
+    let config = InjectConfig {
+        allowed_hosts: vec!["runpod-mcp.agents".into(), "*.mcp.example.com".into()],
+        allowed_origins: vec!["https://console.example.com".into()],
+        ..InjectConfig::default()
+    };
+    let args = sidecar_args(&config);
+    assert!(args.contains(&"--allowed-hosts=runpod-mcp.agents,*.mcp.example.com".to_owned()), "{args:?}");
+    assert!(args.contains(&"--allowed-origins=https://console.example.com".to_owned()), "{args:?}");
+}

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::Value;
@@ -159,7 +159,7 @@ pub fn open(app: &Arc<App>, headers: &HeaderMap) -> Response<RespBody> {
 /// refusal at the HTTP level (415, 413, 400 for unparsable bodies, 502…) answers the POST
 /// itself; otherwise the POST gets 202 and the JSON-RPC answers (the proxy's refusals
 /// included) arrive on `/sse`.
-pub async fn message(app: &Arc<App>, mut req: Request<Incoming>) -> (Response<RespBody>, &'static str) {
+pub async fn message(app: &Arc<App>, mut req: Request<server::ReqBody>) -> (Response<RespBody>, &'static str) {
     let id =
         req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sessionId=")).map(str::to_owned));
     let session = id.and_then(|id| app.legacy.sessions().get(&id).cloned());

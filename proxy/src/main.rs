@@ -10,6 +10,8 @@
 
 mod approval;
 mod audit;
+mod connections;
+mod frontdoor;
 mod gate;
 mod jsonrpc;
 mod legacy_clients;
@@ -35,11 +37,13 @@ use anyhow::Context;
 use clap::{ArgGroup, Parser};
 
 use crate::approval::Approvals;
+use crate::connections::Limits;
+use crate::frontdoor::HostRules;
 use crate::gate::{Approver, Effective, Gate, IdentitySource, Source};
 use crate::legacy_clients::LegacyClients;
 use crate::metrics::Metrics;
 use crate::owners::Owners;
-use crate::server::App;
+use crate::server::{App, Front, Listen};
 use crate::sessions::{Opener, Sessions};
 use crate::upstream::{HttpUpstream, Transport, Upstream};
 
@@ -137,6 +141,47 @@ struct Args {
     #[arg(long, env = "TOOLGATE_UPSTREAM_TIMEOUT_SECONDS", default_value_t = 300)]
     upstream_timeout_seconds: u64,
 
+    /// A request head must arrive whole within this many seconds (it also bounds the wait
+    /// for the next request on an HTTP/1.1 keep-alive connection).
+    #[arg(long, env = "TOOLGATE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    header_read_timeout_seconds: u64,
+
+    /// A request body must arrive whole within this many seconds of its head; else 408 and
+    /// the connection is closed.
+    #[arg(long, env = "TOOLGATE_BODY_READ_TIMEOUT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    body_read_timeout_seconds: u64,
+
+    /// A client connection with no request in flight for this many seconds is closed (a
+    /// call waiting for its answer or an approval, or an open SSE stream, is in flight).
+    #[arg(long, env = "TOOLGATE_IDLE_CONNECTION_TIMEOUT_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_connection_timeout_seconds: u64,
+
+    /// Most open client connections per listener; more get 503 and are closed. Default
+    /// 1024, lowered to fit the open-file limit (two descriptors per connection).
+    #[arg(long, env = "TOOLGATE_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: Option<u64>,
+
+    /// Host names the MCP endpoints accept besides the defaults (localhost, 127.0.0.1,
+    /// [::1], the listen address; on 0.0.0.0 also IP addresses, Service short names and
+    /// *.svc, *.svc.cluster.local), comma-separated; `*.example.com` for subdomains, `*` for
+    /// any. Other Hosts get 403 (DNS-rebinding protection).
+    #[arg(long, env = "TOOLGATE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+
+    /// Origins accepted besides http(s) on localhost, 127.0.0.1, [::1] and the allowed
+    /// host names (any port), comma-separated: `https://app.example.com[:PORT]`,
+    /// `https://*.example.com`, `null`, or `*` for any. Requests without Origin pass.
+    #[arg(long, env = "TOOLGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+
+    /// Serve /policy on the admin listener to any peer (default: loopback peers only, e.g.
+    /// through kubectl port-forward).
+    #[arg(long, env = "TOOLGATE_ADMIN_POLICY_PUBLIC")]
+    admin_policy_public: bool,
+
     /// Pod name for audit lines (the sidecar gets it from the downward API).
     #[arg(long, env = "TOOLGATE_POD_NAME")]
     pod_name: Option<String>,
@@ -172,6 +217,14 @@ fn main() -> ExitCode {
         eprintln!("toolgate-proxy: give an upstream: --upstream URL, or -- CMD ARGS to run the MCP server as a child");
         return ExitCode::from(64);
     }
+    let hosts = match HostRules::new(args.listen, &args.allowed_hosts, &args.allowed_origins) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("toolgate-proxy: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let front = Arc::new(Front { hosts, admin_policy_public: args.admin_policy_public });
     let start = match &args.operator {
         Some(uri) => {
             let endpoint = match operator::Endpoint::parse(uri) {
@@ -222,7 +275,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, start)) {
+    match runtime.block_on(run(args, start, front)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("toolgate-proxy: {e:#}");
@@ -231,7 +284,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args, start: Start) -> anyhow::Result<()> {
+async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let mut approvals = None;
     let policy_rx = match start {
@@ -300,6 +353,20 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
         audit::to_stderr();
     }
 
+    let (max_connections, note) = connections::connection_cap(
+        args.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        connections::open_file_limit(),
+    );
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    let limits = Limits {
+        header_read: Duration::from_secs(args.header_read_timeout_seconds),
+        body_read: Duration::from_secs(args.body_read_timeout_seconds),
+        idle: Duration::from_secs(args.idle_connection_timeout_seconds),
+        max_connections,
+    };
+    let admin_listen = Listen { name: "admin", limits, front: front.clone() };
     let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
@@ -313,7 +380,7 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
             legacy: LegacyClients::new(0),
             owners: Owners::new(Duration::ZERO, true),
         });
-        let admin = tokio::spawn(server::serve(admin_listener, app, server::admin, shutdown_rx));
+        let admin = tokio::spawn(server::serve(admin_listener, admin_listen, app, server::admin, shutdown_rx));
         let result = stdio::run(gate, &args.command, args.max_body_bytes).await;
         let _ = shutdown_tx.send(true);
         let _ = admin.await;
@@ -366,8 +433,10 @@ async fn run(args: Args, start: Start) -> anyhow::Result<()> {
         legacy: LegacyClients::new(args.max_sessions.max(1)),
         owners,
     });
-    let admin = tokio::spawn(server::serve(admin_listener, app.clone(), server::admin, shutdown_rx.clone()));
-    let main = tokio::spawn(server::serve(listener, app.clone(), server::handle, shutdown_rx));
+    let admin =
+        tokio::spawn(server::serve(admin_listener, admin_listen, app.clone(), server::admin, shutdown_rx.clone()));
+    let mcp_listen = Listen { name: "mcp", limits, front };
+    let main = tokio::spawn(server::serve(listener, mcp_listen, app.clone(), server::handle, shutdown_rx));
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight calls");
     let _ = shutdown_tx.send(true);

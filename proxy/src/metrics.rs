@@ -117,6 +117,8 @@ pub struct Metrics {
     approval_decisions: Family<ApprovalLabels, Counter>,
     approval_wait: Histogram,
     known_tools: RwLock<HashSet<String>>,
+    /// The listeners' connection and front-door metrics.
+    pub connections: crate::connections::ConnMetrics,
 }
 
 impl Default for Metrics {
@@ -211,6 +213,7 @@ impl Metrics {
             "Time a call was held for approval, from the decision to hold it until its outcome",
             approval_wait.clone(),
         );
+        let connections = crate::connections::ConnMetrics::register(&mut registry);
         Self {
             registry,
             decisions,
@@ -227,6 +230,7 @@ impl Metrics {
             approval_decisions,
             approval_wait,
             known_tools: RwLock::default(),
+            connections,
         }
     }
 
