@@ -15,6 +15,7 @@ mod jsonrpc;
 mod legacy_clients;
 mod metrics;
 mod operator;
+mod ordering;
 mod policy_files;
 mod server;
 mod sessions;
