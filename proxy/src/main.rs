@@ -17,6 +17,7 @@ mod jsonrpc;
 mod legacy_clients;
 mod metrics;
 mod operator;
+mod ordering;
 mod owners;
 mod policy_files;
 #[cfg(test)]

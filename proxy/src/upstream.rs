@@ -17,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
+use crate::ordering::Order;
 use crate::server::{RespBody, strip_hop_by_hop};
 use crate::sessions::{self, Opener, Sessions, SseOpen, SseTarget};
 
@@ -119,6 +120,8 @@ pub struct HttpUpstream {
     /// What the upstream speaks: UNKNOWN until detected (with `Transport::Auto`).
     transport: AtomicU8,
     legacy: Arc<Sessions>,
+    /// Each session's GET that is on its way upstream, which that session's POSTs wait for.
+    order: Arc<Order>,
 }
 
 pub fn http_client() -> HttpClient {
@@ -145,7 +148,7 @@ impl HttpUpstream {
             Transport::Streamable => STREAMABLE,
             Transport::Sse => SSE,
         };
-        Self { uri, client, timeout, transport: AtomicU8::new(transport), legacy }
+        Self { uri, client, timeout, transport: AtomicU8::new(transport), legacy, order: Arc::default() }
     }
 
     async fn send(
@@ -198,13 +201,27 @@ impl HttpUpstream {
         }
     }
 
-    /// Forwards a request as Streamable HTTP.
+    /// Forwards a request as Streamable HTTP, keeping a session's order: its POSTs go only
+    /// once its GET (the server→client stream), in flight or expected, has been answered
+    /// upstream ([`Order`]).
     async fn forward(
         &self,
         method: &Method,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response<RespBody>, UpstreamError> {
+        let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
+        let get_in_flight = match (method, sid) {
+            (&Method::GET, Some(id)) => self.order.get_started(id),
+            (&Method::POST, Some(id)) => {
+                if self.order.before_post(id).await {
+                    tracing::debug!("a POST waited for its session's GET");
+                }
+                None
+            }
+            _ => None,
+        };
+        let initialized = *method == Method::POST && sid.is_some() && is_initialized(&body);
         let mut req = Request::builder().method(method.clone()).uri(self.uri.clone());
         if let Some(h) = req.headers_mut() {
             for (k, v) in headers {
@@ -226,6 +243,14 @@ impl HttpUpstream {
             .map_err(|e| {
                 if e.is_connect() { UpstreamError::Connect(e.to_string()) } else { UpstreamError::Lost(e.to_string()) }
             })?;
+        // The head is here: the upstream has registered the stream (or refused it).
+        drop(get_in_flight);
+        if let Some(id) = sid
+            && initialized
+            && resp.status().is_success()
+        {
+            self.order.initialized(id);
+        }
         Ok(resp.map(|b| b.map_err(std::io::Error::other).boxed()))
     }
 }
@@ -236,6 +261,21 @@ fn is_initialize(body: &[u8]) -> bool {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Array(items)) => items.iter().any(is_init),
         Ok(v) => is_init(&v),
+        Err(_) => false,
+    }
+}
+
+/// Whether a body is `notifications/initialized` (alone or in a batch). Only small bodies
+/// are read: the SDKs send it alone.
+fn is_initialized(body: &[u8]) -> bool {
+    const NAME: &[u8] = b"notifications/initialized";
+    if body.len() > 4096 || !body.windows(NAME.len()).any(|w| w == NAME) {
+        return false;
+    }
+    let is = |m: &Value| m.get("method").and_then(Value::as_str) == Some("notifications/initialized");
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(items)) => items.iter().any(is),
+        Ok(v) => is(&v),
         Err(_) => false,
     }
 }

@@ -14,6 +14,8 @@
 //   --roots URI,...     answer roots/list with these roots
 //   --elicit JSON       answer elicitation/create with {action: "accept", content: JSON}
 //   --timeout MS        per-request timeout (default 30000)
+//   --rounds N          run the script N times in a row, each in a new session (see below)
+//   --max-failed K      with --rounds: stop after K failed rounds
 //
 // stdin: a JSON array of steps, as mcp-client.mjs: {"op":"list"}, {"op":"call","tool":T,"args":{}},
 // {"op":"request","method":M,"params":{}}, {"op":"notify","method":M,"params":{}}, {"op":"ping"}.
@@ -22,6 +24,10 @@
 // one line {"op":"served","requests":[{"method","params"}...]} with every request of the server
 // this client answered, in order. Exit 0 once the script ran; 2 when connecting failed (one line
 // {"op":"connect","ok":false,"error"}).
+//
+// With --rounds N, stdout is instead one line per session {"op":"round","round","ok","ms","steps",
+// "served"} (`ok`: connected and every step ok; `steps`: the step lines above, `served`: the
+// requests answered in that session), then {"op":"rounds","run","failed"}; exit 0.
 
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
@@ -65,6 +71,8 @@ for (let i = 0; i < argv.length; i++) {
       usage('--elicit needs JSON');
     }
   } else if (a === '--timeout') opts.timeout = Number(next());
+  else if (a === '--rounds') opts.rounds = Number(next());
+  else if (a === '--max-failed') opts.maxFailed = Number(next());
   else if (a === '--') {
     opts.command = argv.slice(i + 1);
     break;
@@ -72,6 +80,9 @@ for (let i = 0; i < argv.length; i++) {
 }
 if ([opts.url, opts.sse, opts.stdio].filter(Boolean).length !== 1) usage('give one of --url, --sse, --stdio');
 if (opts.stdio && !opts.command?.length) usage('--stdio needs -- CMD ARGS...');
+for (const k of ['timeout', 'rounds', 'maxFailed']) {
+  if (opts[k] !== undefined && !(Number.isInteger(opts[k]) && opts[k] > 0)) usage(`--${k} needs a positive integer`);
+}
 
 let flushed = Promise.resolve();
 function emit(obj) {
@@ -117,18 +128,9 @@ function describeError(err) {
   return { kind: 'transport', code: err?.code ?? null, message: err instanceof Error ? err.message : String(err) };
 }
 
-async function main() {
-  const chunks = [];
-  for await (const c of process.stdin) chunks.push(c);
-  let script;
-  try {
-    const t = Buffer.concat(chunks).toString('utf8');
-    script = t.trim() === '' ? [] : JSON.parse(t);
-  } catch (e) {
-    usage(`stdin is not valid JSON: ${e.message}`);
-  }
-  if (!Array.isArray(script)) script = [script];
-
+/** One MCP session: connects, runs the script, closes. `out(obj)` gets each step line; returns
+ * the server requests this client answered, or null when connecting failed. */
+async function session(script, out) {
   let transport;
   if (opts.stdio) {
     const [command, ...args] = opts.command;
@@ -143,7 +145,9 @@ async function main() {
   } else {
     transport = new StreamableHTTPClientTransport(new URL(opts.url), { requestInit: { headers: opts.headers } });
   }
-  transport.onerror = (e) => process.stderr.write(`callback-client: transport error: ${e?.message ?? e}\n`);
+  let closing = false;
+  // Closing aborts the session's streams: not worth a line.
+  transport.onerror = (e) => closing || process.stderr.write(`callback-client: transport error: ${e?.message ?? e}\n`);
 
   const capabilities = {};
   if (opts.sampling !== undefined) capabilities.sampling = {};
@@ -174,9 +178,10 @@ async function main() {
   try {
     await client.connect(transport, { timeout: opts.timeout });
   } catch (e) {
-    emit({ step: null, op: 'connect', ok: false, error: describeError(e) });
+    out({ step: null, op: 'connect', ok: false, error: describeError(e) });
+    closing = true;
     await client.close().catch(() => {});
-    await exit(2);
+    return null;
   }
 
   const reqOpts = { timeout: opts.timeout };
@@ -217,13 +222,46 @@ async function main() {
         default:
           throw new Error(`unknown op ${JSON.stringify(step.op)}`);
       }
-      emit({ ...base, ok: true, result });
+      out({ ...base, ok: true, result });
     } catch (e) {
-      emit({ ...base, ok: false, error: describeError(e) });
+      out({ ...base, ok: false, error: describeError(e) });
     }
   }
-  emit({ op: 'served', requests: served });
+  closing = true;
   await client.close().catch(() => {});
+  return served;
+}
+
+async function main() {
+  const chunks = [];
+  for await (const c of process.stdin) chunks.push(c);
+  let script;
+  try {
+    const t = Buffer.concat(chunks).toString('utf8');
+    script = t.trim() === '' ? [] : JSON.parse(t);
+  } catch (e) {
+    usage(`stdin is not valid JSON: ${e.message}`);
+  }
+  if (!Array.isArray(script)) script = [script];
+
+  if (opts.rounds === undefined) {
+    const served = await session(script, emit);
+    if (served === null) await exit(2);
+    emit({ op: 'served', requests: served });
+    await exit(0);
+  }
+  let failed = 0;
+  let run = 0;
+  while (run < opts.rounds && (opts.maxFailed === undefined || failed < opts.maxFailed)) {
+    const started = Date.now();
+    const steps = [];
+    const served = await session(script, (line) => steps.push(line));
+    const ok = served !== null && steps.every((s) => s.ok);
+    if (!ok) failed++;
+    emit({ op: 'round', round: run, ok, ms: Date.now() - started, steps, served: served ?? [] });
+    run++;
+  }
+  emit({ op: 'rounds', run, failed });
   await exit(0);
 }
 

@@ -8,6 +8,10 @@
 //   node test-server.mjs --sse  [--port N]       the 2024-11-05 HTTP+SSE transport: GET /sse opens a
 //                                                session (first event `endpoint`), POST /messages?sessionId=
 //   --record FILE (env TEST_SERVER_RECORD)       append one JSON line per event (below)
+//   --get-delay MS                               (--http) handle each GET /mcp only after MS ms: a slow
+//                                                upstream, whose GET stream opens late (default 0)
+//   --no-get-stream                              (--http) answer GET /mcp with 405, as servers without a
+//                                                GET stream do (after --get-delay)
 //
 // HTTP modes print `LISTENING <port>` as their first stdout line and listen on 127.0.0.1.
 // Anything else (POST /sse, GET /messages, other paths) gets 404, as the SDK's examples do.
@@ -22,8 +26,11 @@
 // what the client said: ask {prompt, via?} (sampling/createMessage), roots {via?} (roots/list),
 // elicit {message, via?} (elicitation/create). `via: "post"` (default) sends the request tied to
 // the tool call (on the POST's SSE stream over Streamable HTTP); `via: "get"` sends it unrelated,
-// on the session's GET stream (retried until that stream is open, for up to 10 s). Over stdio
-// and HTTP+SSE there is only one stream either way.
+// on the session's GET stream (retried until that stream is open, for up to 10 s); `via:
+// "get-once"` sends it there once, without retrying, as servers that ask the client back
+// unprompted do (the SDK drops it when the GET stream is not open yet, and the call then hangs
+// until the request times out after 30 s). Over stdio and HTTP+SSE there is only one stream
+// either way.
 
 import { appendFileSync } from 'node:fs';
 import http from 'node:http';
@@ -45,20 +52,25 @@ import {
 
 function usage(msg) {
   if (msg) process.stderr.write(`test-server: ${msg}\n`);
-  process.stderr.write('usage: node test-server.mjs (--stdio | --http | --sse) [--port N] [--record FILE]\n');
+  process.stderr.write(
+    'usage: node test-server.mjs (--stdio | --http | --sse) [--port N] [--record FILE] [--get-delay MS] [--no-get-stream]\n',
+  );
   process.exit(1);
 }
 
-const opts = { port: 0, record: process.env.TEST_SERVER_RECORD };
+const opts = { port: 0, record: process.env.TEST_SERVER_RECORD, getDelay: 0, getStream: true };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
   const next = () => (i + 1 < process.argv.length ? process.argv[++i] : usage(`${a} needs a value`));
   if (a === '--stdio' || a === '--http' || a === '--sse') opts.mode = a.slice(2);
   else if (a === '--port') opts.port = Number(next());
   else if (a === '--record') opts.record = next();
+  else if (a === '--get-delay') opts.getDelay = Number(next());
+  else if (a === '--no-get-stream') opts.getStream = false;
   else usage(`unknown argument ${JSON.stringify(a)}`);
 }
 if (!opts.mode) usage('give --stdio, --http or --sse');
+if (!Number.isFinite(opts.getDelay) || opts.getDelay < 0) usage('--get-delay needs a number of milliseconds');
 
 function record(entry) {
   if (opts.record) appendFileSync(opts.record, JSON.stringify(entry) + '\n');
@@ -84,6 +96,7 @@ const TOOLS = [
 
 /** Sends a server→client request, tied to the tool call (`post`) or on the GET stream (`get`). */
 async function askClient(server, extra, request, schema, via) {
+  if (via === 'get-once') return server.request(request, schema, { timeout: 30000 });
   if (via !== 'get') return extra.sendRequest(request, schema, { timeout: 30000 });
   // An unrelated request goes on the GET stream; over Streamable HTTP the SDK drops it while
   // that stream is not open yet, so retry with a short timeout.
@@ -233,8 +246,12 @@ if (opts.mode === 'stdio') {
       }
       return transport.handleRequest(req, res, body);
     }
+    if (req.method === 'GET' && opts.getDelay > 0) await new Promise((r) => setTimeout(r, opts.getDelay));
     const transport = sid ? sessions.get(sid) : undefined;
     if (!transport) return res.writeHead(sid ? 404 : 400).end('no such session');
+    if (req.method === 'GET' && !opts.getStream) {
+      return res.writeHead(405, { allow: 'POST, DELETE', 'content-type': 'text/plain' }).end('no GET stream');
+    }
     return transport.handleRequest(req, res);
   });
 } else {
