@@ -5,6 +5,8 @@
 //! recording what reached it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/mock_mcp.rs"]
+mod mock_mcp;
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
@@ -126,13 +128,43 @@ fn allowed_of(results: &[Vec<Value>]) -> usize {
     results.iter().filter(|m| m.iter().any(|m| m.get("result").is_some())).count()
 }
 
-#[test]
-fn id_aliases_never_refund_a_call_over_http() {
+/// What a test needs running: the fake RunPod API, the MCP server (HTTP mode) and the
+/// proxy in front of it; dropped together.
+struct Setup {
+    fake: Proc,
+    _server: Option<Proc>,
+    _dir: tempfile::TempDir,
+    proxy: Proxy,
+}
+
+/// The proxy (with `args` before the upstream) in front of RunPod MCP 4.0.0 over HTTP.
+fn in_front_of_runpod_4(policy: &str, args: &[&str]) -> Setup {
     let fake = fake_runpod();
     let server = runpod_http(&fake);
     let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "p.yaml", POD_ACTION_3);
-    let proxy = proxy(&[&policy], &["--upstream".into(), format!("http://127.0.0.1:{}/mcp", server.port)], &[]);
+    let policy = write_policy(dir.path(), "p.yaml", policy);
+    let mut tail: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tail.extend(["--upstream".to_owned(), format!("http://127.0.0.1:{}/mcp", server.port)]);
+    let proxy = proxy(&[&policy], &tail, &[]);
+    Setup { fake, _server: Some(server), _dir: dir, proxy }
+}
+
+/// The proxy (with `args` before `--`) running RunPod MCP 1.1.0 as a child per session.
+fn in_front_of_runpod_1_children(policy: &str, args: &[&str]) -> Setup {
+    let fake = fake_runpod();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", policy);
+    let mut tail: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tail.push("--".to_owned());
+    tail.extend(runpod_1_stdio_command());
+    let env = [("RUNPOD_API_KEY", "k".to_owned()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))];
+    let proxy = proxy(&[&policy], &tail, &env);
+    Setup { fake, _server: None, _dir: dir, proxy }
+}
+
+#[test]
+fn id_aliases_never_refund_a_call_over_http() {
+    let Setup { fake, proxy, _server, _dir } = in_front_of_runpod_4(POD_ACTION_3, &[]);
     let auth = [("Authorization", "Bearer k")];
     for body in alias_bodies("pod-action") {
         let (status, _, msgs) = post(&proxy, &auth, &body);
@@ -148,16 +180,7 @@ fn id_aliases_never_refund_a_call_over_http() {
 
 #[test]
 fn id_aliases_never_refund_a_call_in_a_child_session() {
-    let fake = fake_runpod();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
-    let mut tail = vec!["--".to_owned()];
-    tail.extend(runpod_1_stdio_command());
-    let proxy = proxy(
-        &[&policy],
-        &tail,
-        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
-    );
+    let Setup { fake, proxy, _server, _dir } = in_front_of_runpod_1_children(START_POD_3, &[]);
     let sid = initialize(&proxy, &[]);
     let session = [("Mcp-Session-Id", sid.as_str())];
     for body in alias_bodies("start-pod") {
@@ -287,16 +310,7 @@ fn repeated_identity_headers_are_refused() {
 /// one caller, and the limit holds for the whole server.
 #[test]
 fn invented_credentials_are_one_caller_in_child_mode() {
-    let fake = fake_runpod();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
-    let mut tail = vec!["--".to_owned()];
-    tail.extend(runpod_1_stdio_command());
-    let proxy = proxy(
-        &[&policy],
-        &tail,
-        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
-    );
+    let Setup { fake, proxy, _server, _dir } = in_front_of_runpod_1_children(START_POD_3, &[]);
     let mut allowed = 0;
     for token in ["a", "b", "c"] {
         let auth = format!("Bearer {token}");
@@ -327,11 +341,7 @@ tools:
 /// fresh bucket, the calls count under the caller's identity.
 #[test]
 fn invented_session_ids_are_not_fresh_buckets() {
-    let fake = fake_runpod();
-    let server = runpod_http(&fake);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "p.yaml", PER_SESSION_2);
-    let proxy = proxy(&[&policy], &["--upstream".into(), format!("http://127.0.0.1:{}/mcp", server.port)], &[]);
+    let Setup { fake, proxy, _server, _dir } = in_front_of_runpod_4(PER_SESSION_2, &[]);
     let results: Vec<Vec<Value>> = (0..6)
         .map(|i| {
             let sid = format!("invented-{i}");
@@ -351,16 +361,8 @@ fn invented_session_ids_are_not_fresh_buckets() {
 /// POST, GET and DELETE, and the owner's session goes on.
 #[test]
 fn another_caller_cannot_use_take_over_or_end_a_session() {
-    let fake = fake_runpod();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
-    let mut tail = vec!["--identity-header".to_owned(), "X-Agent".to_owned(), "--".to_owned()];
-    tail.extend(runpod_1_stdio_command());
-    let proxy = proxy(
-        &[&policy],
-        &tail,
-        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
-    );
+    let Setup { fake, proxy, _server, _dir } =
+        in_front_of_runpod_1_children(START_POD_3, &["--identity-header", "X-Agent"]);
     let sid = initialize(&proxy, &[("X-Agent", "alice")]);
     let as_bob = [("X-Agent", "bob"), ("Mcp-Session-Id", sid.as_str())];
     let (status, _, msgs) = post(&proxy, &as_bob, &start_call("1", "start-pod"));
@@ -380,19 +382,8 @@ fn another_caller_cannot_use_take_over_or_end_a_session() {
 /// One caller cannot take every child slot: it gets its share, the next caller still gets in.
 #[test]
 fn one_caller_cannot_fill_every_child_slot() {
-    let fake = fake_runpod();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
-    let mut tail = vec!["--identity-header", "X-Agent", "--max-sessions", "4", "--"]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-    tail.extend(runpod_1_stdio_command());
-    let proxy = proxy(
-        &[&policy],
-        &tail,
-        &[("RUNPOD_API_KEY", "k".into()), ("RUNPOD_REDIRECT_URL", format!("http://127.0.0.1:{}", fake.port))],
-    );
+    let Setup { fake: _fake, proxy, _server, _dir } =
+        in_front_of_runpod_1_children(START_POD_3, &["--identity-header", "X-Agent", "--max-sessions", "4"]);
     let _mine = initialize(&proxy, &[("X-Agent", "mallory")]);
     let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "m", "version": "0"}}})
@@ -412,11 +403,7 @@ fn one_caller_cannot_fill_every_child_slot() {
 #[test]
 fn another_caller_cannot_post_into_an_sse_session() {
     use std::io::Read;
-    let fake = fake_runpod();
-    let server = runpod_http(&fake);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "p.yaml", POD_ACTION_3);
-    let proxy = proxy(&[&policy], &["--upstream".into(), format!("http://127.0.0.1:{}/mcp", server.port)], &[]);
+    let Setup { fake: _fake, proxy, _server, _dir } = in_front_of_runpod_4(POD_ACTION_3, &[]);
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy.proc.port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
@@ -442,4 +429,35 @@ fn another_caller_cannot_post_into_an_sse_session() {
     let as_alice = [("Content-Type", "application/json"), ("Authorization", "Bearer alice")];
     let (status, _, _) = http(proxy.proc.port, "POST", &endpoint, &as_alice, ping.as_bytes());
     assert_eq!(status, 202, "alice can");
+}
+
+/// An upstream 5xx may come after the tool ran: the unit stays spent (before, any non-2xx
+/// gave it back, so a server that crashes after acting was never limited).
+#[test]
+fn a_server_error_after_the_work_keeps_the_unit_spent() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mock = mock_mcp::MockMcp::start(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(
+        dir.path(),
+        "p.yaml",
+        "version: \"1\"\ndefault: deny\ntools:\n  fail-after-work:\n    limits:\n      - {counter: c, window: minute, max: 2, scope: global}\n",
+    );
+    let proxy = proxy(&[&policy], &["--upstream".into(), mock.url()], &[]);
+    let auth = ("Authorization", "Bearer k");
+    let sid = initialize(&proxy, &[auth]);
+    let answers: Vec<(u16, Vec<Value>)> = (0..4)
+        .map(|id| {
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"fail-after-work","arguments":{{}}}}}}"#
+            );
+            let (status, _, msgs) = post(&proxy, &[auth, ("Mcp-Session-Id", &sid)], &body);
+            (status, msgs)
+        })
+        .collect();
+    assert_eq!((answers[0].0, answers[1].0), (500, 500), "the server's own answer passes: {answers:?}");
+    assert_eq!(mock.called("fail-after-work"), 2, "two reached the server, the limit: {answers:?}");
+    for (status, msgs) in &answers[2..] {
+        assert_eq!((*status, mock_mcp::error_code(&msgs[0])), (200, Some(-32011)), "{answers:?}");
+    }
 }

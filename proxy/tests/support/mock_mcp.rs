@@ -124,6 +124,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Resp
         "tools/call" => {
             let tool = msg["params"]["name"].as_str().unwrap_or("").to_owned();
             state.lock().unwrap().calls.push((session.clone().unwrap_or_default(), tool.clone()));
+            if tool == "fail-after-work" {
+                // A server that acted and then failed: HTTP 500 after the call was recorded.
+                return Ok(json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": "crashed after the work"}}),
+                ));
+            }
             json!({"content": [{"type": "text", "text": format!("called {tool}")}]})
         }
         _ => json!({}),
