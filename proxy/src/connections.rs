@@ -8,7 +8,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 
 /// Default cap on open client connections per listener (lowered to fit the open-file limit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -249,46 +249,66 @@ impl AcceptBackoff {
 
 /// Counts a connection's requests in flight (from head to the end of the response body,
 /// so a waiting call or an open SSE stream is in flight) for the idle bound.
-#[derive(Debug, Clone)]
-pub struct Activity(Arc<watch::Sender<usize>>);
+///
+/// Per request this is two atomic updates and a clock read — no wake-up and no timer: the
+/// connection checks it on a coarse tick (a quarter of the idle bound), so an idle
+/// connection is closed between `idle` and `idle × 1.25` after its last request ended.
+#[derive(Debug, Clone, Default)]
+pub struct Activity(Arc<Counts>);
 
-impl Default for Activity {
+#[derive(Debug, Default)]
+struct Counts {
+    in_flight: AtomicUsize,
+    /// When the last request ended, in milliseconds since [`Counts::epoch`].
+    last_end_ms: AtomicU64,
+    epoch: OnceEpoch,
+}
+
+/// The instant a connection's clock counts from (its first use).
+#[derive(Debug)]
+struct OnceEpoch(Instant);
+
+impl Default for OnceEpoch {
     fn default() -> Self {
-        Self(Arc::new(watch::Sender::new(0)))
+        Self(Instant::now())
+    }
+}
+
+impl Counts {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.0.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
 /// One request in flight; dropped when its response ends (or the request is abandoned).
 #[derive(Debug)]
-pub struct InFlight(Arc<watch::Sender<usize>>);
+pub struct InFlight(Arc<Counts>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.last_end_ms.store(self.0.now_ms(), Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Activity {
     pub fn begin(&self) -> InFlight {
-        self.0.send_modify(|n| *n += 1);
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.0.clone())
     }
 
     /// Resolves once the connection has had no request in flight for `idle` in a row.
     pub async fn idle_for(&self, idle: Duration) {
-        let mut rx = self.0.subscribe();
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if rx.wait_for(|n| *n == 0).await.is_err() {
+            tick.tick().await;
+            let c = &self.0;
+            if c.in_flight.load(Ordering::Acquire) == 0
+                && c.now_ms().saturating_sub(c.last_end_ms.load(Ordering::Relaxed)) >= idle_ms
+            {
                 return;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(idle) => {
-                    if *rx.borrow_and_update() == 0 {
-                        return;
-                    }
-                }
-                // A request began (and maybe ended): the idle time starts again.
-                changed = rx.changed() => if changed.is_err() { return },
             }
         }
     }
@@ -299,15 +319,17 @@ impl Activity {
 #[derive(Debug)]
 pub struct ReqBody {
     inner: Incoming,
+    /// When the whole body must have arrived (from the head).
+    until: tokio::time::Instant,
+    /// Armed only when the body is not all there at the first read: most bodies arrive with
+    /// their head and never need a timer.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     timed_out: Arc<AtomicBool>,
 }
 
 impl ReqBody {
     pub fn new(inner: Incoming, limit: Duration) -> Self {
-        // Bodiless requests (GET, DELETE) need no timer.
-        let deadline = (!inner.is_end_stream()).then(|| Box::pin(tokio::time::sleep(limit)));
-        Self { inner, deadline, timed_out: Arc::default() }
+        Self { inner, until: tokio::time::Instant::now() + limit, deadline: None, timed_out: Arc::default() }
     }
 
     /// Set once reading this body ran past its deadline.
@@ -333,7 +355,9 @@ impl Body for ReqBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let expired = this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                let until = this.until;
+                let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                let expired = deadline.as_mut().poll(cx).is_ready();
                 if expired {
                     this.timed_out.store(true, Ordering::Relaxed);
                     Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::TimedOut, "request body read timed out"))))

@@ -46,8 +46,10 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Owners {
     map: Mutex<HashMap<String, Entry>>,
-    /// `(session, request id)` of requests whose answers are still coming.
-    waiting: Arc<Mutex<HashSet<(String, String)>>>,
+    /// Keyed hashes of `(session, request id)` of requests whose answers are still coming
+    /// (keyed with a random seed: a caller cannot pick ids that collide with another's).
+    waiting: Arc<Mutex<HashSet<u64>>>,
+    hasher: std::hash::RandomState,
     idle: Duration,
     /// An `initialize` was answered with a session id: the upstream keeps sessions.
     stateful: AtomicBool,
@@ -56,7 +58,13 @@ pub struct Owners {
 impl Owners {
     /// `idle`: sessions unused this long are forgotten.
     pub fn new(idle: Duration, stateful: bool) -> Self {
-        Self { map: Mutex::default(), waiting: Arc::default(), idle, stateful: AtomicBool::new(stateful) }
+        Self {
+            map: Mutex::default(),
+            waiting: Arc::default(),
+            hasher: std::hash::RandomState::new(),
+            idle,
+            stateful: AtomicBool::new(stateful),
+        }
     }
 
     /// Claims request ids (canonical keys) of session `sid` until the returned guard is
@@ -65,12 +73,13 @@ impl Owners {
     /// two waiting requests with one id could get each other's answers — and an error
     /// answered to one would give back the other's quota.
     pub fn claim(&self, sid: &str, ids: Vec<String>) -> Option<Claim> {
+        use std::hash::BuildHasher;
+        let keys: Vec<u64> = ids.iter().map(|id| self.hasher.hash_one((sid, id))).collect();
         let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let keys: Vec<(String, String)> = ids.into_iter().map(|id| (sid.to_owned(), id)).collect();
         if keys.iter().any(|k| w.contains(k)) {
             return None;
         }
-        w.extend(keys.iter().cloned());
+        w.extend(keys.iter().copied());
         Some(Claim { waiting: self.waiting.clone(), keys })
     }
 
@@ -142,8 +151,8 @@ impl Owners {
 /// Request ids claimed in a session ([`Owners::claim`]); released when dropped.
 #[derive(Debug)]
 pub struct Claim {
-    waiting: Arc<Mutex<HashSet<(String, String)>>>,
-    keys: Vec<(String, String)>,
+    waiting: Arc<Mutex<HashSet<u64>>>,
+    keys: Vec<u64>,
 }
 
 impl Drop for Claim {
