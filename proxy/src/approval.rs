@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use toolgate_policy::push::{ApprovalRequest, ApprovalUpdate};
 use toolgate_policy::{Caller, DenialStyle};
@@ -94,50 +93,12 @@ impl Phase {
     }
 }
 
-/// The canonical JSON text of a value: object keys sorted (by their UTF-8 bytes) at every
-/// level, no whitespace, strings and numbers as `serde_json` writes them (so `1` and
-/// `1.0` differ).
-pub fn canonical_json(v: &Value) -> String {
-    let mut out = String::new();
-    write_canonical(v, &mut out);
-    out
-}
-
-fn write_canonical(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                write_canonical(&m[k], out);
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, x) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(x, out);
-            }
-            out.push(']');
-        }
-        scalar => out.push_str(&scalar.to_string()),
-    }
-}
-
-/// SHA-256 (64 hex digits) of the canonical JSON of a call's arguments. Absent arguments
-/// are `{}`.
+/// SHA-256 (64 hex digits) of the canonical JSON of a call's arguments (absent arguments
+/// are `{}`): the same digest as the audit line's `argumentsSha256`
+/// ([`crate::audit::arguments_sha256_hex`]), so an approval and the call's audit lines
+/// correlate.
 pub fn arguments_digest(arguments: &Value) -> String {
-    let text = if arguments.is_null() { "{}".to_owned() } else { canonical_json(arguments) };
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    crate::audit::arguments_sha256_hex(arguments)
 }
 
 /// What an approval given once covers with `reuse_for`: the same tool, canonical
@@ -638,14 +599,6 @@ impl Ctx {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn canonical_json_sorts_keys_at_every_level_without_whitespace() {
-        let v = json!({"b": [1, {"d": null, "c": "x\"y"}], "a": 1.5, "é": true, "A": {}});
-        assert_eq!(canonical_json(&v), r#"{"A":{},"a":1.5,"b":[1,{"c":"x\"y","d":null}],"é":true}"#);
-        assert_eq!(canonical_json(&json!([])), "[]");
-        assert_eq!(canonical_json(&json!("s")), r#""s""#);
-    }
 
     #[test]
     fn the_digest_depends_on_content_not_key_order() {

@@ -61,11 +61,28 @@ pub struct Approval<'a> {
     pub approval_reused: bool,
 }
 
-/// `sha256:<hex>` of the arguments in a canonical form (object keys sorted).
+/// `sha256:<hex>` of the arguments' canonical JSON ([`arguments_sha256_hex`]): the audit
+/// line's `argumentsSha256`. The same digest as an McpApproval's `argumentsDigest`, so the
+/// two correlate.
 pub fn arguments_digest(args: &Value) -> String {
+    let mut s = String::with_capacity(7 + 64);
+    s.push_str("sha256:");
+    s.push_str(&arguments_sha256_hex(args));
+    s
+}
+
+/// Hex SHA-256 of the arguments' canonical JSON: object keys sorted by their UTF-8 bytes at
+/// every level, no whitespace, strings and numbers as `serde_json` writes them; absent
+/// arguments are `{}`. The one digest of a call's arguments (audit lines and approvals).
+pub fn arguments_sha256_hex(args: &Value) -> String {
     let mut h = Sha256::new();
-    canonical(args, &mut h);
-    sha256_text(&h.finalize())
+    if args.is_null() {
+        h.update(b"{}");
+    } else {
+        canonical(args, &mut h);
+    }
+    let text = sha256_text(&h.finalize());
+    text["sha256:".len()..].to_owned()
 }
 
 #[cfg(test)]
@@ -112,20 +129,24 @@ fn canonical(v: &Value, h: &mut Sha256) {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort();
             h.update(b"{");
-            for k in keys {
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
                 // The key as a JSON string, exactly as `serde_json::to_string` writes it.
                 let _ = serde_json::to_writer(HashWriter(h), k);
                 h.update(b":");
                 canonical(&m[k], h);
-                h.update(b",");
             }
             h.update(b"}");
         }
         Value::Array(a) => {
             h.update(b"[");
-            for x in a {
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    h.update(b",");
+                }
                 canonical(x, h);
-                h.update(b",");
             }
             h.update(b"]");
         }
@@ -203,10 +224,18 @@ mod tests {
     }
 
     #[test]
-    fn digest_is_stable() {
-        // Pinned: audit lines written before and after any change must correlate.
-        let v = json!({"b": [1, {"x": "y\"q", "w": 2.5}], "a": "é\n", "c": null, "d": true});
-        assert_eq!(arguments_digest(&v), "sha256:f9ea6cb7266d73f4a2a2590f0c4223bdfc2ed1ac2feb65ebb9641781e786df1b");
+    fn digest_is_the_sha256_of_the_canonical_json() {
+        // Pinned: sha256 of the text `{"gpuCount":1,"podId":"p-1"}` (sha256sum), the same
+        // value an McpApproval's argumentsDigest carries for these arguments.
+        assert_eq!(
+            arguments_digest(&json!({"podId": "p-1", "gpuCount": 1})),
+            "sha256:cdc4f708fae53b542e3309453399db6248586d6e5af1e2f5568da9bbaf0b16c9"
+        );
+        let v = json!({"b": [1, {"x": "y\"q", "w": 2.5}], "a": "é\n", "c": null, "d": true, "e": [], "f": {}});
+        let text = r#"{"a":"é\n","b":[1,{"w":2.5,"x":"y\"q"}],"c":null,"d":true,"e":[],"f":{}}"#;
+        let want: String = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(arguments_sha256_hex(&v), want);
+        assert_eq!(arguments_digest(&Value::Null), arguments_digest(&json!({})), "absent arguments are {{}}");
     }
 
     #[test]
