@@ -636,7 +636,14 @@ impl Gate {
     }
 
     /// A held call was approved: reserve its limits now. `Ok`: forward with this tracker;
-    /// `Err`: the refusal (a limit has no room any more).
+    /// `Err`: the refusal (a limit has no room any more, or the policy in force now refuses
+    /// the call).
+    ///
+    /// A person approves a call, not a policy: if the policy changed while the call waited,
+    /// the call is decided again under the one in force now. A stricter policy refuses it
+    /// (deny, hidden, a failed argument check, a full limit); one that still asks for
+    /// approval takes this approval; one that no longer asks lets it pass under its own
+    /// limits.
     pub fn finish_approved(
         &self,
         hold: Hold,
@@ -646,7 +653,15 @@ impl Gate {
     ) -> Result<Tracker, Value> {
         let Hold { approvals, id, call, decision, dry_run, revision, digest, started } = hold;
         let reuse = decision.approval_reuse.map(|w| (w, reuse_key(&decision, &call.as_call(), &digest)));
-        let mut d = decision.approved(&self.limiter, self.now());
+        let policy = self.current();
+        let now = self.now();
+        let (mut d, revision) = if policy.revision == revision || policy.decides_nothing() {
+            (decision.approved(&self.limiter, now), revision)
+        } else {
+            let fresh = policy.enforce.decide(&self.limiter, &call.as_call(), now);
+            let fresh = if fresh.kind == DecisionKind::Approval { fresh.approved(&self.limiter, now) } else { fresh };
+            (fresh, policy.revision.clone())
+        };
         let mut fields = Fields::of(&d);
         if d.kind.is_allow() {
             fields.reason = reason;
@@ -661,7 +676,7 @@ impl Gate {
             Some(r) if d.kind.is_allow() => Ok(Tracker::single(&id, Held { enforce: r, dry_run })),
             _ => {
                 Held::rollback_dry_run(dry_run);
-                let mut answer = refusal(id, &d, false);
+                let mut answer = refusal(id, &d, policy.enforce.is_empty() && !policy.decides_nothing());
                 set_data(&mut answer, "approval", json!(name));
                 Err(answer)
             }
@@ -1123,6 +1138,37 @@ mod tests {
         let g =
             Gate::new(rx, metrics, IdentitySource::Authorization, false, None, Approver::Operator(approvals.clone()));
         (g, p, approvals)
+    }
+
+    /// A call approved after the policy changed is decided under the policy in force then.
+    #[test]
+    fn an_approved_call_is_decided_again_under_the_policy_in_force() {
+        let p = Arc::new(Effective::files(Policy::from_text("test", NEEDS_APPROVAL).expect("valid")));
+        let (tx, rx) = watch::channel(p.clone());
+        let endpoint = crate::operator::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
+        let config =
+            crate::operator::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
+        let metrics = Arc::new(Metrics::new());
+        let approvals = Approvals::new(crate::operator::Link::new(config), metrics.clone());
+        let g = Gate::new(rx, metrics, IdentitySource::Authorization, false, None, Approver::Operator(approvals));
+        let caller = Caller { identity: "sha256:a".into(), session: None, headers: Vec::new() };
+        let hold = |id| {
+            let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");
+            let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
+            h
+        };
+        let (first, second) = (hold(1), hold(2));
+        // While both wait, the policy starts denying the tool.
+        let stricter = r#"{"version":"1","default":"deny","tools":{"start-pod":{"action":"deny","reason":"frozen"}}}"#;
+        tx.send(Arc::new(Effective::files(Policy::from_text("test", stricter).expect("valid")))).expect("send");
+        let Err(a) = g.finish_approved(*first, "a-1", Some("alice"), None) else { panic!("refused now") };
+        assert_eq!(a["error"]["code"], code::DENIED, "{a}");
+        assert_eq!(a["error"]["data"]["reason"], "frozen");
+        assert_eq!(a["error"]["data"]["approval"], "a-1");
+        // The policy is relaxed again (no approval, no limit): the approved call passes.
+        let open = r#"{"version":"1","default":"allow"}"#;
+        tx.send(Arc::new(Effective::files(Policy::from_text("test", open).expect("valid")))).expect("send");
+        assert!(g.finish_approved(*second, "a-2", Some("alice"), None).is_ok());
     }
 
     #[test]
