@@ -53,6 +53,9 @@ async fn skip_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Re
     }
 }
 
+/// Largest line the child may write (one JSON-RPC message), as in child sessions.
+const MAX_CHILD_LINE_BYTES: usize = crate::sse::MAX_EVENT_BYTES;
+
 /// Why calls that need approval are refused over `--stdio`.
 pub const NO_HOLD: &str = "calls are not held for approval over --stdio";
 
@@ -82,14 +85,25 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
         let caller = caller.clone();
         let out_tx = out_tx.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(child_out).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            // Bounded like every other reader: a child cannot make the proxy buffer an
+            // endless line. An over-long line is skipped (an answer in it is lost: its
+            // call stays spent).
+            let mut out = BufReader::new(child_out);
+            loop {
+                let line = match read_line(&mut out, MAX_CHILD_LINE_BYTES).await {
+                    Ok(Some(Ok(line))) => line,
+                    Ok(Some(Err(()))) => {
+                        tracing::warn!("ignoring a line over {MAX_CHILD_LINE_BYTES} bytes from the MCP server");
+                        continue;
+                    }
+                    Ok(None) | Err(_) => break,
+                };
                 let replaced = {
                     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-                    st.answered(line.as_bytes());
-                    gate.inspect_body(line.as_bytes(), &mut st.tracker, &caller)
+                    st.answered(&line);
+                    gate.inspect_body(&line, &mut st.tracker, &caller)
                 };
-                if out_tx.send(replaced.unwrap_or_else(|| line.into_bytes())).await.is_err() {
+                if out_tx.send(replaced.unwrap_or(line)).await.is_err() {
                     break;
                 }
             }

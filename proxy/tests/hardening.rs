@@ -461,3 +461,29 @@ fn a_server_error_after_the_work_keeps_the_unit_spent() {
         assert_eq!((*status, mock_mcp::error_code(&msgs[0])), (200, Some(-32011)), "{answers:?}");
     }
 }
+
+/// `--stdio`: the child's output is read with the same bound as every other reader; an
+/// over-long line is skipped, not buffered and passed on, and the next one still arrives.
+#[test]
+fn an_over_long_line_from_the_stdio_child_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", START_POD_3);
+    // 17 MiB of `a` on one line (the bound is 16 MiB), then a notification.
+    let script = r#"head -c 17825792 /dev/zero | tr '\0' a; echo; echo '{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"after"}}'; sleep 30"#;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate-proxy"))
+        .args(["--stdio", "--policy"])
+        .arg(&policy)
+        .args(["--admin-listen", &format!("127.0.0.1:{}", free_port()), "--", "sh", "-c", script])
+        .env("TOOLGATE_LOG", "error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    lines.read_line(&mut first).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first.len() < 1024, "the over-long line was passed on ({} bytes)", first.len());
+    assert!(first.contains("\"after\""), "{first}");
+}
