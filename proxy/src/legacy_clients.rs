@@ -160,8 +160,7 @@ pub fn open(app: &Arc<App>, headers: &HeaderMap) -> Response<RespBody> {
 /// itself; otherwise the POST gets 202 and the JSON-RPC answers (the proxy's refusals
 /// included) arrive on `/sse`.
 pub async fn message(app: &Arc<App>, mut req: Request<server::ReqBody>) -> (Response<RespBody>, &'static str) {
-    let id =
-        req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sessionId=")).map(str::to_owned));
+    let id = req.uri().query().and_then(session_param);
     let session = id.and_then(|id| app.legacy.sessions().get(&id).cloned());
     // Another identity's session is as unknown as a closed one: it cannot post into it
     // (its answers would go to the owner's stream).
@@ -233,6 +232,14 @@ pub async fn message(app: &Arc<App>, mut req: Request<server::ReqBody>) -> (Resp
     (r, method)
 }
 
+/// The `sessionId` of a `/messages` query, percent-decoded; none when it is missing or
+/// given more than once (which copy counts would be the client's choice).
+fn session_param(query: &str) -> Option<String> {
+    let mut ids = form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == "sessionId").map(|(_, v)| v);
+    let id = ids.next()?;
+    ids.next().is_none().then(|| id.into_owned())
+}
+
 /// Sends a JSON-RPC message, or each message of a batch, as `message` events.
 async fn send_messages(v: Value, tx: &mpsc::Sender<Bytes>) -> bool {
     let items = match v {
@@ -302,5 +309,19 @@ async fn pump(app: Arc<App>, session: Weak<ClientSession>) {
         }
         drop(tx);
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_id_is_read_once_and_decoded() {
+        assert_eq!(session_param("sessionId=abc").as_deref(), Some("abc"));
+        assert_eq!(session_param("x=1&sessionId=a%2Fb").as_deref(), Some("a/b"));
+        assert_eq!(session_param("sessionId=a&sessionId=b"), None, "which copy counts must not be the client's choice");
+        assert_eq!(session_param("sessionid=a"), None);
+        assert_eq!(session_param(""), None);
     }
 }
