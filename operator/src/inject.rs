@@ -340,8 +340,23 @@ const DEFAULTED: &[&str] = &[
     "defaultMode",
 ];
 
+/// Where the apiserver's ServiceAccount admission mounts the pod's API token into every
+/// container, the sidecar included (after the webhook, hence seen on re-invocation).
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 fn is_injected(container: &k8s_openapi::api::core::v1::Container, want: &Value) -> bool {
-    serde_json::to_value(container).is_ok_and(|got| matches_injected(want, &got))
+    let Ok(mut got) = serde_json::to_value(container) else { return false };
+    // The API token mount is the only mount the sidecar may have beyond its own: read-only,
+    // at the ServiceAccount path (the sidecar does not read it).
+    if let Some(mounts) = got.get_mut("volumeMounts").and_then(Value::as_array_mut) {
+        mounts.retain(|m| {
+            !(m["mountPath"] == SERVICE_ACCOUNT_MOUNT
+                && m["readOnly"] == true
+                && m["name"].as_str().is_some_and(|n| n.starts_with("kube-api-access-"))
+                && m.as_object().is_some_and(|o| o.len() == 3))
+        });
+    }
+    matches_injected(want, &got)
 }
 
 /// `got` is `want` up to the fields the apiserver defaults ([`DEFAULTED`]).

@@ -4,6 +4,8 @@
 //! `patch`. `TOOLGATE_BLESS=1 cargo test -p toolgate-operator --test inject` rewrites the
 //! `patch` of the fixtures that inject (review the diff before committing).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -178,6 +180,9 @@ fn an_injected_pod_is_readmitted_with_the_apiservers_defaults_but_not_with_a_cha
         c["readinessProbe"]["timeoutSeconds"] = json!(1);
         c["readinessProbe"]["httpGet"]["scheme"] = json!("HTTP");
         c["env"][0]["valueFrom"]["fieldRef"]["apiVersion"] = json!("v1");
+        // The ServiceAccount admission plugin mounts the API token into every container.
+        c["volumeMounts"].as_array_mut().unwrap().push(json!({
+            "name": "kube-api-access-x7k2q", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}));
     });
     assert_eq!(inject(&defaulted, &ns, &config).map(|_| ()), Err(Skip::AlreadyInjected));
 
@@ -208,6 +213,14 @@ fn an_injected_pod_is_readmitted_with_the_apiservers_defaults_but_not_with_a_cha
                 .as_array_mut()
                 .unwrap()
                 .push(json!({"name": "data", "mountPath": "/data"}))
+        },
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "a writable mount at the API token's path",
+        &|p| {
+            p["spec"]["initContainers"][0]["volumeMounts"].as_array_mut().unwrap().push(json!({
+                "name": "kube-api-access-x7k2q", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}))
         },
         Skip::ForeignSidecar,
     );
