@@ -22,6 +22,9 @@ pub const INJECTED_ANNOTATION: &str = "toolgate.dev/injected";
 pub const INJECTED_LABEL: &str = "toolgate.dev/injected";
 /// Name of the emptyDir where the sidecar persists its last good policy across restarts.
 pub const STATE_VOLUME: &str = "toolgate-state";
+/// Label on a namespace (`true`) that lets its pods opt out with the annotation. Only
+/// namespace owners and cluster admins can label a namespace.
+pub const ALLOW_OPT_OUT_LABEL: &str = "toolgate.dev/allow-opt-out";
 /// Name of the injected container.
 pub const CONTAINER_NAME: &str = "toolgate-proxy";
 /// Name of the projected volume with the service-account token (audience `toolgate`).
@@ -70,20 +73,33 @@ impl Default for InjectConfig {
     }
 }
 
-/// Why a pod is admitted unchanged (a metric label, so few and stable).
+/// Why a pod is not patched (a metric label, so few and stable). Some pods are admitted
+/// unchanged ([`Skip::refused`] is false); every other selected pod that cannot get the
+/// sidecar is refused: in a namespace that opted in, no pod runs unprotected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Skip {
     /// Neither the pod nor its namespace is labelled `toolgate.dev/inject=enabled`.
     NotSelected,
-    /// The pod is annotated `toolgate.dev/inject: disabled`.
+    /// The pod is annotated `toolgate.dev/inject: disabled` and its namespace carries
+    /// `toolgate.dev/allow-opt-out=true` (set by the namespace owner, not the pod author).
     OptedOut,
-    /// The marker annotation or a `toolgate-proxy` container is already there.
+    /// The pod already holds exactly the sidecar this webhook injects (re-invocation, or an
+    /// injected pod submitted again): admitted unchanged.
     AlreadyInjected,
-    /// No `toolgate.dev/upstream-port` annotation and no container port.
+    /// Refused: the pod is annotated `toolgate.dev/inject: disabled` but its namespace does
+    /// not allow opting out.
+    OptOutNotAllowed,
+    /// Refused: the marker annotation is set but the injected sidecar is not there as the
+    /// webhook would inject it.
+    FakeMarker,
+    /// Refused: a container or init container named `toolgate-proxy` that is not the
+    /// injected sidecar.
+    ForeignSidecar,
+    /// Refused: no `toolgate.dev/upstream-port` annotation and no container port.
     NoUpstreamPort,
-    /// `toolgate.dev/upstream-port` is not a port number.
+    /// Refused: `toolgate.dev/upstream-port` is not a port number.
     BadUpstreamPort,
-    /// The pod uses the host network, where the sidecar's ports could collide.
+    /// Refused: the pod uses the host network, where the sidecar's ports would be the node's.
     HostNetwork,
 }
 
@@ -94,14 +110,69 @@ impl Skip {
             Skip::NotSelected => "not_selected",
             Skip::OptedOut => "opted_out",
             Skip::AlreadyInjected => "already_injected",
+            Skip::OptOutNotAllowed => "opt_out_not_allowed",
+            Skip::FakeMarker => "fake_marker",
+            Skip::ForeignSidecar => "foreign_sidecar",
             Skip::NoUpstreamPort => "no_upstream_port",
             Skip::BadUpstreamPort => "bad_upstream_port",
             Skip::HostNetwork => "host_network",
         }
     }
+
+    /// Whether the pod is refused (rather than admitted unchanged).
+    pub fn refused(self) -> bool {
+        !matches!(self, Skip::NotSelected | Skip::OptedOut | Skip::AlreadyInjected)
+    }
+
+    /// The webhook's result label: the reason, prefixed `refused_` for a refusal.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Skip::NotSelected | Skip::OptedOut | Skip::AlreadyInjected => self.as_str(),
+            Skip::OptOutNotAllowed => "refused_opt_out_not_allowed",
+            Skip::FakeMarker => "refused_fake_marker",
+            Skip::ForeignSidecar => "refused_foreign_sidecar",
+            Skip::NoUpstreamPort => "refused_no_upstream_port",
+            Skip::BadUpstreamPort => "refused_bad_upstream_port",
+            Skip::HostNetwork => "refused_host_network",
+        }
+    }
+
+    /// Why a refused pod is refused and how to fix it (the admission message).
+    pub fn message(self) -> String {
+        match self {
+            Skip::NotSelected | Skip::OptedOut | Skip::AlreadyInjected => {
+                format!("toolgate: not injected ({})", self.as_str())
+            }
+            Skip::OptOutNotAllowed => format!(
+                "toolgate: the pod is annotated {INJECT_ANNOTATION}: disabled but its namespace does not allow \
+                 opting out of the toolgate sidecar: remove the annotation, or have the namespace owner label \
+                 the namespace {ALLOW_OPT_OUT_LABEL}=true"
+            ),
+            Skip::FakeMarker => format!(
+                "toolgate: the pod carries the {INJECTED_ANNOTATION} annotation without the sidecar the webhook \
+                 injects: remove the annotation (and any {CONTAINER_NAME} container) and let the webhook inject it"
+            ),
+            Skip::ForeignSidecar => format!(
+                "toolgate: the pod has a container named {CONTAINER_NAME} that is not the sidecar the webhook \
+                 injects: rename the container (the name is reserved for the injected sidecar)"
+            ),
+            Skip::NoUpstreamPort => format!(
+                "toolgate: the pod declares no container port, so the sidecar has no upstream: add a \
+                 containerPort or the {UPSTREAM_PORT_ANNOTATION} annotation"
+            ),
+            Skip::BadUpstreamPort => format!(
+                "toolgate: the {UPSTREAM_PORT_ANNOTATION} annotation is not a port number (1-65535): fix the \
+                 annotation"
+            ),
+            Skip::HostNetwork => "toolgate: the pod uses hostNetwork: true, where the sidecar's ports would be \
+                 the node's and other pods could reach the MCP server past it: run the pod without hostNetwork"
+                .to_owned(),
+        }
+    }
 }
 
-/// The patch that adds the sidecar to `pod`, or why it is left alone.
+/// The patch that adds the sidecar to `pod`, or why it is not patched (admitted unchanged
+/// or refused: see [`Skip::refused`]).
 pub fn inject(
     pod: &Pod,
     namespace_labels: &BTreeMap<String, String>,
@@ -115,18 +186,18 @@ pub fn inject(
         return Err(Skip::NotSelected);
     }
     if annotations.get(INJECT_ANNOTATION).is_some_and(|v| v == "disabled") {
-        return Err(Skip::OptedOut);
+        // Opting out is the namespace owner's decision: only they can label the namespace.
+        return if namespace_labels.get(ALLOW_OPT_OUT_LABEL).is_some_and(|v| v == "true") {
+            Err(Skip::OptedOut)
+        } else {
+            Err(Skip::OptOutNotAllowed)
+        };
     }
     let spec = pod.spec.as_ref().ok_or(Skip::NoUpstreamPort)?;
-    let init = spec.init_containers.as_deref().unwrap_or_default();
-    if annotations.contains_key(INJECTED_ANNOTATION)
-        || init.iter().chain(&spec.containers).any(|c| c.name == CONTAINER_NAME)
-    {
-        return Err(Skip::AlreadyInjected);
-    }
     if spec.host_network == Some(true) {
         return Err(Skip::HostNetwork);
     }
+    let init = spec.init_containers.as_deref().unwrap_or_default();
     let upstream_port = match annotations.get(UPSTREAM_PORT_ANNOTATION) {
         Some(v) => v.trim().parse::<u16>().ok().filter(|p| *p != 0).ok_or(Skip::BadUpstreamPort)?,
         None => spec
@@ -138,16 +209,39 @@ pub fn inject(
             .ok_or(Skip::NoUpstreamPort)?,
     };
     let path = annotations.get(UPSTREAM_PATH_ANNOTATION).map(String::as_str).unwrap_or("/mcp");
+    let container = sidecar(config, upstream_port, path);
+
+    let marked = annotations.contains_key(INJECTED_ANNOTATION);
+    let named = |c: &&k8s_openapi::api::core::v1::Container| c.name == CONTAINER_NAME;
+    if marked || init.iter().chain(&spec.containers).any(|c| named(&c)) {
+        // Admitted unchanged only when it is exactly what this webhook injects: the marker,
+        // the sidecar first among the init containers (and nowhere else), and its volumes.
+        let ours = marked
+            && init.first().is_some_and(|c| is_injected(c, &container))
+            && init.iter().skip(1).chain(&spec.containers).all(|c| !named(&c))
+            && [token_volume(config), state_volume()].iter().all(|want| {
+                spec.volumes.iter().flatten().filter(|v| v.name == want["name"]).count() == 1
+                    && spec.volumes.iter().flatten().any(|v| {
+                        v.name == want["name"] && serde_json::to_value(v).is_ok_and(|got| matches_injected(want, &got))
+                    })
+            });
+        return Err(if ours {
+            Skip::AlreadyInjected
+        } else if marked && !init.iter().chain(&spec.containers).any(|c| named(&c)) {
+            Skip::FakeMarker
+        } else {
+            Skip::ForeignSidecar
+        });
+    }
 
     let mut ops = Vec::new();
     // First among the init containers, so that it also serves the ones after it.
-    let container = sidecar(config, upstream_port, path);
     if init.is_empty() {
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]}));
     } else {
         ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}));
     }
-    let volumes = [token_volume(config), json!({"name": STATE_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})];
+    let volumes = [token_volume(config), state_volume()];
     if spec.volumes.as_ref().is_none_or(Vec::is_empty) {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
     } else {
@@ -229,6 +323,60 @@ fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str) -> Value {
             {"name": STATE_VOLUME, "mountPath": "/var/lib/toolgate"},
         ],
     })
+}
+
+/// Fields the apiserver fills in with defaults on what the webhook injects; any value is
+/// accepted there when checking an already injected pod. Everything else must be as
+/// injected, and nothing else may be added (a `command`, another volume mount, ...).
+const DEFAULTED: &[&str] = &[
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+    "imagePullPolicy",
+    "timeoutSeconds",
+    "successThreshold",
+    "failureThreshold",
+    "scheme",
+    "apiVersion",
+    "defaultMode",
+];
+
+/// Where the apiserver's ServiceAccount admission mounts the pod's API token into every
+/// container, the sidecar included (after the webhook, hence seen on re-invocation).
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+fn is_injected(container: &k8s_openapi::api::core::v1::Container, want: &Value) -> bool {
+    let Ok(mut got) = serde_json::to_value(container) else { return false };
+    // The API token mount is the only mount the sidecar may have beyond its own: read-only,
+    // at the ServiceAccount path (the sidecar does not read it).
+    if let Some(mounts) = got.get_mut("volumeMounts").and_then(Value::as_array_mut) {
+        mounts.retain(|m| {
+            !(m["mountPath"] == SERVICE_ACCOUNT_MOUNT
+                && m["readOnly"] == true
+                && m["name"].as_str().is_some_and(|n| n.starts_with("kube-api-access-"))
+                && m.as_object().is_some_and(|o| o.len() == 3))
+        });
+    }
+    matches_injected(want, &got)
+}
+
+/// `got` is `want` up to the fields the apiserver defaults ([`DEFAULTED`]).
+fn matches_injected(want: &Value, got: &Value) -> bool {
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => {
+            w.iter().all(|(k, wv)| g.get(k).is_some_and(|gv| matches_injected(wv, gv)))
+                && g.keys().all(|k| w.contains_key(k) || DEFAULTED.contains(&k.as_str()))
+        }
+        (Value::Array(w), Value::Array(g)) => {
+            w.len() == g.len() && w.iter().zip(g).all(|(a, b)| matches_injected(a, b))
+        }
+        // Quantities come back normalised by the apiserver only when they are not already
+        // canonical; the injected ones are canonical.
+        _ => want == got,
+    }
+}
+
+fn state_volume() -> Value {
+    json!({"name": STATE_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})
 }
 
 fn token_volume(config: &InjectConfig) -> Value {

@@ -3,7 +3,9 @@
 //!
 //! Fail closed: when the namespace's labels cannot be known, the pod is refused rather
 //! than admitted without its sidecar (the webhook configuration only sends opted-in
-//! pods, so nothing else is affected).
+//! pods, so nothing else is affected). A selected pod that cannot get the sidecar
+//! (host network, no port, a fake marker, a foreign `toolgate-proxy` container, an opt-out
+//! its namespace does not allow) is refused with the reason and the fix.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -83,9 +85,17 @@ async fn decide(ctx: &Ctx, request: &AdmissionRequest<Pod>) -> (&'static str, Ad
                 ("error", AdmissionResponse::from(request).deny(format!("toolgate: cannot encode the patch: {e}")))
             }
         },
+        Err(skip) if skip.refused() => {
+            tracing::info!(%namespace, pod = %pod_name, reason = skip.as_str(), "pod refused: it cannot get the sidecar");
+            let mut response = response.deny(skip.message());
+            response.result.code = StatusCode::FORBIDDEN.as_u16();
+            response.result.reason = "Forbidden".into();
+            response.result.status = Some(kube::core::response::StatusSummary::Failure);
+            (skip.metric_label(), response)
+        }
         Err(skip) => {
             tracing::debug!(%namespace, pod = %pod_name, reason = skip.as_str(), "not injected");
-            (skip.as_str(), response)
+            (skip.metric_label(), response)
         }
     }
 }

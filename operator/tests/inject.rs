@@ -1,7 +1,10 @@
 //! The injection function against JSON fixtures (`tests/fixtures/inject/*.json`): each has
-//! `namespaceLabels`, a `pod`, and either the expected `skip` reason or the expected
+//! `namespaceLabels`, a `pod`, and either the expected `skip` reason (with `refused`:
+//! whether the webhook refuses the pod rather than admitting it unchanged) or the expected
 //! `patch`. `TOOLGATE_BLESS=1 cargo test -p toolgate-operator --test inject` rewrites the
 //! `patch` of the fixtures that inject (review the diff before committing).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,7 +55,15 @@ fn every_fixture_gets_its_patch_or_skip_reason() {
         let name = case.file.display().to_string();
         let result = inject(&case.pod, &case.ns_labels, &config);
         match (&case.raw["skip"], result) {
-            (Value::String(reason), Err(skip)) => assert_eq!(skip.as_str(), reason, "{name}"),
+            (Value::String(reason), Err(skip)) => {
+                assert_eq!(skip.as_str(), reason, "{name}");
+                let refused = case.raw["refused"].as_bool().expect("a skip fixture says whether it is refused");
+                assert_eq!(skip.refused(), refused, "{name}");
+                if refused {
+                    assert!(skip.metric_label().starts_with("refused_"), "{name}");
+                    assert!(skip.message().contains(':'), "{name}: says why and how to fix it");
+                }
+            }
             (Value::String(reason), Ok(patch)) => panic!("{name}: expected skip {reason}, got {patch:?}"),
             (_, Err(skip)) => panic!("{name}: unexpected skip {skip:?}"),
             (_, Ok(patch)) => {
@@ -142,4 +153,129 @@ fn allowed_hosts_and_origins_reach_the_sidecar_only_when_configured() {
     let args = sidecar_args(&config);
     assert!(args.contains(&"--allowed-hosts=runpod-mcp.agents,*.mcp.example.com".to_owned()), "{args:?}");
     assert!(args.contains(&"--allowed-origins=https://console.example.com".to_owned()), "{args:?}");
+}
+
+fn injected(file: &str) -> (Pod, BTreeMap<String, String>) {
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject").join(file));
+    let patch = inject(&case.pod, &case.ns_labels, &InjectConfig::default()).expect("injects");
+    (apply(&case.pod, &patch), case.ns_labels)
+}
+
+fn edit(pod: &Pod, f: impl FnOnce(&mut Value)) -> Pod {
+    let mut value = serde_json::to_value(pod).expect("pod to JSON");
+    f(&mut value);
+    serde_json::from_value(value).expect("still a Pod")
+}
+
+#[test]
+fn an_injected_pod_is_readmitted_with_the_apiservers_defaults_but_not_with_a_changed_sidecar() {
+    let config = InjectConfig::default();
+    let (pod, ns) = injected("namespace-labelled-annotated-port.json");
+    // What the apiserver's defaulting adds to the injected sidecar is accepted.
+    let defaulted = edit(&pod, |p| {
+        let c = &mut p["spec"]["initContainers"][0];
+        c["terminationMessagePath"] = json!("/dev/termination-log");
+        c["terminationMessagePolicy"] = json!("File");
+        c["imagePullPolicy"] = json!("IfNotPresent");
+        c["readinessProbe"]["timeoutSeconds"] = json!(1);
+        c["readinessProbe"]["httpGet"]["scheme"] = json!("HTTP");
+        c["env"][0]["valueFrom"]["fieldRef"]["apiVersion"] = json!("v1");
+        // The ServiceAccount admission plugin mounts the API token into every container.
+        c["volumeMounts"].as_array_mut().unwrap().push(json!({
+            "name": "kube-api-access-x7k2q", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}));
+    });
+    assert_eq!(inject(&defaulted, &ns, &config).map(|_| ()), Err(Skip::AlreadyInjected));
+
+    let refused = |what: &str, f: &dyn Fn(&mut Value), want: Skip| {
+        let changed = edit(&pod, f);
+        assert_eq!(inject(&changed, &ns, &config).map(|_| ()), Err(want), "{what}");
+        assert!(want.refused(), "{what}");
+    };
+    refused(
+        "another image",
+        &|p| p["spec"]["initContainers"][0]["image"] = json!("example.com/passthrough:1"),
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "a command",
+        &|p| p["spec"]["initContainers"][0]["command"] = json!(["sleep", "infinity"]),
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "other args",
+        &|p| p["spec"]["initContainers"][0]["args"][2] = json!("--upstream=http://127.0.0.1:1/mcp"),
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "an extra volume mount",
+        &|p| {
+            p["spec"]["initContainers"][0]["volumeMounts"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"name": "data", "mountPath": "/data"}))
+        },
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "a writable mount at the API token's path",
+        &|p| {
+            p["spec"]["initContainers"][0]["volumeMounts"].as_array_mut().unwrap().push(json!({
+                "name": "kube-api-access-x7k2q", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}))
+        },
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "the state volume on the host",
+        &|p| {
+            for v in p["spec"]["volumes"].as_array_mut().unwrap() {
+                if v["name"] == "toolgate-state" {
+                    *v = json!({"name": "toolgate-state", "hostPath": {"path": "/tmp"}});
+                }
+            }
+        },
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "the sidecar not first",
+        &|p| p["spec"]["initContainers"].as_array_mut().unwrap().swap(0, 1),
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "a second toolgate-proxy among the app containers",
+        &|p| {
+            let mut c = p["spec"]["containers"][0].clone();
+            c["name"] = json!("toolgate-proxy");
+            p["spec"]["containers"].as_array_mut().unwrap().push(c);
+        },
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "the sidecar without the marker",
+        &|p| {
+            p["metadata"]["annotations"].as_object_mut().unwrap().remove("toolgate.dev/injected");
+        },
+        Skip::ForeignSidecar,
+    );
+    refused(
+        "the marker without the sidecar",
+        &|p| {
+            p["spec"]["initContainers"].as_array_mut().unwrap().remove(0);
+        },
+        Skip::FakeMarker,
+    );
+    refused("then hostNetwork", &|p| p["spec"]["hostNetwork"] = json!(true), Skip::HostNetwork);
+}
+
+#[test]
+fn opting_out_is_the_namespace_owners_choice() {
+    let config = InjectConfig::default();
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/opted-out.json"));
+    let mut ns = case.ns_labels.clone();
+    assert_eq!(inject(&case.pod, &ns, &config).map(|_| ()), Err(Skip::OptOutNotAllowed));
+    assert!(Skip::OptOutNotAllowed.message().contains("toolgate.dev/allow-opt-out=true"));
+    ns.insert("toolgate.dev/allow-opt-out".into(), "yes".into());
+    assert_eq!(inject(&case.pod, &ns, &config).map(|_| ()), Err(Skip::OptOutNotAllowed), "only `true`");
+    ns.insert("toolgate.dev/allow-opt-out".into(), "true".into());
+    assert_eq!(inject(&case.pod, &ns, &config).map(|_| ()), Err(Skip::OptedOut));
+    assert!(!Skip::OptedOut.refused());
 }

@@ -689,3 +689,129 @@ async fn the_serving_certificate_is_rotated_before_expiry_without_a_restart() {
     drop(operator);
     teardown(cluster, &op_ns, &app).await;
 }
+
+/// A pod of `namespace` (no inject label of its own) with `spec` merged over a one-port
+/// app container; the apiserver's answer.
+async fn try_create(
+    cluster: &TestCluster,
+    namespace: &str,
+    name: &str,
+    meta: serde_json::Value,
+    spec: serde_json::Value,
+) -> Result<k8s_openapi::api::core::v1::Pod, kube::Error> {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "serviceAccountName": "agent",
+            "containers": [{"name": "runpod-mcp", "image": "node:22-slim", "ports": [{"containerPort": 3000}]}],
+        },
+    });
+    for (k, v) in meta.as_object().unwrap() {
+        pod["metadata"][k] = v.clone();
+    }
+    for (k, v) in spec.as_object().unwrap() {
+        pod["spec"][k] = v.clone();
+    }
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(cluster.client(), namespace);
+    api.create(&Default::default(), &serde_json::from_value(pod).unwrap()).await
+}
+
+async fn label_namespace(cluster: &TestCluster, namespace: &str, labels: serde_json::Value) {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.client());
+    api.patch(namespace, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"labels": labels}})))
+        .await
+        .expect("label the namespace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_an_opted_in_namespace_a_pod_that_cannot_get_the_sidecar_is_refused() {
+    let (cluster, op_ns, app, operator) = setup(&[]).await;
+    cluster.ensure_service_account(&app, "agent").await;
+    label_namespace(cluster, &app, json!({"toolgate.dev/inject": "enabled"})).await;
+    // Once the operator sees the label, a pod without a label of its own is injected.
+    let mut n = 0;
+    eventually("an unlabelled pod of the opted-in namespace to be injected", TIMEOUT, || {
+        n += 1;
+        let name = format!("probe-{n}");
+        let app = app.clone();
+        async move {
+            let pod = try_create(cluster, &app, &name, json!({}), json!({}))
+                .await
+                .map_err(|e| eprintln!("probe: {e}"))
+                .ok()?;
+            pod.spec?.init_containers?.first().filter(|c| c.name == "toolgate-proxy").map(|_| ())
+        }
+    })
+    .await;
+
+    let refused = |name: &'static str, meta: serde_json::Value, spec: serde_json::Value, says: &'static str| {
+        let app = app.clone();
+        async move {
+            match try_create(cluster, &app, name, meta, spec).await {
+                Err(kube::Error::Api(e)) => {
+                    assert_eq!(e.code, 403, "{name}: {e:?}");
+                    assert!(e.message.contains(says), "{name}: {}", e.message);
+                    e.message
+                }
+                other => panic!("{name}: admitted or failed otherwise: {other:?}"),
+            }
+        }
+    };
+    refused("host-net", json!({}), json!({"hostNetwork": true}), "hostNetwork: true").await;
+    let message = refused(
+        "opted-out",
+        json!({"annotations": {"toolgate.dev/inject": "disabled"}}),
+        json!({}),
+        "does not allow opting out",
+    )
+    .await;
+    assert!(message.contains("toolgate.dev/allow-opt-out=true"), "{message}");
+    refused(
+        "fake-marker",
+        json!({"annotations": {"toolgate.dev/injected": "0.1.0"}}),
+        json!({}),
+        "without the sidecar the webhook injects",
+    )
+    .await;
+    refused(
+        "named-like-the-sidecar",
+        json!({}),
+        json!({"containers": [{"name": "toolgate-proxy", "image": "node:22-slim", "ports": [{"containerPort": 3000}]}]}),
+        "named toolgate-proxy that is not the sidecar",
+    )
+    .await;
+
+    // The namespace owner allows opting out: the annotated pod is admitted without a sidecar.
+    label_namespace(cluster, &app, json!({"toolgate.dev/allow-opt-out": "true"})).await;
+    let pod = eventually("the opted-out pod to be admitted", TIMEOUT, || {
+        let app = app.clone();
+        async move {
+            try_create(
+                cluster,
+                &app,
+                "opted-out",
+                json!({"annotations": {"toolgate.dev/inject": "disabled"}}),
+                json!({}),
+            )
+            .await
+            .ok()
+        }
+    })
+    .await;
+    let spec = pod.spec.unwrap();
+    assert!(spec.init_containers.unwrap_or_default().is_empty(), "no sidecar");
+    assert!(!pod.metadata.annotations.unwrap_or_default().contains_key("toolgate.dev/injected"));
+
+    let m = operator.metrics();
+    for reason in ["host_network", "opt_out_not_allowed", "fake_marker", "foreign_sidecar"] {
+        let sample = format!("toolgate_operator_webhook_requests_total{{result=\"refused_{reason}\"}}");
+        assert!(toolgate_tests::mcp::sample(&m, &sample) >= 1.0, "{sample}: {m}");
+    }
+    assert!(
+        toolgate_tests::mcp::sample(&m, "toolgate_operator_webhook_requests_total{result=\"opted_out\"}") >= 1.0,
+        "{m}"
+    );
+    drop(operator);
+    teardown(cluster, &op_ns, &app).await;
+}

@@ -448,8 +448,8 @@ async fn webhook_is_opt_in_and_fails_closed() {
         let excluded = excluded_namespaces(webhook);
         assert!(excluded.contains(&"kube-system".to_owned()), "{name}: {excluded:?}");
         assert!(excluded.contains(&"toolgate-system".to_owned()), "{name}: {excluded:?}");
-        let opt_out = webhook["matchConditions"][0]["expression"].as_str().unwrap();
-        assert!(opt_out.contains("'toolgate.dev/inject'") && opt_out.contains("'disabled'"), "{opt_out}");
+        // Opted-out pods are sent too: the webhook decides whether the namespace allows it.
+        assert!(webhook.get("matchConditions").is_none(), "{name}: {}", webhook["matchConditions"]);
     }
     // Opt-in: the first by namespace label, the second by pod label elsewhere.
     let label = |w: &Value| {
