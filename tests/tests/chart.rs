@@ -1219,12 +1219,17 @@ async fn installed_release_checks(cluster: &TestCluster, release: &str, release_
     pods.create(&PostParams::default(), &pod("plain", json!({"app": "x"}), json!({})))
         .await
         .expect("an unlabelled pod");
-    pods.create(
-        &PostParams::default(),
-        &pod("opted-out", json!({"toolgate.dev/inject": "enabled"}), json!({"toolgate.dev/inject": "disabled"})),
+    // Opting out is the namespace owner's choice, which only the operator can check: an
+    // opted-out pod of an opted-in namespace goes to the webhook too (and fails closed here).
+    let opted_out = api_error(
+        pods.create(
+            &PostParams::default(),
+            &pod("opted-out", json!({"toolgate.dev/inject": "enabled"}), json!({"toolgate.dev/inject": "disabled"})),
+        )
+        .await,
     )
-    .await
-    .expect("a pod annotated toolgate.dev/inject: disabled is never sent");
+    .expect("an opted-out pod is refused while no operator answers");
+    assert!(opted_out.contains("failed calling webhook \"pod.inject.toolgate.dev\""), "{opted_out}");
     Api::<Pod>::namespaced(client.clone(), release_ns)
         .create(&PostParams::default(), &pod("in-release-ns", json!({"toolgate.dev/inject": "enabled"}), json!({})))
         .await
