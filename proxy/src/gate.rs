@@ -928,7 +928,7 @@ pub fn answer(id: Value, denial: DenialStyle, code: i64, message: String, data: 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::jsonrpc::parse_body;
 
@@ -937,7 +937,7 @@ mod tests {
     }
 
     /// A gate enforcing `p` (without an operator to ask for approvals).
-    fn gate_for(p: Arc<Effective>) -> (Gate, Arc<Effective>) {
+    pub(crate) fn gate_for(p: Arc<Effective>) -> (Gate, Arc<Effective>) {
         let (_tx, rx) = watch::channel(p.clone());
         (
             Gate::new(
@@ -1110,16 +1110,7 @@ mod tests {
 
     #[test]
     fn no_policy_refuses_everything() {
-        let p = Arc::new(Effective::none(Source::Operator));
-        let (_tx, rx) = watch::channel(p.clone());
-        let g = Gate::new(
-            rx,
-            Arc::new(Metrics::new()),
-            IdentitySource::Authorization,
-            false,
-            None,
-            Approver::Unavailable("no operator to ask"),
-        );
+        let (g, p) = gate_for(Arc::new(Effective::none(Source::Operator)));
         let b = parse_body(call(1, "list-pods").as_bytes()).expect("parses");
         let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refuse") };
         assert_eq!(a["error"]["code"], code::NO_POLICY);
@@ -1128,8 +1119,14 @@ mod tests {
     const NEEDS_APPROVAL: &str = r#"{"version":"1","default":"deny","tools":{"start-pod":{"action":"approval","reason":"a person decides","approval":{"reuse_for":"1m"},"limits":[{"counter":"c","window":"minute","max":1,"scope":"global"}]}}}"#;
 
     fn operator_gate(policy: &str) -> (Gate, Arc<Effective>, Arc<Approvals>) {
+        let (g, p, approvals, _tx) = live_operator_gate(policy);
+        (g, p, approvals)
+    }
+
+    /// [`operator_gate`], with the sender that swaps the live policy.
+    fn live_operator_gate(policy: &str) -> (Gate, Arc<Effective>, Arc<Approvals>, watch::Sender<Arc<Effective>>) {
         let p = Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid")));
-        let (_tx, rx) = watch::channel(p.clone());
+        let (tx, rx) = watch::channel(p.clone());
         let endpoint = crate::operator::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
         let config =
             crate::operator::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
@@ -1137,20 +1134,13 @@ mod tests {
         let approvals = Approvals::new(crate::operator::Link::new(config), metrics.clone());
         let g =
             Gate::new(rx, metrics, IdentitySource::Authorization, false, None, Approver::Operator(approvals.clone()));
-        (g, p, approvals)
+        (g, p, approvals, tx)
     }
 
     /// A call approved after the policy changed is decided under the policy in force then.
     #[test]
     fn an_approved_call_is_decided_again_under_the_policy_in_force() {
-        let p = Arc::new(Effective::files(Policy::from_text("test", NEEDS_APPROVAL).expect("valid")));
-        let (tx, rx) = watch::channel(p.clone());
-        let endpoint = crate::operator::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
-        let config =
-            crate::operator::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
-        let metrics = Arc::new(Metrics::new());
-        let approvals = Approvals::new(crate::operator::Link::new(config), metrics.clone());
-        let g = Gate::new(rx, metrics, IdentitySource::Authorization, false, None, Approver::Operator(approvals));
+        let (g, p, _approvals, tx) = live_operator_gate(NEEDS_APPROVAL);
         let caller = Caller { identity: "sha256:a".into(), session: None, headers: Vec::new() };
         let hold = |id| {
             let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");

@@ -17,12 +17,10 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
 use serde_json::{Value, json};
-use tokio::sync::watch;
 use toolgate_policy::{Call, Caller, DecisionKind, Policy};
 
-use crate::gate::{Approver, Checked, Effective, Gate, IdentitySource};
+use crate::gate::{Checked, Effective, Gate};
 use crate::jsonrpc;
-use crate::metrics::Metrics;
 use crate::{sse, stdio};
 
 /// The fixed seed of `make test`.
@@ -316,17 +314,7 @@ fn gate_with_limit(max: usize) -> (Gate, Arc<Effective>) {
     let text = format!(
         "version: '1'\ndefault: allow\nall_tools:\n  limits: [{{counter: all, window: hour, max: {max}, scope: global}}]\n"
     );
-    let p = Arc::new(Effective::files(Policy::from_text("props", &text).expect("valid")));
-    let (_tx, rx) = watch::channel(p.clone());
-    let gate = Gate::new(
-        rx,
-        Arc::new(Metrics::new()),
-        IdentitySource::Authorization,
-        false,
-        None,
-        Approver::Unavailable("no operator to ask"),
-    );
-    (gate, p)
+    crate::gate::tests::gate_for(Arc::new(Effective::files(Policy::from_text("props", &text).expect("valid"))))
 }
 
 /// Whether one more call fits the gate's global limit (reserving it if so).

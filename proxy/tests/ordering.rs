@@ -15,11 +15,11 @@
 mod callbacks;
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use callbacks::records;
+use callbacks::{records, test_server_http_with};
 use serde_json::{Value, json};
 use support::*;
 
@@ -42,26 +42,6 @@ fn node_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node");
     assert!(dir.join("node_modules/@modelcontextprotocol/sdk").is_dir(), "run `make node` first");
     dir.canonicalize().unwrap()
-}
-
-/// tests/node/test-server.mjs over Streamable HTTP with extra options, recording to `record`.
-fn test_server(extra: &[&str], record: &Path) -> Proc {
-    let mut child = Command::new("node")
-        .current_dir(node_dir())
-        .args(["test-server.mjs", "--http", "--port", "0", "--record"])
-        .arg(record)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn test-server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("LISTENING line");
-    let port = line.trim().strip_prefix("LISTENING ").and_then(|p| p.parse().ok()).unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("test-server did not print LISTENING <port>, got {line:?}")
-    });
-    Proc { child, port, name: "test-server" }
 }
 
 /// Runs `rounds` SDK sessions of `script` one after the other; returns the round lines and
@@ -101,7 +81,7 @@ fn step_text(step: &Value) -> &str {
 fn server_requests_right_after_connecting_reach_the_client() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.jsonl");
-    let server = test_server(&["--get-delay", GET_DELAY_MS], &record);
+    let server = test_server_http_with(&["--get-delay", GET_DELAY_MS], &record);
     let policy = write_policy(dir.path(), "policy.yaml", POLICY);
     let upstream = format!("http://127.0.0.1:{}/mcp", server.port);
     let proxy = proxy(&[&policy], &["--upstream".into(), upstream], &[]);
@@ -150,7 +130,7 @@ fn server_requests_right_after_connecting_reach_the_client() {
 fn server_requests_right_after_connecting_reach_the_client_at_full_speed() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.jsonl");
-    let server = test_server(&[], &record);
+    let server = test_server_http_with(&[], &record);
     let policy = write_policy(dir.path(), "policy.yaml", POLICY);
     let upstream = format!("http://127.0.0.1:{}/mcp", server.port);
     let proxy = proxy(&[&policy], &["--upstream".into(), upstream], &[]);
@@ -167,7 +147,7 @@ fn server_requests_right_after_connecting_reach_the_client_at_full_speed() {
 fn a_refused_get_stream_does_not_hold_the_sessions_posts() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.jsonl");
-    let server = test_server(&["--get-delay", GET_DELAY_MS, "--no-get-stream"], &record);
+    let server = test_server_http_with(&["--get-delay", GET_DELAY_MS, "--no-get-stream"], &record);
     let policy = write_policy(dir.path(), "policy.yaml", POLICY);
     let upstream = format!("http://127.0.0.1:{}/mcp", server.port);
     let proxy = proxy(&[&policy], &["--upstream".into(), upstream], &[]);

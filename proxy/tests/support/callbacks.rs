@@ -22,19 +22,26 @@ pub fn test_server_stdio_command() -> Vec<String> {
 /// test-server.mjs over HTTP: `mode` is `--http` (Streamable HTTP at /mcp) or `--sse`
 /// (2024-11-05 HTTP+SSE at /sse and /messages); it records into `record`.
 pub fn test_server(mode: &str, record: &Path) -> Proc {
-    spawn_test_server(mode, 0, record)
+    spawn_test_server(mode, 0, record, &[])
+}
+
+/// The test server over Streamable HTTP on a free port with `extra` options
+/// (`--get-delay MS`, `--no-get-stream`).
+pub fn test_server_http_with(extra: &[&str], record: &Path) -> Proc {
+    spawn_test_server("--http", 0, record, extra)
 }
 
 /// test-server.mjs in `--sse` mode again on a port one had (its predecessor is gone).
 pub fn test_server_on(port: u16, record: &Path) -> Proc {
-    spawn_test_server("--sse", port, record)
+    spawn_test_server("--sse", port, record, &[])
 }
 
-fn spawn_test_server(mode: &str, port: u16, record: &Path) -> Proc {
+fn spawn_test_server(mode: &str, port: u16, record: &Path, extra: &[&str]) -> Proc {
     let mut child = Command::new("node")
         .current_dir(node_dir())
         .args(["test-server.mjs", mode, "--port", &port.to_string(), "--record"])
         .arg(record)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
