@@ -3,16 +3,21 @@
 //! - A sidecar holding a call asks for an approval (`POST /v1/approvals`): the operator
 //!   creates an `McpApproval` in the pod's namespace (phase Pending) from the request and
 //!   from what it knows itself (pod name and uid come from the token, not the request).
+//!   Only the operator creates McpApprovals: the `/approval` webhook refuses a CREATE by
+//!   anyone else ([`Deciders::operator_user`]), so a copy of a pending approval cannot be
+//!   made, in the pod's namespace or another one.
 //! - A person decides by setting `status.phase` (RBAC: the `toolgate-approver` role).
 //!   The `/approval` admission webhook (on `mcpapprovals/status`) records who decided from
-//!   the authenticated request and refuses the requesting pod's own service account.
+//!   the authenticated request and refuses the requesting pod's own service account, and
+//!   service accounts the operator is told not to trust ([`Deciders`]).
 //! - Decisions reach the sidecar instance holding the call over its stream
 //!   ([`crate::hub::Hub::push_approvals`]), also after operator restarts (they are API
-//!   objects).
+//!   objects). A decision counts only in the pod's own namespace, for the pod's name and
+//!   uid.
 //! - The sidecar closes approvals it stopped waiting for (Expired, Cancelled); approvals
 //!   of an earlier sidecar instance of the pod, or of a pod that is gone, are Abandoned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -209,11 +214,112 @@ pub async fn janitor(client: Client, hub: std::sync::Arc<Hub>) {
     }
 }
 
-/// The `/approval` admission webhook (mutating, on `mcpapprovals/status` updates): a
-/// decision records the authenticated user; the requesting pod's own service account
-/// may not decide.
-pub fn review(hub: &Hub, request: &AdmissionRequest<McpApproval>) -> (&'static str, AdmissionResponse) {
+/// Which service accounts may decide approvals (`--decider-service-accounts`). Anyone
+/// with `edit` in a namespace can impersonate its service accounts (and mint their
+/// tokens), so a service account of the pod's namespace is only as trusted as the
+/// namespace's editors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceAccountDeciders {
+    /// Any service account the approver role is bound to (the requesting pod's own excepted).
+    Any,
+    /// Service accounts of other namespaces than the pod's; those of the pod's namespace
+    /// only when listed.
+    #[default]
+    OtherNamespaces,
+    /// No service account unless listed: only people (users of the cluster's authenticator).
+    None,
+}
+
+impl std::str::FromStr for ServiceAccountDeciders {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "any" => Ok(Self::Any),
+            "other-namespaces" => Ok(Self::OtherNamespaces),
+            "none" => Ok(Self::None),
+            other => Err(format!("{other:?}: expected any, other-namespaces or none")),
+        }
+    }
+}
+
+/// Who may create and decide McpApprovals (the `/approval` webhook's rules).
+#[derive(Clone, Debug, Default)]
+pub struct Deciders {
+    /// The operator's own user name (from a SelfSubjectReview at start): the only user
+    /// that may create McpApprovals. `None`: every CREATE is refused.
+    pub operator_user: Option<String>,
+    /// Which service accounts may decide.
+    pub service_accounts: ServiceAccountDeciders,
+    /// Service accounts (`system:serviceaccount:NS:NAME`) that may decide whatever
+    /// [`Deciders::service_accounts`] says (`--allowed-decider-service-accounts`). The
+    /// requesting pod's own service account is refused even when listed.
+    pub allowed: BTreeSet<String>,
+}
+
+impl Deciders {
+    /// Parses one `NAMESPACE/NAME` entry of `--allowed-decider-service-accounts` into the
+    /// user name the apiserver authenticates the service account as.
+    pub fn service_account_user(entry: &str) -> Result<String, String> {
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        };
+        match entry.trim().split_once('/') {
+            Some((ns, name)) if valid(ns) && valid(name) => Ok(format!("system:serviceaccount:{ns}:{name}")),
+            _ => Err(format!("{entry:?}: expected NAMESPACE/NAME of a service account")),
+        }
+    }
+
+    /// Why `user` may not decide an approval of a pod in `namespace`, if it may not.
+    fn refuses(&self, user: &str, namespace: &str) -> Option<String> {
+        let sa_namespace = user.strip_prefix("system:serviceaccount:")?.split_once(':')?.0;
+        if self.allowed.contains(user) {
+            return None;
+        }
+        let refused = match self.service_accounts {
+            ServiceAccountDeciders::Any => false,
+            ServiceAccountDeciders::OtherNamespaces => sa_namespace == namespace,
+            ServiceAccountDeciders::None => true,
+        };
+        refused.then(|| {
+            let whose = if sa_namespace == namespace { "of the pod's namespace " } else { "" };
+            format!(
+                "toolgate: the service account {user} {whose}may not decide approvals of namespace {namespace}: \
+                 anyone who can edit namespace {sa_namespace} can impersonate it. Decide as a person, or have the \
+                 operator list it (--allowed-decider-service-accounts, chart value \
+                 approvals.allowedDeciderServiceAccounts)"
+            )
+        })
+    }
+}
+
+/// The `/approval` admission webhook (mutating, on `mcpapprovals` creations and
+/// `mcpapprovals/status` updates): only the operator creates approvals; a decision
+/// records the authenticated user; the requesting pod's own service account, and service
+/// accounts [`Deciders`] does not trust, may not decide.
+pub fn review(
+    hub: &Hub,
+    deciders: &Deciders,
+    request: &AdmissionRequest<McpApproval>,
+) -> (&'static str, AdmissionResponse) {
     let response = AdmissionResponse::from(request);
+    let user = request.user_info.username.clone().unwrap_or_default();
+    if matches!(request.operation, Operation::Create) && request.sub_resource.is_none() {
+        if deciders.operator_user.as_deref() == Some(user.as_str()) {
+            return ("created", response);
+        }
+        return (
+            "refused_not_operator",
+            forbidden(
+                response,
+                format!(
+                    "toolgate: McpApprovals are created by the toolgate operator for the calls its sidecars hold; \
+                     {user:?} cannot create one (a copy of another approval releases nothing)"
+                ),
+            ),
+        );
+    }
     let (Some(new), Operation::Update) = (&request.object, &request.operation) else {
         return ("ignored", response);
     };
@@ -222,7 +328,6 @@ pub fn review(hub: &Hub, request: &AdmissionRequest<McpApproval>) -> (&'static s
     if new_phase == old_phase || new_phase.is_none_or(|p| p == ApprovalPhase::Pending) {
         return ("unchanged", response);
     }
-    let user = request.user_info.username.clone().unwrap_or_default();
     let ns = request.namespace.clone().unwrap_or_default();
     let pod_sa = hub
         .pods
@@ -232,6 +337,9 @@ pub fn review(hub: &Hub, request: &AdmissionRequest<McpApproval>) -> (&'static s
     let decision = matches!(new_phase, Some(ApprovalPhase::Approved | ApprovalPhase::Denied));
     if decision && user == format!("system:serviceaccount:{ns}:{pod_sa}") {
         return ("refused_self", response.deny("the requesting pod's own service account cannot decide its approvals"));
+    }
+    if decision && let Some(why) = deciders.refuses(&user, &ns) {
+        return ("refused_service_account", forbidden(response, why));
     }
     let now = Timestamp::now().to_string();
     let status_exists = new.status.is_some();
@@ -249,6 +357,15 @@ pub fn review(hub: &Hub, request: &AdmissionRequest<McpApproval>) -> (&'static s
         Ok(r) => ("recorded", r),
         Err(e) => ("error", AdmissionResponse::from(request).deny(format!("toolgate: {e}"))),
     }
+}
+
+/// A denial with code 403 (Forbidden), like RBAC's.
+fn forbidden(response: AdmissionResponse, message: String) -> AdmissionResponse {
+    let mut response = response.deny(message);
+    response.result.code = 403;
+    response.result.reason = "Forbidden".into();
+    response.result.status = Some(kube::core::response::StatusSummary::Failure);
+    response
 }
 
 #[cfg(test)]
@@ -284,5 +401,26 @@ mod tests {
         let mut r = request();
         r.tool = "x".repeat(300);
         assert!(check(&r).is_err_and(|e| e.starts_with("tool")));
+    }
+
+    #[test]
+    fn service_accounts_decide_only_as_configured() {
+        let mut d = Deciders::default();
+        let bot = "system:serviceaccount:team-a:bot";
+        assert!(d.refuses("alice@example.com", "team-a").is_none(), "people are not service accounts");
+        assert!(d.refuses(bot, "team-a").is_some_and(|m| m.contains("impersonate")));
+        assert!(d.refuses(bot, "team-b").is_none(), "another namespace's account");
+        d.allowed.insert(Deciders::service_account_user("team-a/bot").expect("valid"));
+        assert!(d.refuses(bot, "team-a").is_none(), "listed");
+        d.service_accounts = ServiceAccountDeciders::None;
+        assert!(d.refuses("system:serviceaccount:ops:approver", "team-a").is_some());
+        assert!(d.refuses(bot, "team-a").is_none(), "listed");
+        d.service_accounts = ServiceAccountDeciders::Any;
+        assert!(d.refuses("system:serviceaccount:team-a:other", "team-a").is_none());
+        for bad in ["bot", "/bot", "team-a/", "Team/bot", "a/b/c"] {
+            assert!(Deciders::service_account_user(bad).is_err(), "{bad}");
+        }
+        assert_eq!("other-namespaces".parse(), Ok(ServiceAccountDeciders::OtherNamespaces));
+        assert!("some".parse::<ServiceAccountDeciders>().is_err());
     }
 }

@@ -344,7 +344,9 @@ impl Hub {
     }
 
     /// Sends every decided approval to the stream of the sidecar instance that holds
-    /// its call, once per phase.
+    /// its call, once per phase. A decision counts only where the operator created the
+    /// approval: in the pod's namespace, for the pod's name and uid (a copy in another
+    /// namespace names the same pod uid but is not the held call's approval).
     pub fn push_approvals(&self) {
         let decided: Vec<Arc<McpApproval>> = self
             .approvals
@@ -355,7 +357,10 @@ impl Hub {
         let mut slots = self.slots.lock().expect("slots lock");
         for approval in decided {
             let Some(slot) = slots.get_mut(&approval.spec.pod_uid) else { continue };
-            if slot.instance != approval.spec.instance {
+            if slot.instance != approval.spec.instance
+                || approval.metadata.namespace.as_deref() != Some(slot.namespace.as_str())
+                || approval.spec.pod != slot.name
+            {
                 continue;
             }
             let status = approval.status.clone().unwrap_or_default();
@@ -593,5 +598,34 @@ mod tests {
         let (_new, _rx2, _a2) = w.hub.register(&p, "i2");
         drop(old);
         assert_eq!(w.hub.connected().len(), 1, "dropping the old stream must not unregister the new one");
+    }
+    #[test]
+    fn decisions_reach_the_sidecar_only_from_the_pods_own_namespace_and_name() {
+        let (pr, _pw) = store::store();
+        let (or, _ow) = store::store();
+        let (ar, mut aw) = store::store::<McpApproval>();
+        let (hub, _rx) = Hub::new(pr, or, ar, Arc::new(Metrics::new()), None);
+        let p = pod("p", "pu", json!({}));
+        let (_guard, _set, mut updates) = hub.register(&p, "i1");
+        let approval = |namespace: &str, pod: &str, by: &str| -> McpApproval {
+            serde_json::from_value(json!({
+                "apiVersion": "toolgate.dev/v1alpha1", "kind": "McpApproval",
+                "metadata": {"name": "p-x1", "namespace": namespace, "uid": format!("{namespace}-{pod}")},
+                "spec": {"pod": pod, "podUid": "pu", "instance": "i1", "tool": "delete-pod", "identity": "",
+                    "policy": "runpod", "rule": "tools.delete-pod", "argumentsDigest": "a".repeat(64),
+                    "argumentKeys": [], "requestedAt": "2026-01-01T00:00:00Z", "expiresAt": "2026-01-01T01:00:00Z"},
+                "status": {"phase": "Approved", "decidedBy": by},
+            }))
+            .expect("approval object")
+        };
+        // A copy in another namespace, and one naming another pod with this pod's uid.
+        aw.apply_watcher_event(&watcher::Event::Apply(approval("elsewhere", "p", "mallory")));
+        aw.apply_watcher_event(&watcher::Event::Apply(approval("agents", "q", "mallory")));
+        hub.push_approvals();
+        assert!(updates.try_recv().is_err(), "a decision outside the pod's own approval released the call");
+        aw.apply_watcher_event(&watcher::Event::Apply(approval("agents", "p", "alice")));
+        hub.push_approvals();
+        let update = updates.try_recv().expect("the pod's own approval is delivered");
+        assert_eq!((update.name.as_str(), update.decided_by.as_deref()), ("p-x1", Some("alice")));
     }
 }

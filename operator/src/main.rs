@@ -119,6 +119,15 @@ struct Args {
     /// Seconds a leader lease is valid without renewal.
     #[arg(long, env = "TOOLGATE_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    /// Which service accounts may approve or deny held calls: `any`, `other-namespaces`
+    /// (not those of the pod's namespace, which its editors can impersonate) or `none`
+    /// (people only). Listed accounts are always allowed.
+    #[arg(long, env = "TOOLGATE_DECIDER_SERVICE_ACCOUNTS", default_value = "other-namespaces")]
+    decider_service_accounts: approvals::ServiceAccountDeciders,
+    /// Service accounts (NAMESPACE/NAME, comma-separated) that may decide approvals whatever
+    /// --decider-service-accounts says; never the requesting pod's own.
+    #[arg(long, env = "TOOLGATE_ALLOWED_DECIDER_SERVICE_ACCOUNTS", value_delimiter = ',')]
+    allowed_decider_service_accounts: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +155,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The user name the apiserver authenticates this process as (a SelfSubjectReview): the
+/// only user whose McpApproval creations the `/approval` webhook admits.
+async fn own_user(client: &Client) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = Api::<SelfSubjectReview>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("a SelfSubjectReview (who am I?) failed; the operator needs it to recognise its own McpApprovals")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .filter(|u| !u.is_empty())
+        .context("the SelfSubjectReview named no user")
+}
+
 fn serving_names(args: &Args) -> Vec<String> {
     let (svc, ns) = (&args.service_name, &args.namespace);
     let mut names =
@@ -165,6 +190,17 @@ async fn run(args: Args) -> Result<()> {
     // installed a moment ago takes a little while to be served).
     require_crd::<McpPolicy>(&client, "McpPolicy", "mcppolicies.toolgate.dev").await?;
     require_crd::<McpApproval>(&client, "McpApproval", "mcpapprovals.toolgate.dev").await?;
+    let deciders = approvals::Deciders {
+        operator_user: Some(own_user(&client).await?),
+        service_accounts: args.decider_service_accounts,
+        allowed: args
+            .allowed_decider_service_accounts
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| approvals::Deciders::service_account_user(e))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--allowed-decider-service-accounts: {e}"))?,
+    };
     let identity = args
         .pod_name
         .clone()
@@ -267,6 +303,7 @@ async fn run(args: Args) -> Result<()> {
                 .collect(),
             ..InjectConfig::default()
         },
+        deciders,
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),

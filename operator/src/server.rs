@@ -41,6 +41,8 @@ pub struct Ctx {
     pub namespaces: Store<Namespace>,
     pub namespace_api: Api<Namespace>,
     pub inject: InjectConfig,
+    /// Who may create and decide McpApprovals.
+    pub deciders: crate::approvals::Deciders,
     pub heartbeat: Duration,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,

@@ -112,8 +112,8 @@ async fn namespace_labels(ctx: &Ctx, namespace: &str) -> Result<BTreeMap<String,
     }
 }
 
-/// The `/approval` webhook: records who decided an McpApproval (see
-/// [`crate::approvals::review`]).
+/// The `/approval` webhook: only the operator creates McpApprovals; records who decided
+/// one and refuses deciders it does not trust (see [`crate::approvals::review`]).
 pub async fn handle_approval(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let body = match read_body(req.into_body(), MAX_REVIEW_BYTES).await {
@@ -133,7 +133,7 @@ pub async fn handle_approval(ctx: &Ctx, req: Request<Incoming>) -> Response<Body
         Ok(r) => r,
         Err(e) => return json_response(StatusCode::BAD_REQUEST, &serde_json::json!({"error": e.to_string()})),
     };
-    let (result, response) = crate::approvals::review(&ctx.hub, &request);
+    let (result, response) = crate::approvals::review(&ctx.hub, &ctx.deciders, &request);
     ctx.metrics.webhook(result, started.elapsed());
     json_response(StatusCode::OK, &serde_json::to_value(response.into_review()).unwrap_or_default())
 }

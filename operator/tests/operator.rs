@@ -385,29 +385,6 @@ fn approval_request(tool: &str, digest_byte: char) -> serde_json::Value {
     })
 }
 
-/// An RBAC-limited person (service account) bound to an approver role in `ns`.
-async fn approver(cluster: &TestCluster, ns: &str, name: &str) -> String {
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": "toolgate-approver"},
-        "rules": [
-            {"apiGroups": ["toolgate.dev"], "resources": ["mcpapprovals"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["toolgate.dev"], "resources": ["mcpapprovals/status"], "verbs": ["get", "update", "patch"]},
-        ],
-    }))
-    .unwrap();
-    let _ = Api::<Role>::namespaced(cluster.client(), ns).create(&Default::default(), &role).await;
-    cluster.ensure_service_account(ns, name).await;
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": format!("approver-{name}")},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "toolgate-approver"},
-        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
-    }))
-    .unwrap();
-    Api::<RoleBinding>::namespaced(cluster.client(), ns).create(&Default::default(), &binding).await.unwrap();
-    cluster.mint_token(ns, name, &[], None).await
-}
-
 /// Runs the `toolgate` CLI with a kubeconfig for `token`; (success, stdout + stderr).
 async fn toolgate_cli(cluster: &TestCluster, token: &str, args: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -458,7 +435,7 @@ async fn approvals_are_requested_decided_by_authorized_people_and_pushed_to_the_
     assert!(!ok && out.contains("forbidden"), "{out}");
     let binding = json!({
         "metadata": {"name": "approver-agent"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "toolgate-approver"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "toolgate-approver"},
         "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": app}],
     });
     Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(cluster.client(), &app)
@@ -477,7 +454,7 @@ async fn approvals_are_requested_decided_by_authorized_people_and_pushed_to_the_
     assert!(ok, "{out}");
     let update = stream.next_approval().await;
     assert_eq!((update.name.as_str(), update.phase.as_str()), (name.as_str(), "Approved"));
-    let alice_user = format!("system:serviceaccount:{app}:alice");
+    let alice_user = format!("system:serviceaccount:{PEOPLE}:alice");
     assert_eq!(update.decided_by.as_deref(), Some(alice_user.as_str()));
     assert_eq!(update.reason.as_deref(), Some("looks fine"));
     // Decided is final.
@@ -596,7 +573,7 @@ async fn held_calls_wait_for_a_person_against_runpod() {
     assert_eq!(deletes(&fake), 1);
     assert_eq!(
         approvals.get(&first).await.unwrap().status.unwrap().decided_by,
-        Some(format!("system:serviceaccount:{app}:alice"))
+        Some(format!("system:serviceaccount:{PEOPLE}:alice"))
     );
 
     // Changed arguments are not covered: a new approval, which alice denies.

@@ -379,7 +379,7 @@ async fn rbac_is_least_privilege_without_wildcards() {
             grants(approver),
             grant_set(&[
                 ("toolgate.dev", "mcpapprovals", READ, ""),
-                ("toolgate.dev", "mcpapprovals/status", WRITE, "")
+                ("toolgate.dev", "mcpapprovals/status", &["get", "patch", "update"], "")
             ])
         );
         // Both bindings name the Deployment's ServiceAccount.
@@ -421,7 +421,10 @@ async fn webhook_is_opt_in_and_fails_closed() {
     assert!(approvals["timeoutSeconds"].as_i64().unwrap() <= 5);
     assert_eq!(
         approvals["rules"],
-        json!([{"operations": ["UPDATE"], "apiGroups": ["toolgate.dev"], "apiVersions": ["v1alpha1"], "resources": ["mcpapprovals/status"], "scope": "Namespaced"}])
+        json!([
+            {"operations": ["UPDATE"], "apiGroups": ["toolgate.dev"], "apiVersions": ["v1alpha1"], "resources": ["mcpapprovals/status"], "scope": "Namespaced"},
+            {"operations": ["CREATE"], "apiGroups": ["toolgate.dev"], "apiVersions": ["v1alpha1"], "resources": ["mcpapprovals"], "scope": "Namespaced"}
+        ])
     );
     assert_eq!(
         approvals["clientConfig"],
@@ -1067,7 +1070,9 @@ async fn installed_release_checks(cluster: &TestCluster, release: &str, release_
             "Role",
             "RoleBinding",
             "Service",
-            "ServiceAccount"
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ]
     );
     let path = cluster.work_dir().join(format!("manifest-{release}.yaml"));
@@ -1114,6 +1119,16 @@ async fn installed_release_checks(cluster: &TestCluster, release: &str, release_
     .await;
     let review: TokenReview = serde_json::from_value(json!({"spec": {"token": token}})).unwrap();
     Api::<TokenReview>::all(sa.clone()).create(&PostParams::default(), &review).await.expect("TokenReview");
+    // Who it is (SelfSubjectReview, allowed to every authenticated user): the only user
+    // whose McpApproval creations its webhook admits.
+    let me = Api::<k8s_openapi::api::authentication::v1::SelfSubjectReview>::all(sa.clone())
+        .create(&PostParams::default(), &Default::default())
+        .await
+        .expect("SelfSubjectReview");
+    assert_eq!(
+        me.status.and_then(|s| s.user_info).and_then(|u| u.username),
+        Some(format!("system:serviceaccount:{release_ns}:{operator}"))
+    );
     // Status of a policy (server-side apply on the status subresource) and an Event about it.
     let seed: DynamicObject =
         serde_norway::from_str(&read("examples/runpod-mcp/policies/seed.mcppolicy.yaml")).unwrap();

@@ -71,7 +71,7 @@ impl Operator {
             .await
             .expect("label the app namespace");
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        create_webhook_config(cluster, &webhook, port, app_namespace).await;
+        create_webhook_config(cluster, &webhook, port, app_namespace, namespace).await;
         let log = cluster.work_dir().join(format!("operator-{namespace}-{identity}.log"));
         let mut op = Operator { proc: None, port, admin, namespace: namespace.into(), webhook, log, args };
         op.restart(cluster).await;
@@ -138,7 +138,9 @@ impl Drop for Operator {
     }
 }
 
-async fn create_webhook_config(cluster: &TestCluster, name: &str, port: u16, app_namespace: &str) {
+/// The approvals webhook serves every namespace labelled for this operator
+/// (`toolgate.dev/test-operator=<operator namespace>`), as the chart's serves all.
+async fn create_webhook_config(cluster: &TestCluster, name: &str, port: u16, app_namespace: &str, op_ns: &str) {
     let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -160,9 +162,11 @@ async fn create_webhook_config(cluster: &TestCluster, name: &str, port: u16, app
             "sideEffects": "None",
             "failurePolicy": "Fail",
             "timeoutSeconds": 5,
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": app_namespace}},
+            "namespaceSelector": {"matchLabels": {"toolgate.dev/test-operator": op_ns}},
             "rules": [{"apiGroups": ["toolgate.dev"], "apiVersions": ["v1alpha1"], "operations": ["UPDATE"],
-                "resources": ["mcpapprovals/status"]}],
+                "resources": ["mcpapprovals/status"]},
+                {"apiGroups": ["toolgate.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE"],
+                "resources": ["mcpapprovals"]}],
         }],
     }))
     .unwrap();
@@ -369,6 +373,7 @@ impl StreamClient {
     }
 }
 
+#[allow(unused_imports)]
 pub use toolgate_tests::sidecar::Sidecar;
 
 /// The DER of the certificate the operator presents now.
@@ -404,4 +409,120 @@ pub async fn injected_pod(cluster: &TestCluster, app: &str, name: &str, labels: 
 pub async fn teardown(cluster: &TestCluster, op_ns: &str, app: &str) {
     cluster.delete_namespace(app).await;
     cluster.delete_namespace(op_ns).await;
+}
+
+/// Namespace of the people of the tests (approvers, editors): service accounts here stand
+/// for users, since the test apiserver has no other authenticator. Not a workload
+/// namespace, so its accounts are not those of a pod's namespace.
+pub const PEOPLE: &str = "toolgate-test-people";
+
+/// Renders one template of the chart (`helm template`, release `toolgate`) with `sets` and
+/// applies it (server-side, so concurrent tests may apply the same objects).
+pub async fn apply_chart_template(cluster: &TestCluster, template: &str, sets: &[&str]) {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/toolgate");
+    let mut cmd = cluster.helm();
+    cmd.args(["template", "toolgate"]).arg(&chart).args([
+        "--namespace",
+        "toolgate-system",
+        "--kube-version",
+        "1.34.4",
+        "--show-only",
+        template,
+    ]);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let manifest = toolgate_tests::run_ok(&mut cmd).await;
+    let path = cluster.work_dir().join(format!("chart-{}.yaml", template.replace('/', "-")));
+    std::fs::write(&path, &manifest).unwrap();
+    toolgate_tests::run_ok(
+        cluster
+            .kubectl()
+            .args(["apply", "--server-side", "--force-conflicts", "--field-manager=toolgate-tests", "-f"])
+            .arg(&path),
+    )
+    .await;
+}
+
+/// The namespace [`PEOPLE`], created once.
+pub async fn people_namespace(cluster: &TestCluster) {
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(json!({"metadata": {"name": PEOPLE}})).unwrap();
+    match Api::all(cluster.client()).create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating namespace {PEOPLE}: {e}"),
+    }
+}
+
+/// An RBAC-limited person: service account `name` of [`PEOPLE`], bound in `ns` to the
+/// chart's `toolgate-approver` ClusterRole. Returns its token.
+pub async fn approver(cluster: &TestCluster, ns: &str, name: &str) -> String {
+    apply_chart_template(cluster, "templates/rbac.yaml", &["rbac.create=false"]).await;
+    person(cluster, ns, name, "toolgate-approver").await
+}
+
+/// Fills in the rules of the built-in aggregated ClusterRoles (`edit`, `view`, `admin`)
+/// from the roles labelled to aggregate into them, as kube-controller-manager's
+/// clusterrole-aggregation controller does (the test cluster runs no controller manager).
+pub async fn aggregate_builtin_roles(cluster: &TestCluster) {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let api: Api<ClusterRole> = Api::all(cluster.client());
+    for role in ["view", "edit", "admin"] {
+        let parts = api
+            .list(
+                &kube::api::ListParams::default()
+                    .labels(&format!("rbac.authorization.k8s.io/aggregate-to-{role}=true")),
+            )
+            .await
+            .unwrap();
+        let rules: Vec<_> = parts.items.into_iter().flat_map(|r| r.rules.unwrap_or_default()).collect();
+        let patch = json!({"rules": rules});
+        api.patch(role, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    }
+}
+
+/// Service account `name` of [`PEOPLE`] bound in `ns` to the ClusterRole `role`; its token.
+pub async fn person(cluster: &TestCluster, ns: &str, name: &str, role: &str) -> String {
+    people_namespace(cluster).await;
+    if ["view", "edit", "admin"].contains(&role) {
+        aggregate_builtin_roles(cluster).await;
+    }
+    cluster.ensure_service_account(PEOPLE, name).await;
+    bind(cluster, ns, role, json!({"kind": "ServiceAccount", "name": name, "namespace": PEOPLE})).await;
+    cluster.mint_token(PEOPLE, name, &[], None).await
+}
+
+/// A RoleBinding in `ns` of the ClusterRole `role` to `subject`.
+pub async fn bind(cluster: &TestCluster, ns: &str, role: &str, subject: Value) {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("{role}-{}-{}", subject["namespace"].as_str().unwrap_or(""), subject["name"].as_str().unwrap())},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [subject],
+    }))
+    .unwrap();
+    match Api::<RoleBinding>::namespaced(cluster.client(), ns).create(&PostParams::default(), &binding).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("binding {role} in {ns}: {e}"),
+    }
+}
+
+/// `kubectl` authenticated with `token` (and any further arguments); (success, stdout +
+/// stderr).
+pub async fn kubectl_as(cluster: &TestCluster, token: &str, args: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.kubeconfig_for_token(token)).unwrap();
+    let out = toolgate_tests::run_output(
+        toolgate_tests::command(toolgate_tests::Tool::Kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--cache-dir"])
+            .arg(dir.path().join("cache"))
+            .args(args),
+    )
+    .await;
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
