@@ -114,6 +114,31 @@ async fn a_namespace_editor_cannot_change_the_injected_sidecar_after_creation() 
     assert!(!out.status.success(), "an ephemeral container targeting the sidecar was added");
     assert!(stderr.contains("cannot target the toolgate-proxy sidecar"), "{stderr}");
 
+    // Resizing the sidecar (as the cluster admin).
+    let resize = r#"[{"op": "replace", "path": "/spec/initContainers/0/resources/limits/memory", "value": "64Mi"}]"#;
+    let out = toolgate_tests::run_output(cluster.kubectl().args([
+        "-n",
+        ns,
+        "patch",
+        "pod/runpod-x",
+        "--subresource=resize",
+        "--type=json",
+        "-p",
+        resize,
+    ]))
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("cannot be changed or removed"), "resize: {stderr}");
+
+    // The API server counts the refusals (no operator involved).
+    let metrics = toolgate_tests::run_ok(cluster.kubectl().args(["get", "--raw", "/metrics"])).await;
+    let denied = metrics.lines().any(|l| {
+        l.starts_with("apiserver_validating_admission_policy_check_total{")
+            && l.contains(r#"enforcement_action="deny""#)
+            && l.contains(r#"policy="toolgate-sidecar-guard""#)
+    });
+    assert!(denied, "{}", metrics.lines().filter(|l| l.contains("admission_policy")).collect::<Vec<_>>().join("\n"));
+
     let now = Api::<Pod>::namespaced(cluster.client(), &app).get("runpod-x").await.unwrap();
     assert_eq!(sidecar_image(&now), injected, "the sidecar is what was injected");
     assert_eq!(now.metadata.labels.as_ref().unwrap()["toolgate.dev/injected"], "true");
