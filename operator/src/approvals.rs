@@ -305,9 +305,15 @@ pub fn review(
 ) -> (&'static str, AdmissionResponse) {
     let response = AdmissionResponse::from(request);
     let user = request.user_info.username.clone().unwrap_or_default();
-    if matches!(request.operation, Operation::Create) && request.sub_resource.is_none() {
+    if matches!(request.operation, Operation::Create) && request.sub_resource.as_deref().unwrap_or_default().is_empty()
+    {
         if deciders.operator_user.as_deref() == Some(user.as_str()) {
             return ("created", response);
+        }
+        // Namespaces another operator (release) governs are its webhook's to judge: each
+        // admits only its own user where it governs.
+        if !hub.governs(request.namespace.as_deref().unwrap_or_default()) {
+            return ("not_governed", response);
         }
         return (
             "refused_not_operator",
