@@ -1042,6 +1042,9 @@ async fn chart_installs_into_the_apiserver_and_uninstalls() {
                     assert!(gone.is_none(), "the webhook configuration survived helm uninstall");
                     let gone = Api::<ClusterRole>::all(client.clone()).get_opt(&operator).await.unwrap();
                     assert!(gone.is_none(), "the ClusterRole survived helm uninstall");
+                    let guard = format!("validatingadmissionpolicy/{release}-sidecar-guard");
+                    let out = run_output(cluster.kubectl().args(["get", &guard])).await;
+                    assert!(!out.status.success(), "the sidecar guard survived helm uninstall");
                     run_ok(cluster.kubectl().args(["get", "crd", "mcppolicies.toolgate.dev"])).await;
                 })
                 .await;
