@@ -599,6 +599,7 @@ mod tests {
         drop(old);
         assert_eq!(w.hub.connected().len(), 1, "dropping the old stream must not unregister the new one");
     }
+
     #[test]
     fn decisions_reach_the_sidecar_only_from_the_pods_own_namespace_and_name() {
         let (pr, _pw) = store::store();
