@@ -272,6 +272,23 @@ pub fn inject(
     Ok(serde_json::from_value(Value::Array(ops)).expect("valid JSON patch operations"))
 }
 
+/// Whether `pod`'s spec holds exactly the sidecar this operator's webhook injects (image,
+/// args, env, mounts, volumes, as [`inject`] checks an already injected pod), whatever its
+/// labels and annotations say. Only such a pod may open a policy stream and count as
+/// protected: a hand-set `toolgate.dev/injected` label or marker proves nothing. A pod
+/// injected with another configuration (an older operator's image or flags) does not
+/// match until it is recreated.
+pub fn holds_injected_sidecar(pod: &Pod, config: &InjectConfig) -> bool {
+    let mut pod = pod.clone();
+    // Labels and annotations that would make `inject` skip or refuse before it looks at
+    // the containers; the namespace is taken as opted in.
+    if let Some(annotations) = pod.metadata.annotations.as_mut() {
+        annotations.remove(INJECT_ANNOTATION);
+    }
+    let opted_in = BTreeMap::from([(INJECT_LABEL.to_owned(), "enabled".to_owned())]);
+    matches!(inject(&pod, &opted_in, config), Err(Skip::AlreadyInjected))
+}
+
 /// JSON Pointer escaping of one path segment (RFC 6901).
 fn escape(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
