@@ -158,9 +158,9 @@ async fn status_counts_every_selected_pod_and_enforcing_cannot_be_faked() {
         assert_eq!(s.ack(&set.revision).await, 204);
         streams.push(s);
     }
-    // The pod without a sidecar, with a token bound to it, cannot open a stream (and so
-    // cannot acknowledge anything), whatever its labels say.
-    for pod in [&c, &d] {
+    // The pods without a sidecar, with a token bound to them, cannot open a stream (and so
+    // cannot acknowledge anything), whatever their labels say.
+    for pod in [&d, &c] {
         let refused = open_stream(operator.port, &ca, &pod_token(cluster, pod).await).await.err();
         assert_eq!(refused.as_ref().map(|e| e.0), Some(403), "{refused:?}");
         assert!(refused.unwrap().1.contains("does not hold the toolgate sidecar"));
