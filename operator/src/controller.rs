@@ -1,8 +1,10 @@
 //! The McpPolicy controller (leader only): validates each policy with the policy crate,
-//! counts the pods it selects and the sidecars that acknowledged its generation, and
-//! writes `status` by server-side apply with a fixed field manager, only when it changed.
-//! Reconciles run per McpPolicy, when an injected pod of its namespace changes, and when
-//! a sidecar acknowledges or disconnects. Rejections become Kubernetes Events.
+//! counts the pods it selects (with or without a sidecar), those without the injected
+//! sidecar, the sidecars that acknowledged its generation and the running pods that left
+//! its selection, and writes `status` by server-side apply with a fixed field manager,
+//! only when it changed. Reconciles run per McpPolicy, when a pod of its namespace
+//! changes, and when a sidecar acknowledges or disconnects. Rejections become Kubernetes
+//! Events.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -270,4 +272,18 @@ pub async fn run(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_name_lists_are_bounded() {
+        let names: Vec<String> = (0..25).map(|i| format!("pod-{i}")).collect();
+        assert_eq!(name_list(&names[..2]), "pod-0, pod-1");
+        let long = name_list(&names);
+        assert!(long.starts_with("pod-0, pod-1") && long.ends_with(" and 15 more"), "{long}");
+        assert!(!long.contains("pod-10,"), "{long}");
+    }
 }

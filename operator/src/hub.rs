@@ -1,9 +1,10 @@
-//! The operator's shared view: the informer caches of McpPolicies and injected pods, the
-//! validated policies, the connected sidecar streams and what each acknowledged.
+//! The operator's shared view: the informer caches of McpPolicies and pods (all of them,
+//! so that status can count the selected pods without a sidecar), the validated policies,
+//! the connected sidecar streams (at most one per pod) and what each acknowledged.
 //!
 //! Every replica has one [`Hub`]; it serves the streams of the sidecars connected to it
-//! from its own caches. Status (`targets`, `enforcing`, conditions) is computed here and
-//! written by the leader's controller.
+//! from its own caches. Status (`targets`, `enforcing`, `unprotected`, conditions) is
+//! computed here and written by the leader's controller.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -648,6 +649,32 @@ mod tests {
         assert_eq!(w.hub.enforcing("u1", 2, &targets), 1);
         drop(guard);
         assert_eq!(w.hub.enforcing("u1", 2, &targets), 0, "a disconnected sidecar enforces nothing we know of");
+    }
+
+    #[test]
+    fn pods_that_leave_a_selection_are_reported_until_they_are_gone_or_back() {
+        let mut w = world();
+        let mut strict = seed();
+        strict["selector"] = json!({"matchLabels": {"tier": "strict"}});
+        apply_policy(&mut w, policy("strict", "u1", 1, strict));
+        let p = pod("p", "pu", json!({"tier": "strict"}));
+        w.pods.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+        let current = |w: &World| {
+            let policy = w.hub.policies.state()[0].clone();
+            let targets = w.hub.targets(&policy, &w.hub.view(&policy));
+            w.hub.departures(&policy, &targets)
+        };
+        assert_eq!(current(&w), (vec![], 0));
+        let relabelled = pod("p", "pu", json!({"tier": "relaxed"}));
+        w.pods.apply_watcher_event(&watcher::Event::Apply(relabelled.clone()));
+        assert_eq!(current(&w), (vec!["p".to_owned()], 1), "left while running");
+        assert_eq!(current(&w), (vec!["p".to_owned()], 0), "reported, counted once");
+        w.pods.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+        assert_eq!(current(&w), (vec![], 0), "back in the selection");
+        w.pods.apply_watcher_event(&watcher::Event::Apply(relabelled.clone()));
+        assert_eq!(current(&w), (vec!["p".to_owned()], 1), "left again");
+        w.pods.apply_watcher_event(&watcher::Event::Delete(relabelled));
+        assert_eq!(current(&w), (vec![], 0), "a deleted pod is not reported");
     }
 
     #[test]

@@ -18,7 +18,8 @@ pub const UPSTREAM_PORT_ANNOTATION: &str = "toolgate.dev/upstream-port";
 pub const UPSTREAM_PATH_ANNOTATION: &str = "toolgate.dev/upstream-path";
 /// Marker set on injected pods; its presence makes re-invocation a no-op.
 pub const INJECTED_ANNOTATION: &str = "toolgate.dev/injected";
-/// Label set on injected pods (`true`): the operator watches only pods carrying it.
+/// Label set on injected pods (`true`), for selectors (PodMonitor, NetworkPolicy). It proves
+/// nothing: the operator checks the pod spec ([`holds_injected_sidecar`]).
 pub const INJECTED_LABEL: &str = "toolgate.dev/injected";
 /// Name of the emptyDir where the sidecar persists its last good policy across restarts.
 pub const STATE_VOLUME: &str = "toolgate-state";
