@@ -74,6 +74,10 @@ type Enforced = Vec<(String, i64)>;
 /// Acknowledgements by `policy-uid/generation`, as pod uids (what replicas exchange).
 pub type AckReport = BTreeMap<String, std::collections::BTreeSet<String>>;
 
+/// Prefix of the [`AckReport`] keys that carry, per pod uid, the sidecar instance whose
+/// stream a replica holds (`stream/<pod uid>` -> {instance}).
+pub const STREAM_KEY: &str = "stream/";
+
 /// The key of a policy generation in an [`AckReport`].
 pub fn ack_key(uid: &str, generation: i64) -> String {
     format!("{uid}/{generation}")
@@ -349,8 +353,20 @@ impl Hub {
             for (uid, generation) in slot.acked.iter().flatten() {
                 report.entry(ack_key(uid, *generation)).or_default().insert(pod_uid.clone());
             }
+            report.entry(format!("{STREAM_KEY}{pod_uid}")).or_default().insert(slot.instance.clone());
         }
         report
+    }
+
+    /// The sidecar instances of a pod whose streams are alive: on this replica, and (on
+    /// the leader) on the others, as their fresh reports say.
+    pub fn instances(&self, pod_uid: &str) -> std::collections::BTreeSet<String> {
+        let mut instances: std::collections::BTreeSet<String> =
+            self.slots.lock().expect("slots lock").get(pod_uid).map(|s| s.instance.clone()).into_iter().collect();
+        if let Some(remote) = self.remote.lock().expect("remote lock").get(&format!("{STREAM_KEY}{pod_uid}")) {
+            instances.extend(remote.iter().cloned());
+        }
+        instances
     }
 
     /// Installs what the other replicas reported; asks for status reconciles of every

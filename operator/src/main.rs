@@ -382,6 +382,7 @@ async fn run(args: Args) -> Result<()> {
                         controller::run(client.clone(), hub.clone(), rx, identity.clone()),
                         acks::collect(Api::namespaced(client.clone(), &args.namespace), identity.clone(), hub.clone()),
                         approvals::janitor(client.clone(), hub.clone()),
+                        acks::abandon_replaced(client.clone(), hub.clone()),
                         leader_duties(&client, &args, &names, &lifetimes, &certs, &hub),
                     )
                 };

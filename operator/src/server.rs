@@ -284,15 +284,9 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
             );
         }
     };
-    // Only now, with the older stream certainly gone, are the older instance's held calls
-    // abandoned.
-    {
-        let (client, hub, ns, uid, instance) =
-            (ctx.client.clone(), ctx.hub.clone(), id.namespace.clone(), id.pod_uid.clone(), instance.clone());
-        tokio::spawn(async move {
-            crate::approvals::abandon_other_instances(client, &hub, &ns, &uid, &instance).await;
-        });
-    }
+    // The older instance's held calls are abandoned by the leader once no replica holds a
+    // stream of it any more (`acks::abandon_replaced`), never merely because a new
+    // stream arrived.
     ctx.metrics.stream_request("ok");
     tracing::info!(pod = %format!("{}/{}", id.namespace, id.pod_name), "sidecar connected");
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ctx.heartbeat, ctx.heartbeat);

@@ -371,3 +371,49 @@ async fn relabelling_a_pod_out_of_a_policy_shows_in_status_and_metrics() {
     drop(operator);
     teardown(cluster, &op_ns, &app).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stream_on_another_replica_does_not_abandon_the_held_calls() {
+    use toolgate_policy::crd::{ApprovalPhase, McpApproval};
+    let cluster = TestCluster::shared();
+    cluster.install_toolgate_crds().await;
+    let op_ns = cluster.create_namespace().await;
+    let app = cluster.create_namespace().await;
+    let service = format!("--sidecar-operator-url=https://toolgate-operator.{op_ns}.svc:8443");
+    let a = Operator::start_as(cluster, "replica-a", &op_ns, &app, &[&service]).await;
+    eventually("replica-a to lead", TIMEOUT, || {
+        let m = a.metrics();
+        async move { (toolgate_tests::mcp::sample(&m, "toolgate_operator_leader") == 1.0).then_some(()) }
+    })
+    .await;
+    let b = Operator::start_as(cluster, "replica-b", &op_ns, &app, &[&service]).await;
+    wait_for_webhook(cluster, &b.webhook).await;
+    let (pod, ca, token) = injected_pod(cluster, &app, "runpod-a", json!({"toolgate.dev/inject": "enabled"})).await;
+
+    // The sidecar streams from the leader and holds a call for approval.
+    let mut sidecar = open_stream_as(a.port, &ca, &token, "instance-1").await.expect("the sidecar's stream");
+    sidecar.next_set().await;
+    let (code, created) = sidecar.post("/v1/approvals", &approval_request("instance-1")).await;
+    assert_eq!(code, 201, "{created}");
+    let held = created["name"].as_str().unwrap().to_owned();
+
+    // A second stream for the pod reaches the other replica (which cannot know of the
+    // first): accepted there, and reported to the leader within a second.
+    let intruder = open_stream_as(b.port, &ca, &pod_token(cluster, &pod).await, "intruder").await;
+    assert!(intruder.is_ok(), "{:?}", intruder.err());
+    b.wait_for_sidecars(1.0).await;
+    // Past the age at which the leader gives up the calls of a replaced instance (report
+    // freshness, 15 s) and several of its rounds: still Pending, since instance-1 lives.
+    tokio::time::sleep(std::time::Duration::from_secs(25)).await;
+    let approvals: Api<McpApproval> = Api::namespaced(cluster.client(), &app);
+    assert_eq!(
+        approvals.get(&held).await.unwrap().status.and_then(|s| s.phase),
+        Some(ApprovalPhase::Pending),
+        "a stream on another replica must not abandon the held call"
+    );
+    drop(intruder);
+    drop(sidecar);
+    drop(b);
+    drop(a);
+    teardown(cluster, &op_ns, &app).await;
+}
