@@ -101,6 +101,49 @@ fn merge(leases: &[Lease], identity: &str, now: Timestamp) -> (AckReport, Vec<St
     (merged, garbage)
 }
 
+/// Leader: pending McpApprovals held by a sidecar instance whose pod now streams only from
+/// other instances (the sidecar restarted) become Abandoned. Only approvals older than a
+/// report's freshness are considered, so that a stream that just moved to another replica
+/// is seen before its calls are given up; a second stream for a pod (on any replica) does
+/// not abandon anything while the first is alive.
+pub async fn abandon_replaced(client: kube::Client, hub: Arc<Hub>) {
+    use toolgate_policy::crd::{ApprovalPhase, McpApproval};
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = Timestamp::now();
+        let pending = hub.approvals.state_filter(|a| {
+            a.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == ApprovalPhase::Pending)
+                && a.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .is_some_and(|t| now.duration_since(t.0).unsigned_abs() > FRESH + Duration::from_secs(1))
+        });
+        for approval in pending {
+            let namespace = approval.namespace().unwrap_or_default();
+            if !hub.governs(&namespace) {
+                continue;
+            }
+            let instances = hub.instances(&approval.spec.pod_uid);
+            if instances.is_empty() || instances.contains(&approval.spec.instance) {
+                continue;
+            }
+            let api: Api<McpApproval> = Api::namespaced(client.clone(), &namespace);
+            let name = approval.name_any();
+            match crate::approvals::set_phase(
+                &api,
+                &name,
+                ApprovalPhase::Abandoned,
+                Some("the sidecar holding the call restarted"),
+            )
+            .await
+            {
+                Ok(_) => tracing::info!(approval = %name, "approval abandoned: its sidecar restarted"),
+                Err(e) => tracing::warn!(approval = %name, error = %e, "cannot mark the approval abandoned"),
+            }
+        }
+    }
+}
+
 /// Leader: merges the other replicas' reports into the hub until the future is dropped.
 pub async fn collect(api: Api<Lease>, identity: String, hub: Arc<Hub>) {
     let params = ListParams::default().labels(&format!("{REPORT_LABEL}=true"));

@@ -160,24 +160,6 @@ pub async fn close(client: &Client, id: &PodIdentity, name: &str, phase: &str) -
     set_phase(&api, name, phase, Some(why)).await.map(|_| ()).map_err(|e| (503, e.to_string()))
 }
 
-/// Pending approvals of the pod held by another (earlier) sidecar instance: Abandoned.
-pub async fn abandon_other_instances(client: Client, hub: &Hub, namespace: &str, pod_uid: &str, instance: &str) {
-    let stale = hub.approvals.state_filter(|a| {
-        a.spec.pod_uid == pod_uid
-            && a.spec.instance != instance
-            && a.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == ApprovalPhase::Pending)
-    });
-    let api: Api<McpApproval> = Api::namespaced(client, namespace);
-    for a in stale {
-        match set_phase(&api, &a.name_any(), ApprovalPhase::Abandoned, Some("the sidecar holding the call restarted"))
-            .await
-        {
-            Ok(_) => tracing::info!(approval = %a.name_any(), "approval abandoned: its sidecar restarted"),
-            Err(e) => tracing::warn!(approval = %a.name_any(), error = %e, "cannot mark the approval abandoned"),
-        }
-    }
-}
-
 /// Leader: approvals whose pod is gone become Abandoned; approvals left Pending well
 /// past their expiry (their sidecar died before closing them) become Expired.
 pub async fn janitor(client: Client, hub: std::sync::Arc<Hub>) {

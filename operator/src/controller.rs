@@ -1,8 +1,10 @@
 //! The McpPolicy controller (leader only): validates each policy with the policy crate,
-//! counts the pods it selects and the sidecars that acknowledged its generation, and
-//! writes `status` by server-side apply with a fixed field manager, only when it changed.
-//! Reconciles run per McpPolicy, when an injected pod of its namespace changes, and when
-//! a sidecar acknowledges or disconnects. Rejections become Kubernetes Events.
+//! counts the pods it selects (with or without a sidecar), those without the injected
+//! sidecar, the sidecars that acknowledged its generation and the running pods that left
+//! its selection, and writes `status` by server-side apply with a fixed field manager,
+//! only when it changed. Reconciles run per McpPolicy, when a pod of its namespace
+//! changes, and when a sidecar acknowledges or disconnects. Rejections become Kubernetes
+//! Events.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,11 +25,21 @@ use tokio::sync::mpsc;
 use toolgate_policy::crd::{McpPolicy, McpPolicyStatus};
 
 use crate::hub::Hub;
-use crate::inject::INJECTED_LABEL;
 
 /// Field manager of every status write.
 pub const FIELD_MANAGER: &str = "toolgate-operator";
 const MAX_MESSAGE: usize = 4096;
+/// At most this many pod names in a condition message (the count is always given).
+const MAX_NAMES: usize = 10;
+
+/// `a, b, c` of at most [`MAX_NAMES`] names, then `and N more`.
+fn name_list(names: &[String]) -> String {
+    let mut text = names.iter().take(MAX_NAMES).map(String::as_str).collect::<Vec<_>>().join(", ");
+    if names.len() > MAX_NAMES {
+        text.push_str(&format!(" and {} more", names.len() - MAX_NAMES));
+    }
+    text
+}
 
 struct Ctx {
     client: kube::Client,
@@ -81,11 +93,35 @@ pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option
     let targets = hub.targets(policy, &view);
     let old = policy.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let n = targets.len();
+    // Selected pods without the injected sidecar: nothing enforces the policy there.
+    let (protected, unprotected): (Vec<Arc<Pod>>, Vec<Arc<Pod>>) =
+        targets.iter().cloned().partition(|p| hub.protected(p));
+    let mut unprotected_names: Vec<String> = unprotected.iter().map(|p| p.name_any()).collect();
+    unprotected_names.sort();
+    let (departed, fresh) = hub.departures(policy, &targets);
+    let namespace = policy.namespace().unwrap_or_default();
+    if fresh > 0 {
+        hub.metrics.pods_left_selection(&namespace, &policy.name_any(), fresh);
+    }
     let (accepted, ready, enforcing) = match &view.error {
         None => {
-            let enforcing = hub.enforcing(&uid, generation, &targets);
+            let enforcing = hub.enforcing(&uid, generation, &protected);
             let accepted = condition("Accepted", true, "Valid", "the policy is valid".into(), generation, old);
-            let ready = if enforcing == n {
+            let ready = if !unprotected.is_empty() {
+                condition(
+                    "Ready",
+                    false,
+                    "Unprotected",
+                    format!(
+                        "{} of {n} selected pods run without the toolgate sidecar, so nothing enforces this policy \
+                         there: {}",
+                        unprotected.len(),
+                        name_list(&unprotected_names)
+                    ),
+                    generation,
+                    old,
+                )
+            } else if enforcing == n {
                 condition(
                     "Ready",
                     true,
@@ -118,13 +154,31 @@ pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option
             (accepted, ready, 0)
         }
     };
+    let left = if departed.is_empty() {
+        condition("PodsLeft", false, "None", "no running pod has left this policy's selection".into(), generation, old)
+    } else {
+        condition(
+            "PodsLeft",
+            true,
+            "SelectionLost",
+            format!(
+                "{} running pods this policy selected no longer match its selector (relabelled, or the selector \
+                 changed) and are no longer governed by it: {}",
+                departed.len(),
+                name_list(&departed)
+            ),
+            generation,
+            old,
+        )
+    };
     let status = McpPolicyStatus {
-        conditions: vec![accepted, ready],
+        conditions: vec![accepted, ready, left],
         observed_generation: Some(generation),
         targets: Some(i32::try_from(n).unwrap_or(i32::MAX)),
         enforcing: Some(i32::try_from(enforcing).unwrap_or(i32::MAX)),
+        unprotected: Some(i32::try_from(unprotected.len()).unwrap_or(i32::MAX)),
     };
-    hub.metrics.policy_status(&policy.namespace().unwrap_or_default(), &policy.name_any(), n, enforcing);
+    hub.metrics.policy_status(&namespace, &policy.name_any(), n, enforcing, unprotected.len());
     (status, view.error)
 }
 
@@ -200,7 +254,7 @@ pub async fn run(
     let mapper_hub = hub.clone();
     Controller::new(policies, watcher::Config::default())
         .with_config(Config::default().debounce(Duration::from_millis(100)))
-        .watches(pods, watcher::Config::default().labels(&format!("{INJECTED_LABEL}=true")), move |pod: Pod| {
+        .watches(pods, watcher::Config::default(), move |pod: Pod| {
             let namespace = pod.namespace();
             mapper_hub
                 .policies
@@ -218,4 +272,18 @@ pub async fn run(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_name_lists_are_bounded() {
+        let names: Vec<String> = (0..25).map(|i| format!("pod-{i}")).collect();
+        assert_eq!(name_list(&names[..2]), "pod-0, pod-1");
+        let long = name_list(&names);
+        assert!(long.starts_with("pod-0, pod-1") && long.ends_with(" and 15 more"), "{long}");
+        assert!(!long.contains("pod-10,"), "{long}");
+    }
 }

@@ -1,9 +1,10 @@
-//! The operator's shared view: the informer caches of McpPolicies and injected pods, the
-//! validated policies, the connected sidecar streams and what each acknowledged.
+//! The operator's shared view: the informer caches of McpPolicies and pods (all of them,
+//! so that status can count the selected pods without a sidecar), the validated policies,
+//! the connected sidecar streams (at most one per pod) and what each acknowledged.
 //!
 //! Every replica has one [`Hub`]; it serves the streams of the sidecars connected to it
-//! from its own caches. Status (`targets`, `enforcing`, conditions) is computed here and
-//! written by the leader's controller.
+//! from its own caches. Status (`targets`, `enforcing`, `unprotected`, conditions) is
+//! computed here and written by the leader's controller.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,7 @@ use tokio::sync::{Notify, watch};
 use toolgate_policy::crd::{ApprovalPhase, McpApproval, McpPolicy, Mode};
 use toolgate_policy::push::{ApprovalUpdate, PodRef, PolicySet, PushedPolicy};
 
+use crate::inject::{InjectConfig, holds_injected_sidecar};
 use crate::metrics::Metrics;
 
 /// The document pushed for a policy that was never valid: deny everything it selects.
@@ -72,6 +74,10 @@ type Enforced = Vec<(String, i64)>;
 /// Acknowledgements by `policy-uid/generation`, as pod uids (what replicas exchange).
 pub type AckReport = BTreeMap<String, std::collections::BTreeSet<String>>;
 
+/// Prefix of the [`AckReport`] keys that carry, per pod uid, the sidecar instance whose
+/// stream a replica holds (`stream/<pod uid>` -> {instance}).
+pub const STREAM_KEY: &str = "stream/";
+
 /// The key of a policy generation in an [`AckReport`].
 pub fn ack_key(uid: &str, generation: i64) -> String {
     format!("{uid}/{generation}")
@@ -111,6 +117,17 @@ pub struct Hub {
     status_tx: tokio::sync::mpsc::UnboundedSender<ObjectRef<McpPolicy>>,
     pub metrics: Arc<Metrics>,
     scope: Option<Scope>,
+    /// The sidecar the webhook injects: what a pod must hold to count as protected.
+    sidecar: InjectConfig,
+    /// Per policy uid: the pods (uid -> name) it selected when last computed, and the pods
+    /// that left its selection while still running (uid -> name), for status and metrics.
+    selections: Mutex<HashMap<String, Selection>>,
+}
+
+#[derive(Debug, Default)]
+struct Selection {
+    selected: BTreeMap<String, String>,
+    departed: BTreeMap<String, String>,
 }
 
 /// The namespaces an operator governs (`--namespace-selector`); without one, all.
@@ -126,6 +143,11 @@ impl std::fmt::Debug for Hub {
         f.debug_struct("Hub").finish_non_exhaustive()
     }
 }
+
+/// What [`Hub::register`] hands a stream: its guard, its policy sets and its approval
+/// decisions.
+pub type Registered =
+    (StreamGuard, watch::Receiver<Arc<PolicySet>>, tokio::sync::mpsc::UnboundedReceiver<ApprovalUpdate>);
 
 /// A registered sidecar stream; unregisters itself when dropped.
 #[derive(Debug)]
@@ -148,6 +170,7 @@ impl Hub {
         approvals: Store<McpApproval>,
         metrics: Arc<Metrics>,
         scope: Option<Scope>,
+        sidecar: InjectConfig,
     ) -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<ObjectRef<McpPolicy>>) {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Self {
@@ -162,6 +185,8 @@ impl Hub {
             status_tx,
             metrics,
             scope,
+            sidecar,
+            selections: Mutex::default(),
         };
         (Arc::new(hub), status_rx)
     }
@@ -207,6 +232,7 @@ impl Hub {
         let state = self.policies.state();
         let live: std::collections::HashSet<String> = state.iter().filter_map(|p| p.uid()).collect();
         self.validations.lock().expect("validations lock").retain(|uid, _| live.contains(uid));
+        self.selections.lock().expect("selections lock").retain(|uid, _| live.contains(uid));
         let names = state.iter().map(|p| (p.namespace().unwrap_or_default(), p.name_any())).collect();
         self.metrics.retain_policies(&names);
     }
@@ -262,6 +288,43 @@ impl Hub {
         })
     }
 
+    /// Whether `pod` holds the sidecar as the webhook injects it (and so can enforce).
+    pub fn protected(&self, pod: &Pod) -> bool {
+        holds_injected_sidecar(pod, &self.sidecar)
+    }
+
+    /// Records the current `targets` of `policy` and returns the pods that left its
+    /// selection while still existing (relabelled away, or the selector changed), oldest
+    /// first, and how many of them left since the previous call.
+    pub fn departures(&self, policy: &McpPolicy, targets: &[Arc<Pod>]) -> (Vec<String>, usize) {
+        let uid = policy.uid().unwrap_or_default();
+        let now: BTreeMap<String, String> =
+            targets.iter().map(|p| (p.uid().unwrap_or_default(), p.name_any())).collect();
+        let namespace = policy.namespace();
+        let alive = |pod_uid: &str, name: &str| {
+            self.pods.get(&ObjectRef::new(name).within(namespace.as_deref().unwrap_or_default())).is_some_and(|p| {
+                p.uid().as_deref() == Some(pod_uid)
+                    && p.metadata.deletion_timestamp.is_none()
+                    && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
+            })
+        };
+        let mut selections = self.selections.lock().expect("selections lock");
+        let entry = selections.entry(uid).or_default();
+        let mut fresh = 0;
+        for (pod_uid, name) in &entry.selected {
+            if !now.contains_key(pod_uid) && alive(pod_uid, name) && !entry.departed.contains_key(pod_uid) {
+                entry.departed.insert(pod_uid.clone(), name.clone());
+                fresh += 1;
+            }
+        }
+        // Back in the selection, or gone: no longer reported.
+        entry.departed.retain(|pod_uid, name| !now.contains_key(pod_uid) && alive(pod_uid, name));
+        entry.selected = now;
+        let mut names: Vec<String> = entry.departed.values().cloned().collect();
+        names.sort();
+        (names, fresh)
+    }
+
     /// How many of `targets` have a connected sidecar that acknowledged `generation` of
     /// the policy `uid`.
     pub fn enforcing(&self, uid: &str, generation: i64, targets: &[Arc<Pod>]) -> usize {
@@ -290,8 +353,20 @@ impl Hub {
             for (uid, generation) in slot.acked.iter().flatten() {
                 report.entry(ack_key(uid, *generation)).or_default().insert(pod_uid.clone());
             }
+            report.entry(format!("{STREAM_KEY}{pod_uid}")).or_default().insert(slot.instance.clone());
         }
         report
+    }
+
+    /// The sidecar instances of a pod whose streams are alive: on this replica, and (on
+    /// the leader) on the others, as their fresh reports say.
+    pub fn instances(&self, pod_uid: &str) -> std::collections::BTreeSet<String> {
+        let mut instances: std::collections::BTreeSet<String> =
+            self.slots.lock().expect("slots lock").get(pod_uid).map(|s| s.instance.clone()).into_iter().collect();
+        if let Some(remote) = self.remote.lock().expect("remote lock").get(&format!("{STREAM_KEY}{pod_uid}")) {
+            instances.extend(remote.iter().cloned());
+        }
+        instances
     }
 
     /// Installs what the other replicas reported; asks for status reconciles of every
@@ -310,14 +385,17 @@ impl Hub {
         }
     }
 
-    /// Registers the stream of a pod's sidecar (replacing an older one of the same pod)
-    /// and returns the receiver of its policy sets, starting with the current one.
-    pub fn register(
-        self: &Arc<Self>,
-        pod: &Pod,
-        instance: &str,
-    ) -> (StreamGuard, watch::Receiver<Arc<PolicySet>>, tokio::sync::mpsc::UnboundedReceiver<ApprovalUpdate>) {
+    /// Registers the stream of a pod's sidecar and returns the receiver of its policy
+    /// sets, starting with the current one; `Err(instance)` with the instance holding it
+    /// when the pod already has a stream here. A stream is never replaced: the first one
+    /// stays until its connection closes or stops answering keepalive pings (then its
+    /// guard unregisters it), so a second stream, e.g. opened with a token minted for the
+    /// pod, cannot evict the sidecar's own or abandon its held calls.
+    pub fn register(self: &Arc<Self>, pod: &Pod, instance: &str) -> Result<Registered, String> {
         let pod_uid = pod.uid().unwrap_or_default();
+        if let Some(held) = self.slots.lock().expect("slots lock").get(&pod_uid) {
+            return Err(held.instance.clone());
+        }
         let set = Arc::new(self.effective_set(pod));
         let (tx, rx) = watch::channel(set.clone());
         let (approvals, approvals_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -335,12 +413,16 @@ impl Hub {
         };
         let connected = {
             let mut slots = self.slots.lock().expect("slots lock");
+            // Checked again under the lock: two streams may have raced past the first check.
+            if let Some(held) = slots.get(&pod_uid) {
+                return Err(held.instance.clone());
+            }
             slots.insert(pod_uid.clone(), slot);
             slots.len()
         };
         self.metrics.sidecars_connected(connected);
         self.push_approvals();
-        (StreamGuard { hub: self.clone(), pod_uid, id }, rx, approvals_rx)
+        Ok((StreamGuard { hub: self.clone(), pod_uid, id }, rx, approvals_rx))
     }
 
     /// Sends every decided approval to the stream of the sidecar instance that holds
@@ -503,7 +585,7 @@ mod tests {
         let (pr, pw) = store::store();
         let (or, ow) = store::store();
         let (ar, _aw) = store::store();
-        let (hub, _rx) = Hub::new(pr, or, ar, Arc::new(Metrics::new()), None);
+        let (hub, _rx) = Hub::new(pr, or, ar, Arc::new(Metrics::new()), None, InjectConfig::default());
         World { hub, policies: pw, pods: ow }
     }
 
@@ -566,7 +648,7 @@ mod tests {
         apply_policy(&mut w, policy("seed", "u1", 1, seed()));
         let p = pod("p", "pu", json!({}));
         w.pods.apply_watcher_event(&watcher::Event::Apply(p.clone()));
-        let (guard, rx, _approvals) = w.hub.register(&p, "i1");
+        let (guard, rx, _approvals) = w.hub.register(&p, "i1").expect("registered");
         let revision = rx.borrow().revision.clone();
         let targets = w.hub.targets(&w.hub.policies.state()[0], &w.hub.view(&w.hub.policies.state()[0]));
         assert_eq!(targets.len(), 1);
@@ -591,13 +673,41 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_stream_of_the_same_pod_replaces_the_older_one() {
+    fn pods_that_leave_a_selection_are_reported_until_they_are_gone_or_back() {
+        let mut w = world();
+        let mut strict = seed();
+        strict["selector"] = json!({"matchLabels": {"tier": "strict"}});
+        apply_policy(&mut w, policy("strict", "u1", 1, strict));
+        let p = pod("p", "pu", json!({"tier": "strict"}));
+        w.pods.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+        let current = |w: &World| {
+            let policy = w.hub.policies.state()[0].clone();
+            let targets = w.hub.targets(&policy, &w.hub.view(&policy));
+            w.hub.departures(&policy, &targets)
+        };
+        assert_eq!(current(&w), (vec![], 0));
+        let relabelled = pod("p", "pu", json!({"tier": "relaxed"}));
+        w.pods.apply_watcher_event(&watcher::Event::Apply(relabelled.clone()));
+        assert_eq!(current(&w), (vec!["p".to_owned()], 1), "left while running");
+        assert_eq!(current(&w), (vec!["p".to_owned()], 0), "reported, counted once");
+        w.pods.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+        assert_eq!(current(&w), (vec![], 0), "back in the selection");
+        w.pods.apply_watcher_event(&watcher::Event::Apply(relabelled.clone()));
+        assert_eq!(current(&w), (vec!["p".to_owned()], 1), "left again");
+        w.pods.apply_watcher_event(&watcher::Event::Delete(relabelled));
+        assert_eq!(current(&w), (vec![], 0), "a deleted pod is not reported");
+    }
+
+    #[test]
+    fn a_second_stream_of_the_same_pod_is_refused_while_the_first_lives() {
         let w = world();
         let p = pod("p", "pu", json!({}));
-        let (old, _rx1, _a1) = w.hub.register(&p, "i1");
-        let (_new, _rx2, _a2) = w.hub.register(&p, "i2");
+        let (old, _rx1, _a1) = w.hub.register(&p, "i1").expect("first stream");
+        assert_eq!(w.hub.register(&p, "i2").err().as_deref(), Some("i1"), "the healthy stream stays");
+        assert_eq!(w.hub.register(&p, "i1").err().as_deref(), Some("i1"), "even with the same instance header");
         drop(old);
-        assert_eq!(w.hub.connected().len(), 1, "dropping the old stream must not unregister the new one");
+        let (_new, _rx2, _a2) = w.hub.register(&p, "i2").expect("accepted once the first is gone");
+        assert_eq!(w.hub.connected().len(), 1);
     }
 
     #[test]
@@ -605,9 +715,9 @@ mod tests {
         let (pr, _pw) = store::store();
         let (or, _ow) = store::store();
         let (ar, mut aw) = store::store::<McpApproval>();
-        let (hub, _rx) = Hub::new(pr, or, ar, Arc::new(Metrics::new()), None);
+        let (hub, _rx) = Hub::new(pr, or, ar, Arc::new(Metrics::new()), None, InjectConfig::default());
         let p = pod("p", "pu", json!({}));
-        let (_guard, _set, mut updates) = hub.register(&p, "i1");
+        let (_guard, _set, mut updates) = hub.register(&p, "i1").expect("first stream");
         let approval = |namespace: &str, pod: &str, by: &str| -> McpApproval {
             serde_json::from_value(json!({
                 "apiVersion": "toolgate.dev/v1alpha1", "kind": "McpApproval",

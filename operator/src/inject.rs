@@ -18,7 +18,8 @@ pub const UPSTREAM_PORT_ANNOTATION: &str = "toolgate.dev/upstream-port";
 pub const UPSTREAM_PATH_ANNOTATION: &str = "toolgate.dev/upstream-path";
 /// Marker set on injected pods; its presence makes re-invocation a no-op.
 pub const INJECTED_ANNOTATION: &str = "toolgate.dev/injected";
-/// Label set on injected pods (`true`): the operator watches only pods carrying it.
+/// Label set on injected pods (`true`), for selectors (PodMonitor, NetworkPolicy). It proves
+/// nothing: the operator checks the pod spec ([`holds_injected_sidecar`]).
 pub const INJECTED_LABEL: &str = "toolgate.dev/injected";
 /// Name of the emptyDir where the sidecar persists its last good policy across restarts.
 pub const STATE_VOLUME: &str = "toolgate-state";
@@ -270,6 +271,23 @@ pub fn inject(
     }
     // The operations above are well-formed by construction.
     Ok(serde_json::from_value(Value::Array(ops)).expect("valid JSON patch operations"))
+}
+
+/// Whether `pod`'s spec holds exactly the sidecar this operator's webhook injects (image,
+/// args, env, mounts, volumes, as [`inject`] checks an already injected pod), whatever its
+/// labels and annotations say. Only such a pod may open a policy stream and count as
+/// protected: a hand-set `toolgate.dev/injected` label or marker proves nothing. A pod
+/// injected with another configuration (an older operator's image or flags) does not
+/// match until it is recreated.
+pub fn holds_injected_sidecar(pod: &Pod, config: &InjectConfig) -> bool {
+    let mut pod = pod.clone();
+    // Labels and annotations that would make `inject` skip or refuse before it looks at
+    // the containers; the namespace is taken as opted in.
+    if let Some(annotations) = pod.metadata.annotations.as_mut() {
+        annotations.remove(INJECT_ANNOTATION);
+    }
+    let opted_in = BTreeMap::from([(INJECT_LABEL.to_owned(), "enabled".to_owned())]);
+    matches!(inject(&pod, &opted_in, config), Err(Skip::AlreadyInjected))
 }
 
 /// JSON Pointer escaping of one path segment (RFC 6901).

@@ -109,6 +109,19 @@ struct Args {
     /// Seconds between heartbeats on idle policy streams.
     #[arg(long, env = "TOOLGATE_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Seconds between HTTP/2 keepalive pings on idle connections of the HTTPS listener
+    /// (sidecar streams).
+    #[arg(long, env = "TOOLGATE_KEEPALIVE_SECONDS", default_value_t = 10)]
+    keepalive_seconds: u64,
+    /// Seconds a keepalive ping may go unanswered before the connection (and the sidecar's
+    /// stream: it no longer counts as enforcing) is dropped.
+    #[arg(long, env = "TOOLGATE_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 10)]
+    keepalive_timeout_seconds: u64,
+    /// Accept a sidecar's stream only from its pod's IP address (status.podIP/podIPs).
+    /// Turn off only where pod-to-Service traffic is source-NATed (the token alone then
+    /// identifies the pod, and anyone who can mint it can pose as the sidecar).
+    #[arg(long, env = "TOOLGATE_BIND_POD_IP", default_value_t = true, action = clap::ArgAction::Set)]
+    bind_pod_ip: bool,
     /// Govern only namespaces whose labels match this selector (e.g. `team=ml`); default:
     /// every namespace. Policies, streams and injection elsewhere are left alone.
     #[arg(long, env = "TOOLGATE_NAMESPACE_SELECTOR")]
@@ -218,16 +231,48 @@ async fn run(args: Args) -> Result<()> {
         Some(text) => Some(Scope { namespaces: ns_store.clone(), selector: parse_selector(text)? }),
     };
     let (approval_store, approval_writer) = reflector::store::<McpApproval>();
-    let (hub, status_rx) =
-        Hub::new(policy_store.clone(), pod_store.clone(), approval_store.clone(), metrics.clone(), scope);
+    let operator_url = args
+        .sidecar_operator_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{}.{}.svc:{}", args.service_name, args.namespace, args.listen.port()));
+    let inject = InjectConfig {
+        image: args.sidecar_image.clone(),
+        operator_url,
+        ca_config_map: Some(args.ca_config_map.clone()),
+        allowed_hosts: args
+            .sidecar_allowed_hosts
+            .iter()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .collect(),
+        allowed_origins: args
+            .sidecar_allowed_origins
+            .iter()
+            .map(|o| o.trim().to_owned())
+            .filter(|o| !o.is_empty())
+            .collect(),
+        ..InjectConfig::default()
+    };
+    let (hub, status_rx) = Hub::new(
+        policy_store.clone(),
+        pod_store.clone(),
+        approval_store.clone(),
+        metrics.clone(),
+        scope,
+        inject.clone(),
+    );
     let policy_events = reflector::reflector(
         policy_writer,
         watcher(Api::<McpPolicy>::all(client.clone()), watcher::Config::default()).default_backoff(),
     );
+    // Every pod, not only injected ones: status counts every pod a policy selects, and
+    // those without the sidecar are reported as unprotected. Managed fields are dropped to
+    // keep the cache small.
     let pod_events = reflector::reflector(
         pod_writer,
-        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(&format!("{INJECTED_LABEL}=true")))
-            .default_backoff(),
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff().modify(|pod| {
+            pod.managed_fields_mut().clear();
+        }),
     );
     let ns_events = reflector::reflector(
         ns_writer,
@@ -275,36 +320,20 @@ async fn run(args: Args) -> Result<()> {
         .await
         .context("loading the serving certificate")?;
 
-    let operator_url = args
-        .sidecar_operator_url
-        .clone()
-        .unwrap_or_else(|| format!("https://{}.{}.svc:{}", args.service_name, args.namespace, args.listen.port()));
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         hub: hub.clone(),
         auth: Authenticator::new(client.clone()),
         namespaces: ns_store.clone(),
         namespace_api: Api::all(client.clone()),
-        inject: InjectConfig {
-            image: args.sidecar_image.clone(),
-            operator_url,
-            ca_config_map: Some(args.ca_config_map.clone()),
-            allowed_hosts: args
-                .sidecar_allowed_hosts
-                .iter()
-                .map(|h| h.trim().to_owned())
-                .filter(|h| !h.is_empty())
-                .collect(),
-            allowed_origins: args
-                .sidecar_allowed_origins
-                .iter()
-                .map(|o| o.trim().to_owned())
-                .filter(|o| !o.is_empty())
-                .collect(),
-            ..InjectConfig::default()
-        },
+        inject,
         deciders,
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
+        bind_pod_ip: args.bind_pod_ip,
+        keepalive: server::Keepalive {
+            interval: Duration::from_secs(args.keepalive_seconds.max(1)),
+            timeout: Duration::from_secs(args.keepalive_timeout_seconds.max(1)),
+        },
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
         ready: Default::default(),
@@ -390,6 +419,7 @@ async fn run(args: Args) -> Result<()> {
                         controller::run(client.clone(), hub.clone(), rx, identity.clone()),
                         acks::collect(Api::namespaced(client.clone(), &args.namespace), identity.clone(), hub.clone()),
                         approvals::janitor(client.clone(), hub.clone()),
+                        acks::abandon_replaced(client.clone(), hub.clone()),
                         leader_duties(&client, &args, &names, &lifetimes, &certs, &hub),
                     )
                 };
@@ -559,8 +589,13 @@ async fn publish_ca(
     if ca.is_empty() {
         return;
     }
-    let mut namespaces: std::collections::BTreeSet<String> =
-        hub.pods.state().iter().filter_map(|p| p.namespace()).collect();
+    let mut namespaces: std::collections::BTreeSet<String> = hub
+        .pods
+        .state()
+        .iter()
+        .filter(|p| p.labels().get(INJECTED_LABEL).is_some_and(|v| v == "true"))
+        .filter_map(|p| p.namespace())
+        .collect();
     namespaces.extend(hub.policies.state().iter().filter_map(|p| p.namespace()));
     let ns_api: Api<Namespace> = Api::all(client.clone());
     if let Ok(list) = ns_api.list_metadata(&ListParams::default().labels(&format!("{INJECT_LABEL}=enabled"))).await {

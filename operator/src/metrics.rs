@@ -43,6 +43,8 @@ pub struct Metrics {
     leader: Gauge,
     targets: Family<PolicyLabels, Gauge>,
     enforcing: Family<PolicyLabels, Gauge>,
+    unprotected: Family<PolicyLabels, Gauge>,
+    left_selection: Family<PolicyLabels, Counter>,
     cert_rotations: Counter,
     reported: Mutex<HashSet<(String, String)>>,
 }
@@ -108,6 +110,18 @@ impl Metrics {
             "Selected sidecars that acknowledged the current generation of an McpPolicy",
             enforcing.clone(),
         );
+        let unprotected = Family::<PolicyLabels, Gauge>::default();
+        registry.register(
+            "toolgate_operator_policy_unprotected",
+            "Pods an McpPolicy selects that run without the injected toolgate sidecar",
+            unprotected.clone(),
+        );
+        let left_selection = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "toolgate_operator_policy_pods_left",
+            "Running pods that left an McpPolicy's selection (relabelled, or the selector changed)",
+            left_selection.clone(),
+        );
         let cert_rotations = Counter::default();
         registry.register(
             "toolgate_operator_certificate_rotations",
@@ -126,6 +140,8 @@ impl Metrics {
             leader,
             targets,
             enforcing,
+            unprotected,
+            left_selection,
             cert_rotations,
             reported: Mutex::default(),
         }
@@ -160,11 +176,19 @@ impl Metrics {
         self.leader.set(i64::from(leader));
     }
 
-    pub fn policy_status(&self, namespace: &str, policy: &str, targets: usize, enforcing: usize) {
+    pub fn policy_status(&self, namespace: &str, policy: &str, targets: usize, enforcing: usize, unprotected: usize) {
         self.reported.lock().expect("metrics lock").insert((namespace.to_owned(), policy.to_owned()));
         let labels = PolicyLabels { namespace: namespace.to_owned(), policy: policy.to_owned() };
         self.targets.get_or_create(&labels).set(i64::try_from(targets).unwrap_or(i64::MAX));
         self.enforcing.get_or_create(&labels).set(i64::try_from(enforcing).unwrap_or(i64::MAX));
+        self.unprotected.get_or_create(&labels).set(i64::try_from(unprotected).unwrap_or(i64::MAX));
+    }
+
+    /// `n` running pods left the selection of a policy.
+    pub fn pods_left_selection(&self, namespace: &str, policy: &str, n: usize) {
+        self.reported.lock().expect("metrics lock").insert((namespace.to_owned(), policy.to_owned()));
+        let labels = PolicyLabels { namespace: namespace.to_owned(), policy: policy.to_owned() };
+        self.left_selection.get_or_create(&labels).inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     /// Drops the per-policy gauges of policies not in `live` (namespace, name).
@@ -176,6 +200,8 @@ impl Metrics {
                 let labels = PolicyLabels { namespace: namespace.clone(), policy: policy.clone() };
                 self.targets.remove(&labels);
                 self.enforcing.remove(&labels);
+                self.unprotected.remove(&labels);
+                self.left_selection.remove(&labels);
             }
             keep
         });

@@ -3,6 +3,7 @@
 //! `/healthz`, `/readyz`).
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,6 +34,35 @@ use crate::webhook;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
+/// HTTP/2 keepalive of the HTTPS listener.
+#[derive(Clone, Copy, Debug)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(10), timeout: Duration::from_secs(10) }
+    }
+}
+
+/// The TCP peer of a request's connection (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// The pod's IP addresses (`status.podIP` and `status.podIPs`), as reported by its kubelet.
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    status
+        .pod_ip
+        .iter()
+        .chain(status.pod_ips.iter().flatten().map(|p| &p.ip))
+        .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .collect()
+}
+
 /// Everything the handlers need.
 pub struct Ctx {
     pub client: kube::Client,
@@ -44,6 +74,11 @@ pub struct Ctx {
     /// Who may create and decide McpApprovals.
     pub deciders: crate::approvals::Deciders,
     pub heartbeat: Duration,
+    /// Accept a sidecar's requests only from its pod's IP address (`status.podIP(s)`).
+    pub bind_pod_ip: bool,
+    /// HTTP/2 keepalive: ping every `interval`; a connection that does not answer within
+    /// `timeout` is closed (and its stream no longer counts as enforcing).
+    pub keepalive: Keepalive,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
     /// Caches synced and a serving certificate loaded.
@@ -143,29 +178,66 @@ async fn caller(ctx: &Ctx, req: &Request<Incoming>) -> Result<(PodIdentity, Arc<
         Err(e @ AuthError::NotPodBound) => return Err(refuse(ctx, "forbidden", StatusCode::FORBIDDEN, e.to_string())),
         Err(e) => return Err(refuse(ctx, "unauthenticated", StatusCode::UNAUTHORIZED, e.to_string())),
     };
-    // A pod that was just created may not be in the cache yet: wait a little for it.
+    // A pod that was just created may not be in the cache yet, or have no IP address
+    // reported yet: wait a little for it.
     let key = ObjectRef::new(&id.pod_name).within(&id.namespace);
     let deadline = Instant::now() + Duration::from_secs(3);
     let pod = loop {
-        if let Some(pod) = ctx.hub.pods.get(&key)
-            && pod.metadata.uid.as_deref() == Some(id.pod_uid.as_str())
-            && ctx.hub.governs(&id.namespace)
-        {
-            break pod;
+        let found =
+            ctx.hub.pods.get(&key).filter(|pod| {
+                pod.metadata.uid.as_deref() == Some(id.pod_uid.as_str()) && ctx.hub.governs(&id.namespace)
+            });
+        match found {
+            Some(pod) if !ctx.bind_pod_ip || !pod_ips(&pod).is_empty() || Instant::now() >= deadline => break pod,
+            None if Instant::now() >= deadline => {
+                return Err(refuse(
+                    ctx,
+                    "unknown_pod",
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "pod {}/{} (uid {}) is not a pod in a namespace this operator governs",
+                        id.namespace, id.pod_name, id.pod_uid
+                    ),
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
-        if Instant::now() >= deadline {
+    };
+    // Only the sidecar this operator injects may stream: a pod that merely carries the
+    // labels or annotations of an injected pod has nothing that would enforce.
+    if !crate::inject::holds_injected_sidecar(&pod, &ctx.inject) {
+        return Err(refuse(
+            ctx,
+            "not_injected",
+            StatusCode::FORBIDDEN,
+            format!(
+                "pod {}/{} does not hold the toolgate sidecar as this operator injects it (image, args, volumes); \
+                 only that sidecar gets a policy stream",
+                id.namespace, id.pod_name
+            ),
+        ));
+    }
+    // The token is bound to the pod; the connection must come from the pod too, so that a
+    // token minted for the pod (anyone with `edit` can) is useless elsewhere.
+    if ctx.bind_pod_ip {
+        let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip().to_canonical());
+        let ips = pod_ips(&pod);
+        if !peer.is_some_and(|peer| ips.contains(&peer)) {
+            let shown = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
             return Err(refuse(
                 ctx,
-                "unknown_pod",
+                "wrong_peer",
                 StatusCode::FORBIDDEN,
                 format!(
-                    "pod {}/{} (uid {}) is not a pod with the toolgate sidecar in a namespace this operator governs",
-                    id.namespace, id.pod_name, id.pod_uid
+                    "the connection comes from {shown}, not from pod {}/{} ({}); a pod's token is accepted only \
+                     from the pod itself",
+                    id.namespace,
+                    id.pod_name,
+                    if ips.is_empty() { "no IP reported yet".to_owned() } else { format!("{ips:?}") }
                 ),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
     let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
     if service_account != id.service_account {
         return Err(refuse(ctx, "forbidden", StatusCode::FORBIDDEN, "token and pod service accounts differ".into()));
@@ -194,7 +266,6 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         Ok(c) => c,
         Err(r) => return r,
     };
-    ctx.metrics.stream_request("ok");
     let instance: String = req
         .headers()
         .get(INSTANCE_HEADER)
@@ -202,14 +273,23 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         .filter(|v| !v.is_empty() && v.len() <= 64)
         .unwrap_or("unknown")
         .to_owned();
-    let (guard, rx, approvals) = ctx.hub.register(&pod, &instance);
-    {
-        let (client, hub, ns, uid, instance) =
-            (ctx.client.clone(), ctx.hub.clone(), id.namespace.clone(), id.pod_uid.clone(), instance.clone());
-        tokio::spawn(async move {
-            crate::approvals::abandon_other_instances(client, &hub, &ns, &uid, &instance).await;
-        });
-    }
+    let (guard, rx, approvals) = match ctx.hub.register(&pod, &instance) {
+        Ok(r) => r,
+        Err(_held) => {
+            ctx.metrics.stream_request("duplicate");
+            tracing::warn!(pod = %format!("{}/{}", id.namespace, id.pod_name), %instance,
+                "refused a second policy stream for a pod whose stream is alive");
+            return error(
+                StatusCode::CONFLICT,
+                "this pod already holds a live policy stream; another is accepted once that connection closes \
+                 or stops answering keepalive pings",
+            );
+        }
+    };
+    // The older instance's held calls are abandoned by the leader once no replica holds a
+    // stream of it any more (`acks::abandon_replaced`), never merely because a new
+    // stream arrived.
+    ctx.metrics.stream_request("ok");
     tracing::info!(pod = %format!("{}/{}", id.namespace, id.pod_name), "sidecar connected");
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + ctx.heartbeat, ctx.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -349,7 +429,7 @@ pub async fn serve<F, Fut>(
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -367,11 +447,20 @@ pub async fn serve<F, Fut>(
         tokio::spawn(async move {
             // Per connection: what a token proved here (see `ConnAuth`).
             let conn_auth = Arc::new(ConnAuth::default());
+            let keepalive = ctx.keepalive;
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(conn_auth.clone());
+                req.extensions_mut().insert(PeerAddr(peer));
                 handler(ctx.clone(), req)
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A sidecar that stops answering pings (frozen, partitioned, its node gone) is
+            // dropped: its stream ends and it no longer counts as enforcing.
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Some(keepalive.interval))
+                .keep_alive_timeout(keepalive.timeout);
             let result = match tls {
                 Some(acceptor) => {
                     let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {

@@ -80,17 +80,23 @@ async fn the_seed_policy_is_accepted_and_listed_with_its_columns() {
             // columns show it.
             let status = json!({"status": {
                 "conditions": [{"type": "Accepted", "status": "True", "reason": "Valid", "message": "ok",
+                                "lastTransitionTime": "2025-01-01T00:00:00Z", "observedGeneration": 1},
+                               {"type": "Ready", "status": "False", "reason": "Unprotected", "message": "c",
                                 "lastTransitionTime": "2025-01-01T00:00:00Z", "observedGeneration": 1}],
-                "observedGeneration": 1, "targets": 3, "enforcing": 2,
+                "observedGeneration": 1, "targets": 3, "enforcing": 2, "unprotected": 1,
             }});
             api.patch_status("seed", &PatchParams::default(), &Patch::Merge(&status)).await.expect("status patch");
 
             let table = run_ok(cluster.kubectl().args(["get", "mcpp", "-n", &ns])).await;
             let mut lines = table.lines();
             let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
-            assert_eq!(header, ["NAME", "MODE", "ACCEPTED", "TARGETS", "ENFORCING", "AGE"], "{table}");
+            assert_eq!(
+                header,
+                ["NAME", "MODE", "ACCEPTED", "READY", "TARGETS", "ENFORCING", "UNPROTECTED", "AGE"],
+                "{table}"
+            );
             let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();
-            assert_eq!(row[..5], ["seed", "enforce", "True", "3", "2"], "{table}");
+            assert_eq!(row[..7], ["seed", "enforce", "True", "False", "3", "2", "1"], "{table}");
 
             // The category lists it too.
             let by_category = run_ok(cluster.kubectl().args(["get", "toolgate", "-n", &ns, "-o", "name"])).await;

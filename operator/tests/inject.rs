@@ -279,3 +279,35 @@ fn opting_out_is_the_namespace_owners_choice() {
     assert_eq!(inject(&case.pod, &ns, &config).map(|_| ()), Err(Skip::OptedOut));
     assert!(!Skip::OptedOut.refused());
 }
+
+#[test]
+fn only_a_pod_holding_the_injected_sidecar_counts_as_protected() {
+    use toolgate_operator::inject::holds_injected_sidecar;
+    let config = InjectConfig::default();
+    let (pod, _) = injected("labelled-pod.json");
+    assert!(holds_injected_sidecar(&pod, &config));
+    // Labels and annotations do not matter either way: the namespace label may be gone,
+    // the pod may carry the opt-out annotation afterwards.
+    let relabelled = edit(&pod, |p| {
+        p["metadata"]["labels"] = json!({});
+        p["metadata"]["annotations"]["toolgate.dev/inject"] = json!("disabled");
+    });
+    assert!(holds_injected_sidecar(&relabelled, &config));
+    // A pod without the sidecar, however it is labelled and annotated, is not protected.
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/labelled-pod.json"));
+    let faked = edit(&case.pod, |p| {
+        p["metadata"]["labels"]["toolgate.dev/injected"] = json!("true");
+        p["metadata"]["annotations"] = json!({"toolgate.dev/inject": "disabled", "toolgate.dev/injected": "0.1.0"});
+    });
+    assert!(!holds_injected_sidecar(&faked, &config));
+    // Another image, other args, or another operator configuration: not the injected sidecar.
+    let reimaged = edit(&pod, |p| p["spec"]["initContainers"][0]["image"] = json!("example.com/passthrough:1"));
+    assert!(!holds_injected_sidecar(&reimaged, &config));
+    let rewired =
+        edit(&pod, |p| p["spec"]["initContainers"][0]["args"][3] = json!("--operator=https://evil.example:8443"));
+    assert!(!holds_injected_sidecar(&rewired, &config));
+    let other = InjectConfig { image: "registry.example/toolgate-proxy:9".into(), ..InjectConfig::default() };
+    assert!(!holds_injected_sidecar(&pod, &other));
+    let host = edit(&pod, |p| p["spec"]["hostNetwork"] = json!(true));
+    assert!(!holds_injected_sidecar(&host, &config));
+}

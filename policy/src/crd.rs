@@ -49,15 +49,18 @@ pub const INJECT_LABEL: &str = "toolgate.dev/inject";
     attr = "x_kube(crates(kube_core = \"::kube_core\"))",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode","description":"enforce or dryRun"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","description":"Whether the policy is valid"}"#,
-    printcolumn = r#"{"name":"Targets","type":"integer","jsonPath":".status.targets","description":"Pods the selector matches"}"#,
-    printcolumn = r#"{"name":"Enforcing","type":"integer","jsonPath":".status.enforcing","description":"Sidecars enforcing this generation"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether every selected pod has a sidecar enforcing this generation"}"#,
+    printcolumn = r#"{"name":"Targets","type":"integer","jsonPath":".status.targets","description":"Every running or pending pod of the namespace the selector matches, with or without a sidecar"}"#,
+    printcolumn = r#"{"name":"Enforcing","type":"integer","jsonPath":".status.enforcing","description":"Selected pods whose injected sidecar acknowledged this generation"}"#,
+    printcolumn = r#"{"name":"Unprotected","type":"integer","jsonPath":".status.unprotected","description":"Selected pods without the injected sidecar: nothing enforces the policy there"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.spec.version == '1'").message("spec.version must be \"1\"").field_path(".spec.version").reason(Reason::FieldValueInvalid)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct McpPolicySpec {
     /// Which pods of this namespace the policy governs, by label. Empty (the default)
-    /// selects every pod of the namespace that has the toolgate sidecar.
+    /// selects every pod of the namespace. Selected pods without the toolgate sidecar are
+    /// counted in `status.unprotected` and keep the policy from being Ready.
     #[serde(default)]
     pub selector: LabelSelector,
 
@@ -101,7 +104,10 @@ pub enum Mode {
 #[serde(rename_all = "camelCase")]
 pub struct McpPolicyStatus {
     /// `Accepted` (the spec is a valid policy; when False, the message names the bad
-    /// field) and `Ready` (every selected sidecar enforces this generation).
+    /// field), `Ready` (every selected pod has the injected sidecar and it enforces this
+    /// generation; False with reason `Unprotected`, naming the pods, while a selected pod
+    /// runs without it) and `PodsLeft` (True, naming them, while running pods that this
+    /// policy selected no longer match its selector).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<K8sCondition>,
@@ -110,13 +116,20 @@ pub struct McpPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Number of pods the selector matches.
+    /// Number of pods the selector matches (running or pending, not being deleted), with or
+    /// without a sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<i32>,
 
-    /// Number of selected sidecars that acknowledged this generation.
+    /// Number of selected pods whose injected sidecar acknowledged this generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcing: Option<i32>,
+
+    /// Number of selected pods without the sidecar as the operator injects it (opted out,
+    /// created before injection was enabled, or with a changed sidecar): nothing enforces
+    /// the policy on them. Their names are in the `Ready` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unprotected: Option<i32>,
 }
 
 /// A tool call held by a sidecar until a person decides. Created by the operator; decided

@@ -31,8 +31,9 @@ const TOOLGATE_CRDS: [&str; 2] = [
     include_str!("../../crds/mcpapprovals.toolgate.dev.yaml"),
 ];
 
-/// The audience of tokens meant for toolgate (accepted by the test apiserver's TokenReview
-/// besides the default `https://kubernetes.default.svc.cluster.local`).
+/// The audience of tokens meant for toolgate. Like a real cluster, the test apiserver does
+/// not list it in `--api-audiences`: tokens get it only when asked for (a projected token's
+/// `audience`, TokenRequest `audiences`), so a default API token is never a toolgate token.
 pub const TOOLGATE_AUDIENCE: &str = "toolgate";
 /// The service account issuer (and default API audience) of the local test apiserver.
 pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -46,8 +47,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
 ///
 /// Local mode (the default) runs etcd and kube-apiserver (see `make testbin`) on free
 /// loopback ports, with a fresh CA, serving and client certificates, service-account
-/// signing keys (TokenRequest/TokenReview work; audiences include `toolgate`), RBAC (and
-/// Node) authorization and the default admission plugins including MutatingAdmissionWebhook
+/// signing keys (TokenRequest/TokenReview work; the API audience is the issuer only, as in a
+/// real cluster), RBAC (and Node) authorization and the default admission plugins including MutatingAdmissionWebhook
 /// and ValidatingAdmissionWebhook. There is no kubelet, scheduler or controller-manager:
 /// pods are API objects only, and the harness itself does the little the controllers would
 /// otherwise do for test namespaces (the `default` service account, deleting contents).
@@ -200,7 +201,7 @@ impl TestCluster {
                 format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
                 format!("--service-account-key-file={}", sa_pub_file.display()),
                 format!("--service-account-signing-key-file={}", sa_key_file.display()),
-                format!("--api-audiences={SERVICE_ACCOUNT_ISSUER},{TOOLGATE_AUDIENCE}"),
+                format!("--api-audiences={SERVICE_ACCOUNT_ISSUER}"),
                 "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
                 "--allow-privileged=true".to_owned(),
                 // No kube-controller-manager: nothing would serve the endpoints of the

@@ -538,8 +538,12 @@ async fn five_minutes_on_a_cluster() {
     assert_eq!(accepted.unwrap()["status"], "True", "{}", enforced.data["status"]);
     let (printed, rows) = get_mcpp(cluster).await;
     eprintln!("journey: kubectl -n {APP_NS} get mcpp\n{printed}");
-    assert_eq!(rows[0], ["NAME", "MODE", "ACCEPTED", "TARGETS", "ENFORCING", "AGE"], "{printed}");
-    assert_eq!(rows[1][..5], [SEED_NAME, "enforce", "True", "1", "1"], "{printed}");
+    assert_eq!(
+        rows[0],
+        ["NAME", "MODE", "ACCEPTED", "READY", "TARGETS", "ENFORCING", "UNPROTECTED", "AGE"],
+        "{printed}"
+    );
+    assert_eq!(rows[1][..7], [SEED_NAME, "enforce", "True", "True", "1", "1", "0"], "{printed}");
     assert_eq!(rows.len(), 2, "{printed}");
     assert_eq!(sidecar.ready(), 200);
 

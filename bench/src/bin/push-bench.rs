@@ -8,9 +8,11 @@
 //!
 //! 1. Starts etcd + kube-apiserver ([`TestCluster::shared`], binaries from `make testbin`),
 //!    installs the CRDs of crds/, creates an operator namespace and an app namespace, the
-//!    McpPolicy `bench` (selector `app=bench`), max(N) Pods labelled
-//!    `toolgate.dev/injected=true` (created directly; no webhook on this path) and a
-//!    pod-bound token (audience `toolgate`) per pod, with bounded parallelism.
+//!    McpPolicy `bench` (selector `app=bench`), max(N) Pods holding the sidecar exactly as
+//!    the operator injects it (the patch of `toolgate_operator::inject`, applied here; no
+//!    webhook on this path) with 127.0.0.1 reported as their IP (the operator streams only
+//!    to such pods, from their address), and a pod-bound token (audience `toolgate`) per
+//!    pod, with bounded parallelism.
 //! 2. Starts `toolgate-operator` (release build next to this binary by default), scoped to
 //!    the app namespace with `--namespace-selector`, and reads the published CA.
 //! 3. For each N: N in-process sidecar clients, each on its own TLS + HTTP/2 connection,
@@ -58,6 +60,9 @@ use toolgate_tests::{Supervised, TestCluster, free_port, run_ok};
 const CRD_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds");
 const POLICY: &str = "bench";
 const SERVICE_ACCOUNT: &str = "agent";
+/// The operator URL the bench's pods are injected with (and the operator is started with):
+/// the operator recognises only the sidecar it would inject itself.
+const SIDECAR_OPERATOR_URL: &str = "https://toolgate-operator.toolgate-bench.svc:8443";
 /// The operator caches successful TokenReviews for this long (operator/src/auth.rs).
 const TOKEN_CACHE_TTL: Duration = Duration::from_secs(60);
 
@@ -307,20 +312,30 @@ async fn create_pods(
     note(started, format!("creating {n} pods ({parallel} in parallel)"));
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let done = std::sync::atomic::AtomicUsize::new(0);
+    let config = toolgate_operator::inject::InjectConfig {
+        operator_url: SIDECAR_OPERATOR_URL.into(),
+        ..toolgate_operator::inject::InjectConfig::default()
+    };
+    let opted_in = BTreeMap::from([("toolgate.dev/inject".to_owned(), "enabled".to_owned())]);
+    let (config, opted_in) = (&config, &opted_in);
     let results: Vec<Result<Pod>> = stream::iter(0..n)
         .map(|i| {
             let (api, done) = (api.clone(), &done);
             async move {
                 let name = format!("bench-{i:04}");
-                let pod: Pod = serde_json::from_value(json!({
+                let mut pod = json!({
                     "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": name, "labels": {"app": "bench", "toolgate.dev/injected": "true"}},
+                    "metadata": {"name": name, "labels": {"app": "bench"}},
                     "spec": {
                         "serviceAccountName": SERVICE_ACCOUNT,
                         "containers": [{"name": "mcp", "image": "mcp-server:bench", "ports": [{"containerPort": 3000}]}],
                     },
-                }))?;
-                let created = retry(|| async {
+                });
+                let patch = toolgate_operator::inject::inject(&serde_json::from_value(pod.clone())?, opted_in, config)
+                    .map_err(|skip| anyhow::anyhow!("the bench pod is not injectable: {}", skip.as_str()))?;
+                json_patch::patch(&mut pod, &patch).context("applying the injection patch")?;
+                let pod: Pod = serde_json::from_value(pod)?;
+                retry(|| async {
                     match api.create(&PostParams::default(), &pod).await {
                         Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await,
                         other => other,
@@ -328,6 +343,12 @@ async fn create_pods(
                 })
                 .await
                 .with_context(|| format!("creating pod {name}"))?;
+                // The kubelet's part: the pod's address (the bench's clients run here).
+                let ip = json!({"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}});
+                let (params, patch) = (PatchParams::default(), Patch::Merge(&ip));
+                let created = retry(|| api.patch_status(&name, &params, &patch))
+                    .await
+                    .with_context(|| format!("reporting the IP of pod {name}"))?;
                 let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 if k % 200 == 0 || k == n {
                     note(started, format!("  {k}/{n} pods"));
@@ -476,7 +497,7 @@ impl Operator {
             // No such MutatingWebhookConfiguration: the apiserver never calls this operator;
             // the webhook benchmark posts to /inject itself.
             format!("--webhook-config=toolgate-bench-{namespace}"),
-            format!("--sidecar-operator-url=https://127.0.0.1:{port}"),
+            format!("--sidecar-operator-url={SIDECAR_OPERATOR_URL}"),
             format!("--namespace-selector={selector}"),
         ];
         if let Some(dir) = args.log.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -964,6 +985,16 @@ async fn webhook_bench(
     }
     if let Some(obj) = pod.as_object_mut() {
         obj.remove("status");
+    }
+    // Without what injection added to the bench's pods (the webhook would admit it as is).
+    if let Some(meta) = pod.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("annotations");
+    }
+    if let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.remove("initContainers");
+        if let Some(volumes) = spec.get_mut("volumes").and_then(Value::as_array_mut) {
+            volumes.retain(|v| !matches!(v["name"].as_str(), Some("toolgate-token" | "toolgate-state")));
+        }
     }
     let review = |i: usize| -> Result<Bytes> {
         let mut object = pod.clone();

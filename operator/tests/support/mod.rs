@@ -57,7 +57,6 @@ impl Operator {
             format!("--pod-name={identity}"),
             "--extra-san=127.0.0.1".into(),
             format!("--webhook-config={webhook}"),
-            format!("--sidecar-operator-url=https://127.0.0.1:{port}"),
             "--sidecar-image=toolgate-proxy:test".into(),
             "--heartbeat-seconds=1".into(),
             "--lease-seconds=4".into(),
@@ -70,6 +69,11 @@ impl Operator {
             .patch(app_namespace, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label))
             .await
             .expect("label the app namespace");
+        // Replicas of one deployment share one URL (a Service); a single operator is
+        // reached directly.
+        if !extra.iter().any(|e| e.starts_with("--sidecar-operator-url=")) {
+            args.push(format!("--sidecar-operator-url=https://127.0.0.1:{port}"));
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         create_webhook_config(cluster, &webhook, port, app_namespace, namespace).await;
         let log = cluster.work_dir().join(format!("operator-{namespace}-{identity}.log"));
@@ -189,9 +193,29 @@ pub async fn wait_for_webhook(cluster: &TestCluster, name: &str) {
     .await;
 }
 
+/// Reports `ip` as the pod's address through the status subresource, as its kubelet would
+/// (there is no kubelet here; the test's sidecars run on the host, hence 127.0.0.1).
+pub async fn set_pod_ip(cluster: &TestCluster, pod: &Pod, ip: &str) -> Pod {
+    let api: Api<Pod> = Api::namespaced(cluster.client(), pod.metadata.namespace.as_deref().unwrap());
+    let status = json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}]}});
+    api.patch_status(
+        pod.metadata.name.as_deref().unwrap(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .expect("report the pod's IP")
+}
+
 /// Creates a pod (retrying while the webhook's caBundle propagates) and returns it as
-/// admitted.
+/// admitted, with 127.0.0.1 reported as its IP (see [`set_pod_ip`]).
 pub async fn create_pod(cluster: &TestCluster, namespace: &str, name: &str, labels: Value) -> Pod {
+    let pod = create_pod_without_ip(cluster, namespace, name, labels).await;
+    set_pod_ip(cluster, &pod, "127.0.0.1").await
+}
+
+/// [`create_pod`] without reporting an IP.
+pub async fn create_pod_without_ip(cluster: &TestCluster, namespace: &str, name: &str, labels: Value) -> Pod {
     cluster.ensure_service_account(namespace, "agent").await;
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
