@@ -23,10 +23,10 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::gate::Tracker;
-use crate::jsonrpc::{self, code};
-use crate::server::{self, App, BoxError, RespBody, json_response};
-use crate::sessions::new_session_id;
-use crate::sse;
+use crate::mcp::jsonrpc::{self, code};
+use crate::mcp::sse;
+use crate::transport::server::{self, App, BoxError, RespBody, json_response};
+use crate::transport::sessions::new_session_id;
 
 /// Events queued for one client's `/sse` stream before senders wait.
 const QUEUE: usize = 64;

@@ -17,9 +17,9 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-use crate::ordering::Order;
-use crate::server::{RespBody, strip_hop_by_hop};
-use crate::sessions::{self, Opener, Sessions, SseOpen, SseTarget};
+use crate::transport::ordering::Order;
+use crate::transport::server::{RespBody, strip_hop_by_hop};
+use crate::transport::sessions::{self, Opener, Sessions, SseOpen, SseTarget};
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 

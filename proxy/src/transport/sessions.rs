@@ -25,10 +25,10 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::jsonrpc::{self, code};
-use crate::server::{BoxError, RespBody, full, json_response, strip_hop_by_hop};
-use crate::sse;
-use crate::upstream::{HttpClient, UpstreamError, spawn_server};
+use crate::mcp::jsonrpc::{self, code};
+use crate::mcp::sse;
+use crate::transport::server::{BoxError, RespBody, full, json_response, strip_hop_by_hop};
+use crate::transport::upstream::{HttpClient, UpstreamError, spawn_server};
 
 /// Requests of one session waiting for their answers at once.
 pub const MAX_PENDING: usize = 256;
@@ -257,6 +257,7 @@ impl Drop for Registration<'_> {
 }
 
 /// A 2024-11-05 server's SSE stream, open and past its `endpoint` event.
+#[derive(Debug)]
 pub struct SseOpened {
     endpoint: Uri,
     body: RespBody,
@@ -266,6 +267,7 @@ pub struct SseOpened {
 }
 
 /// What a GET to a 2024-11-05 server's SSE endpoint gave.
+#[derive(Debug)]
 pub enum SseOpen {
     Open(SseOpened),
     /// The server refused (non-2xx): its answer, for the client.
@@ -721,7 +723,7 @@ fn spawn_child(command: &[String], owner: &str) -> Result<Arc<Session>, Upstream
     tokio::spawn(async move {
         let mut out = BufReader::new(stdout);
         loop {
-            match crate::stdio::read_line(&mut out, MAX_LINE_BYTES).await {
+            match crate::transport::stdio::read_line(&mut out, MAX_LINE_BYTES).await {
                 Ok(Some(Ok(line))) => match serde_json::from_slice::<Value>(&line) {
                     Ok(msg) => reader.deliver(msg, &events),
                     Err(_) => tracing::debug!("ignoring a non-JSON line from the MCP server"),

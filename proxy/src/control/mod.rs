@@ -39,7 +39,7 @@ use toolgate_policy::push::{self, Ack, ApprovalClose, ApprovalCreated, ApprovalR
 
 use crate::approval::Approvals;
 use crate::gate::{Effective, Source};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Connecting, the TLS handshake and the response head must each finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

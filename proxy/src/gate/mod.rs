@@ -24,9 +24,9 @@ use tokio::sync::watch;
 use toolgate_policy::{Call, Caller, Decision, DecisionKind, DenialStyle, Limiter, Policy, Reservation};
 
 use crate::approval::{self, Approvals, ReuseKey};
-use crate::audit;
-use crate::jsonrpc::{self, Body, Kind, code, id_key};
-use crate::metrics::Metrics;
+use crate::mcp::jsonrpc::{self, Body, Kind, code, id_key};
+use crate::telemetry::audit;
+use crate::telemetry::metrics::Metrics;
 
 /// Who decides calls held for approval.
 #[derive(Debug)]
@@ -928,9 +928,12 @@ pub fn answer(id: Value, denial: DenialStyle, code: i64, message: String, data: 
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::jsonrpc::parse_body;
+    use crate::mcp::jsonrpc::parse_body;
 
     fn gate(policy: &str) -> (Gate, Arc<Effective>) {
         gate_for(Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid"))))
@@ -1127,11 +1130,11 @@ pub(crate) mod tests {
     fn live_operator_gate(policy: &str) -> (Gate, Arc<Effective>, Arc<Approvals>, watch::Sender<Arc<Effective>>) {
         let p = Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid")));
         let (tx, rx) = watch::channel(p.clone());
-        let endpoint = crate::operator::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
+        let endpoint = crate::control::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
         let config =
-            crate::operator::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
+            crate::control::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
         let metrics = Arc::new(Metrics::new());
-        let approvals = Approvals::new(crate::operator::Link::new(config), metrics.clone());
+        let approvals = Approvals::new(crate::control::Link::new(config), metrics.clone());
         let g =
             Gate::new(rx, metrics, IdentitySource::Authorization, false, None, Approver::Operator(approvals.clone()));
         (g, p, approvals, tx)

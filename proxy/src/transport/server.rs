@@ -17,15 +17,15 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use toolgate_policy::Caller;
 
-use crate::connections::{self, AcceptBackoff, Activity, Limits, Tracked};
-use crate::frontdoor::{self, HostRules};
 use crate::gate::{Checked, Gate, Tracker};
-use crate::jsonrpc::{self, code};
-use crate::legacy_clients::{self, LegacyClients};
-use crate::metrics::Metrics;
-use crate::owners::{Owners, Verdict};
-use crate::sse;
-use crate::upstream::Upstream;
+use crate::mcp::jsonrpc::{self, code};
+use crate::mcp::sse;
+use crate::telemetry::metrics::Metrics;
+use crate::transport::connections::{self, AcceptBackoff, Activity, Limits, Tracked};
+use crate::transport::frontdoor::{self, HostRules};
+use crate::transport::legacy::{self, LegacyClients};
+use crate::transport::owners::{Owners, Verdict};
+use crate::transport::upstream::Upstream;
 
 /// A concrete body error type: boxed trait objects trip a higher-ranked lifetime
 /// limitation of the compiler inside hyper's service bounds.
@@ -134,9 +134,9 @@ pub async fn handle(app: Arc<App>, conn: Conn, req: Request<ReqBody>) -> Result<
         ("/mcp", &Method::GET) => (forward_stream(&app, req).await, "get"),
         ("/mcp", &Method::DELETE) => (forward_stream(&app, req).await, "delete"),
         ("/mcp", _) => (not_allowed("POST, GET, DELETE"), Metrics::method_label("")),
-        ("/sse", &Method::GET) => (legacy_clients::open(&app, req.headers()), "get"),
+        ("/sse", &Method::GET) => (legacy::open(&app, req.headers()), "get"),
         ("/sse", _) => (not_allowed("GET"), Metrics::method_label("")),
-        ("/messages", &Method::POST) => legacy_clients::message(&app, req).await,
+        ("/messages", &Method::POST) => legacy::message(&app, req).await,
         ("/messages", _) => (not_allowed("POST"), Metrics::method_label("")),
         _ => (
             rpc_error(

@@ -27,11 +27,11 @@ use tokio::sync::oneshot;
 use toolgate_policy::push::{ApprovalRequest, ApprovalUpdate};
 use toolgate_policy::{Caller, DenialStyle};
 
-use crate::audit;
+use crate::control::Link;
 use crate::gate::{self, Fields, Gate, Hold, Tracker};
-use crate::jsonrpc::code;
-use crate::metrics::Metrics;
-use crate::operator::Link;
+use crate::mcp::jsonrpc::code;
+use crate::telemetry::audit;
+use crate::telemetry::metrics::Metrics;
 
 /// Most calls held for approval at once (more are refused at once).
 pub const MAX_HELD: usize = 64;
@@ -95,10 +95,10 @@ impl Phase {
 
 /// SHA-256 (64 hex digits) of the canonical JSON of a call's arguments (absent arguments
 /// are `{}`): the same digest as the audit line's `argumentsSha256`
-/// ([`crate::audit::arguments_sha256_hex`]), so an approval and the call's audit lines
+/// ([`crate::telemetry::audit::arguments_sha256_hex`]), so an approval and the call's audit lines
 /// correlate.
 pub fn arguments_digest(arguments: &Value) -> String {
-    crate::audit::arguments_sha256_hex(arguments)
+    crate::telemetry::audit::arguments_sha256_hex(arguments)
 }
 
 /// What an approval given once covers with `reuse_for`: the same tool, canonical
@@ -630,9 +630,9 @@ mod tests {
     }
 
     fn approvals() -> Arc<Approvals> {
-        let endpoint = crate::operator::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
+        let endpoint = crate::control::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
         let config =
-            crate::operator::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
+            crate::control::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
         Approvals::new(Link::new(config), Arc::new(Metrics::new()))
     }
 

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use toolgate_policy::Caller;
 
 use crate::gate::{Checked, Gate, Tracker};
-use crate::jsonrpc;
-use crate::sessions::MAX_PENDING;
+use crate::mcp::jsonrpc;
+use crate::transport::sessions::MAX_PENDING;
 
 /// Reads one newline-terminated line of at most `max` bytes. Ok(None) at end of input;
 /// Err(()) for an over-long line (which is skipped).
@@ -54,13 +54,13 @@ async fn skip_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Re
 }
 
 /// Largest line the child may write (one JSON-RPC message), as in child sessions.
-const MAX_CHILD_LINE_BYTES: usize = crate::sse::MAX_EVENT_BYTES;
+const MAX_CHILD_LINE_BYTES: usize = crate::mcp::sse::MAX_EVENT_BYTES;
 
 /// Why calls that need approval are refused over `--stdio`.
 pub const NO_HOLD: &str = "calls are not held for approval over --stdio";
 
 pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow::Result<()> {
-    let mut child = crate::upstream::spawn_server(command).context("cannot start the MCP server")?;
+    let mut child = crate::transport::upstream::spawn_server(command).context("cannot start the MCP server")?;
     let mut child_in = child.stdin.take().context("child stdin")?;
     let child_out = child.stdout.take().context("child stdout")?;
     let state = Arc::new(Mutex::new(State::default()));

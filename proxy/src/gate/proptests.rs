@@ -20,8 +20,9 @@ use serde_json::{Value, json};
 use toolgate_policy::{Call, Caller, DecisionKind, Policy};
 
 use crate::gate::{Checked, Effective, Gate};
-use crate::jsonrpc;
-use crate::{sse, stdio};
+use crate::mcp::jsonrpc;
+use crate::mcp::sse;
+use crate::transport::stdio;
 
 /// The fixed seed of `make test`.
 const SEED: u64 = 0x7001_6a7e_0011_0014;

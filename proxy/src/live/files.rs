@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use toolgate_policy::Policy;
 
 use crate::gate::Effective;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
     paths

@@ -118,7 +118,7 @@ pub struct Metrics {
     approval_wait: Histogram,
     known_tools: RwLock<HashSet<String>>,
     /// The listeners' connection and front-door metrics.
-    pub connections: crate::connections::ConnMetrics,
+    pub connections: crate::transport::connections::ConnMetrics,
 }
 
 impl Default for Metrics {
@@ -213,7 +213,7 @@ impl Metrics {
             "Time a call was held for approval, from the decision to hold it until its outcome",
             approval_wait.clone(),
         );
-        let connections = crate::connections::ConnMetrics::register(&mut registry);
+        let connections = crate::transport::connections::ConnMetrics::register(&mut registry);
         Self {
             registry,
             decisions,

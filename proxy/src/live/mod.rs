@@ -1,0 +1,3 @@
+//! The live policy.
+
+pub mod files;
