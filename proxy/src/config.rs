@@ -12,9 +12,11 @@ use clap::{ArgGroup, Parser};
 
 use crate::approval::Approvals;
 use crate::control as operator;
-use crate::gate::{Approver, Effective, Gate, IdentitySource, Source};
+use crate::gate::{Approvers, Gate, IdentitySource};
 use crate::live::files as policy_files;
-use crate::telemetry::audit;
+use crate::live::{Effective, Source};
+use crate::telemetry::Telemetry;
+use crate::telemetry::audit::AuditSink;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::connections::Limits;
 use crate::transport::frontdoor::HostRules;
@@ -265,12 +267,15 @@ pub fn main() -> ExitCode {
 
 async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    // In `--stdio` mode stdout carries the protocol, so audit lines go to stderr.
+    let sink = if args.stdio { AuditSink::Stderr } else { AuditSink::Stdout };
+    let telemetry = Arc::new(Telemetry::new(metrics.clone(), args.pod_name.clone(), args.audit_arguments, sink));
     let mut approvals = None;
     let policy_rx = match start {
         Start::Files(policy) => {
             tracing::info!(revision = policy.revision(), files = ?args.policies, "policy loaded");
             let effective = Effective::files(policy);
-            metrics.policy_enforced(&effective);
+            crate::live::enforced(&metrics, &effective);
             let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(effective));
             tokio::spawn(policy_files::watch(
                 args.policies.clone(),
@@ -288,11 +293,11 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
                 }
                 None => tracing::warn!("no policy yet: every tool call is refused until the operator sends one"),
             }
-            metrics.policy_enforced(&initial);
+            crate::live::enforced(&metrics, &initial);
             let (policy_tx, policy_rx) = tokio::sync::watch::channel(Arc::new(initial));
             let link = operator::Link::new(config);
             tracing::info!(instance = link.instance(), "this proxy's instance id (approvals it requests carry it)");
-            let a = Approvals::new(link.clone(), metrics.clone());
+            let a = Approvals::new(link.clone(), telemetry.clone());
             operator::Client::spawn(link, a.clone(), policy_tx, metrics.clone(), applied);
             approvals = Some(a);
             policy_rx
@@ -315,22 +320,12 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
     // Calls that need approval are held only where a person can be asked and the call's
     // request can stay open: operator mode over HTTP.
     let approver = match approvals {
-        Some(_) if args.stdio => Approver::Unavailable(stdio::NO_HOLD),
-        Some(a) => Approver::Operator(a),
-        None => Approver::Unavailable("no operator to ask"),
+        Some(_) if args.stdio => Approvers::Unavailable(stdio::NO_HOLD),
+        Some(a) => Approvers::Operator(a),
+        None => Approvers::Unavailable("no operator to ask"),
     };
     let shared_identity = matches!(identity, IdentitySource::Shared);
-    let gate = Arc::new(Gate::new(
-        policy_rx,
-        metrics.clone(),
-        identity,
-        args.audit_arguments,
-        args.pod_name.clone(),
-        approver,
-    ));
-    if args.stdio {
-        audit::to_stderr();
-    }
+    let gate = Arc::new(Gate::new(policy_rx, telemetry, identity, approver));
 
     let (max_connections, note) = connections::connection_cap(
         args.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),

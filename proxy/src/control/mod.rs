@@ -37,9 +37,10 @@ use tokio::time::Instant;
 use toolgate_policy::Policy;
 use toolgate_policy::push::{self, Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, Message, PolicySet};
 
-use crate::approval::Approvals;
-use crate::gate::{Effective, Source};
+use crate::approval::{ApprovalDesk, Approvals, DeskError};
+use crate::live::{Effective, Source};
 use crate::telemetry::metrics::Metrics;
+use futures_util::future::BoxFuture;
 
 /// Connecting, the TLS handshake and the response head must each finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -261,6 +262,20 @@ impl Link {
     }
 }
 
+impl ApprovalDesk for Link {
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn request<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, Result<String, DeskError>> {
+        Box::pin(async move { self.request_approval(request).await.map_err(DeskError::from) })
+    }
+
+    fn close<'a>(&'a self, name: &'a str, phase: &'a str) -> BoxFuture<'a, Result<(), DeskError>> {
+        Box::pin(async move { self.close_approval(name, phase).await.map_err(DeskError::from) })
+    }
+}
+
 /// A Kubernetes object name (DNS subdomain): it becomes part of a request path.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -278,7 +293,7 @@ fn new_instance() -> String {
         bytes[..8].copy_from_slice(&(nanos as u64).to_le_bytes());
         bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::mcp::canonical::hex(&bytes)
 }
 
 impl Config {
@@ -798,7 +813,7 @@ impl Client {
             ?dry_run,
             "policy set from the operator applied"
         );
-        self.metrics.policy_enforced(&effective);
+        crate::live::enforced(&self.metrics, &effective);
         self.metrics.policy_applied();
         self.policy.send_replace(Arc::new(effective));
         self.applied = Some(revision.clone());

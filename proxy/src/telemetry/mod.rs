@@ -1,4 +1,7 @@
 //! What the proxy reports: Prometheus metrics and audit lines.
 
 pub mod audit;
+pub mod decision;
 pub mod metrics;
+
+pub use decision::{DecisionEvent, Telemetry};

@@ -108,7 +108,7 @@ pub fn open(app: &Arc<App>, headers: &HeaderMap) -> Response<RespBody> {
     let owner = match app.gate.caller(headers, &app.gate.current()) {
         Ok(c) => c.identity,
         Err(e) => {
-            app.gate.metrics.caller_refused("ambiguous_caller");
+            app.gate.telemetry.metrics.caller_refused("ambiguous_caller");
             return json_response(StatusCode::BAD_REQUEST, &e.answer());
         }
     };
@@ -168,7 +168,7 @@ pub async fn message(app: &Arc<App>, mut req: Request<server::ReqBody>) -> (Resp
     let session = session.filter(|s| {
         let own = caller.as_deref() == Some(s.owner.as_str());
         if !own {
-            app.gate.metrics.caller_refused("session");
+            app.gate.telemetry.metrics.caller_refused("session");
         }
         own
     });

@@ -54,9 +54,9 @@ impl App {
     /// For a stateless upstream a session id means nothing and is dropped, so a
     /// `scope: session` limit counts under the caller's identity.
     #[expect(clippy::result_large_err, reason = "the refusal is the response itself, built at most once per request")]
-    fn bound_caller(&self, headers: &HeaderMap, policy: &crate::gate::Effective) -> Result<Caller, Response<RespBody>> {
+    fn bound_caller(&self, headers: &HeaderMap, policy: &crate::live::Effective) -> Result<Caller, Response<RespBody>> {
         let mut caller = self.gate.caller(headers, policy).map_err(|e| {
-            self.gate.metrics.caller_refused("ambiguous_caller");
+            self.gate.telemetry.metrics.caller_refused("ambiguous_caller");
             json_response(StatusCode::BAD_REQUEST, &e.answer())
         })?;
         if let Some(sid) = &caller.session {
@@ -64,7 +64,7 @@ impl App {
                 Verdict::Own => {}
                 Verdict::Stateless => caller.session = None,
                 Verdict::NotFound => {
-                    self.gate.metrics.caller_refused("session");
+                    self.gate.telemetry.metrics.caller_refused("session");
                     return Err(rpc_error(
                         StatusCode::NOT_FOUND,
                         code::INVALID_REQUEST,
@@ -123,9 +123,13 @@ fn rpc_error(status: StatusCode, code: i64, message: impl Into<String>) -> Respo
 pub async fn handle(app: Arc<App>, conn: Conn, req: Request<ReqBody>) -> Result<Response<RespBody>, Infallible> {
     let started = Instant::now();
     if let Err(refusal) = conn.front.hosts.check(req.headers(), req.uri().authority().map(|a| a.as_str())) {
-        app.gate.metrics.connections.request_refused(refusal.reason);
+        app.gate.telemetry.metrics.connections.request_refused(refusal.reason);
         let resp = rpc_error(StatusCode::FORBIDDEN, code::INVALID_REQUEST, refusal.message);
-        app.gate.metrics.request(Metrics::method_label(""), resp.status().as_u16(), started.elapsed().as_secs_f64());
+        app.gate.telemetry.metrics.request(
+            Metrics::method_label(""),
+            resp.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
         return Ok(resp);
     }
     let body_timed_out = req.body().timed_out();
@@ -148,7 +152,7 @@ pub async fn handle(app: Arc<App>, conn: Conn, req: Request<ReqBody>) -> Result<
         ),
     };
     if body_timed_out.load(Ordering::Relaxed) {
-        app.gate.metrics.connections.timeout("mcp", "body");
+        app.gate.telemetry.metrics.connections.timeout("mcp", "body");
         resp = rpc_error(
             StatusCode::REQUEST_TIMEOUT,
             code::INVALID_REQUEST,
@@ -156,7 +160,7 @@ pub async fn handle(app: Arc<App>, conn: Conn, req: Request<ReqBody>) -> Result<
         );
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    app.gate.metrics.request(method, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    app.gate.telemetry.metrics.request(method, resp.status().as_u16(), started.elapsed().as_secs_f64());
     Ok(resp)
 }
 
@@ -268,7 +272,7 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
         Checked::Forward(t) => t,
         // Waits (this request stays open) until a person decides; dropping this future
         // (the client went away) cancels the approval.
-        Checked::Hold(h) => match h.approvals.clone().wait(app.gate.clone(), h).await {
+        Checked::Hold(h) => match app.gate.wait_approval(h).await {
             Ok(t) => t,
             Err(v) => return (json_response(StatusCode::OK, &v), method),
         },
@@ -280,7 +284,7 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
             Some(claim) => tracker.keep_until_settled(claim),
             None => {
                 tracker.rollback_all();
-                app.gate.metrics.caller_refused("duplicate_id");
+                app.gate.telemetry.metrics.caller_refused("duplicate_id");
                 return (
                     rpc_error(
                         StatusCode::BAD_REQUEST,
@@ -300,7 +304,7 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
             } else {
                 tracker.rollback_all();
             }
-            app.gate.metrics.upstream_error(e.kind());
+            app.gate.telemetry.metrics.upstream_error(e.kind());
             tracing::warn!(error = %e, "upstream request failed");
             return (
                 rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream MCP server failed: {e}")),
@@ -329,7 +333,7 @@ pub async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, c
             // A server error may come after the work began: the units stay spent.
             tracker.keep_spent();
             if parts.status.is_server_error() {
-                app.gate.metrics.upstream_error("status");
+                app.gate.telemetry.metrics.upstream_error("status");
             }
         }
         return Response::from_parts(parts, body);
@@ -351,7 +355,7 @@ pub async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, c
         Err(e) => {
             // The upstream accepted the request (2xx) and may have acted on it.
             tracker.keep_spent();
-            app.gate.metrics.upstream_error("body");
+            app.gate.telemetry.metrics.upstream_error("body");
             return rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream answer unreadable: {e}"));
         }
     };
@@ -374,7 +378,7 @@ fn sse_body(app: &App, mut body: RespBody, mut tracker: Tracker, caller: Caller)
             match body.frame().await {
                 None => break,
                 Some(Err(e)) => {
-                    gate.metrics.upstream_error("stream");
+                    gate.telemetry.metrics.upstream_error("stream");
                     let _ = tx.send(Err(e)).await;
                     break;
                 }
@@ -383,7 +387,7 @@ fn sse_body(app: &App, mut body: RespBody, mut tracker: Tracker, caller: Caller)
                     let events = match splitter.push(&data) {
                         Ok(ev) => ev,
                         Err(e) => {
-                            gate.metrics.upstream_error("stream");
+                            gate.telemetry.metrics.upstream_error("stream");
                             let _ = tx.send(Err(std::io::Error::other(e))).await;
                             break;
                         }
@@ -439,7 +443,7 @@ async fn forward_stream(app: &App, req: Request<ReqBody>) -> Response<RespBody> 
             answer(app, resp, Tracker::default(), caller).await
         }
         Err(e) => {
-            app.gate.metrics.upstream_error(e.kind());
+            app.gate.telemetry.metrics.upstream_error(e.kind());
             rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream MCP server failed: {e}"))
         }
     }
@@ -477,7 +481,7 @@ pub async fn admin(app: Arc<App>, conn: Conn, req: Request<ReqBody>) -> Result<R
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
-            app.gate.metrics.encode(),
+            app.gate.telemetry.metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
@@ -486,7 +490,7 @@ pub async fn admin(app: Arc<App>, conn: Conn, req: Request<ReqBody>) -> Result<R
         }
         (&Method::GET, "/readyz") => text(StatusCode::OK, format!("ok revision {}\n", policy.revision), "text/plain"),
         (&Method::GET, "/policy") if !frontdoor::policy_visible(conn.peer, conn.front.admin_policy_public) => {
-            app.gate.metrics.connections.request_refused("admin_policy");
+            app.gate.telemetry.metrics.connections.request_refused("admin_policy");
             text(
                 StatusCode::FORBIDDEN,
                 "/policy is served to loopback peers only: reach it through the pod's loopback \
@@ -534,7 +538,7 @@ pub async fn serve<F, Fut>(
     Fut: std::future::Future<Output = Result<Response<RespBody>, Infallible>> + Send + 'static,
 {
     let Listen { name, limits, front } = listen;
-    let metrics = app.gate.metrics.clone();
+    let metrics = app.gate.telemetry.metrics.clone();
     let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
     let builder = Arc::new(builder);

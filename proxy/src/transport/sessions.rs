@@ -69,7 +69,7 @@ pub fn new_session_id() -> String {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         b[..16].copy_from_slice(&t.as_nanos().to_le_bytes());
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::mcp::canonical::hex(&b)
 }
 
 #[derive(Debug)]
@@ -723,7 +723,7 @@ fn spawn_child(command: &[String], owner: &str) -> Result<Arc<Session>, Upstream
     tokio::spawn(async move {
         let mut out = BufReader::new(stdout);
         loop {
-            match crate::transport::stdio::read_line(&mut out, MAX_LINE_BYTES).await {
+            match crate::mcp::lines::read_line(&mut out, MAX_LINE_BYTES).await {
                 Ok(Some(Ok(line))) => match serde_json::from_slice::<Value>(&line) {
                     Ok(msg) => reader.deliver(msg, &events),
                     Err(_) => tracing::debug!("ignoring a non-JSON line from the MCP server"),
