@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
 
+use crate::admin::{self, AdminState};
 use crate::approval::Approvals;
 use crate::control as operator;
 use crate::gate::{Approvers, Gate, IdentitySource};
@@ -21,11 +22,13 @@ use crate::telemetry::metrics::Metrics;
 use crate::transport::connections::Limits;
 use crate::transport::frontdoor::HostRules;
 use crate::transport::legacy::LegacyClients;
+use crate::transport::listener::{self, Front, Listen};
+use crate::transport::mcp_http::App;
 use crate::transport::owners::Owners;
-use crate::transport::server::{App, Front, Listen};
+use crate::transport::router::{self, Router};
 use crate::transport::sessions::{Opener, Sessions};
 use crate::transport::upstream::{HttpUpstream, Transport, Upstream};
-use crate::transport::{connections, server, stdio};
+use crate::transport::{connections, stdio};
 
 /// Deterministic rules in front of every MCP tool call.
 #[derive(Parser, Debug)]
@@ -346,15 +349,16 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
+    let admin_state = Arc::new(AdminState { policy: gate.policy.clone(), metrics: metrics.clone() });
     if args.stdio {
-        let app = Arc::new(App {
-            gate: gate.clone(),
-            upstream: placeholder_upstream(),
-            max_body: args.max_body_bytes,
-            legacy: LegacyClients::new(0),
-            owners: Owners::new(Duration::ZERO, true),
-        });
-        let admin = tokio::spawn(server::serve(admin_listener, admin_listen, app, server::admin, shutdown_rx));
+        let admin = tokio::spawn(listener::serve(
+            admin_listener,
+            admin_listen,
+            admin_state,
+            metrics.clone(),
+            admin::admin,
+            shutdown_rx,
+        ));
         let result = stdio::run(gate, &args.command, args.max_body_bytes).await;
         let _ = shutdown_tx.send(true);
         let _ = admin.await;
@@ -396,21 +400,23 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
         Upstream::Stdio(_) => Owners::new(Duration::from_secs(args.session_idle_seconds.max(1)), true),
         Upstream::Http(_) => Owners::new(Duration::from_secs(24 * 3600), false),
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let mcp_listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, admin = %args.admin_listen, "serving MCP at /mcp (and /sse, /messages for 2024-11-05 clients)");
-    let app = Arc::new(App {
-        gate,
-        upstream,
-        max_body: args.max_body_bytes,
-        legacy: LegacyClients::new(args.max_sessions.max(1)),
-        owners,
-    });
-    let admin =
-        tokio::spawn(server::serve(admin_listener, admin_listen, app.clone(), server::admin, shutdown_rx.clone()));
+    let app = Arc::new(App { gate, upstream, max_body: args.max_body_bytes, owners });
+    let legacy = Arc::new(LegacyClients::new(app.clone(), args.max_sessions.max(1)));
+    let router = Arc::new(Router { app: app.clone(), legacy });
+    let admin = tokio::spawn(listener::serve(
+        admin_listener,
+        admin_listen,
+        admin_state,
+        metrics.clone(),
+        admin::admin,
+        shutdown_rx.clone(),
+    ));
     let mcp_listen = Listen { name: "mcp", limits, front };
-    let main = tokio::spawn(server::serve(listener, mcp_listen, app.clone(), server::handle, shutdown_rx));
+    let main = tokio::spawn(listener::serve(mcp_listener, mcp_listen, router, metrics, router::handle, shutdown_rx));
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight calls");
     let _ = shutdown_tx.send(true);
@@ -418,18 +424,6 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
     let _ = admin.await;
     app.upstream.shutdown();
     Ok(())
-}
-
-/// In `--stdio` mode the HTTP upstream is unused; the admin listener only needs the gate.
-fn placeholder_upstream() -> Upstream {
-    Upstream::Http(Box::new(HttpUpstream::new(
-        hyper::Uri::from_static("http://127.0.0.1:9/"),
-        Duration::from_secs(1),
-        Transport::Streamable,
-        1,
-        1,
-        Duration::from_secs(1),
-    )))
 }
 
 async fn shutdown_signal() {

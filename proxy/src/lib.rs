@@ -2,9 +2,10 @@
 //!
 //! Modules are layers; each imports only the layers listed before it (checked by
 //! `tests/layering.rs`; see docs/proxy.md, "Code layout"):
-//! `mcp` → `telemetry` → `live` → `gate` → `approval` → `control` → `transport` → `config`.
+//! `mcp` → `telemetry` → `live` → `gate` → `approval` → `control` → `transport` → `admin` → `config`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod approval;
 pub mod config;
 pub mod control;

@@ -116,7 +116,7 @@ pub struct Metrics {
     approval_wait: Histogram,
     known_tools: RwLock<HashSet<String>>,
     /// The listeners' connection and front-door metrics.
-    pub connections: crate::transport::connections::ConnMetrics,
+    pub connections: crate::telemetry::connections::ConnMetrics,
 }
 
 impl Default for Metrics {
@@ -211,7 +211,7 @@ impl Metrics {
             "Time a call was held for approval, from the decision to hold it until its outcome",
             approval_wait.clone(),
         );
-        let connections = crate::transport::connections::ConnMetrics::register(&mut registry);
+        let connections = crate::telemetry::connections::ConnMetrics::register(&mut registry);
         Self {
             registry,
             decisions,

@@ -1,6 +1,7 @@
 //! What the proxy reports: Prometheus metrics and audit lines.
 
 pub mod audit;
+pub mod connections;
 pub mod decision;
 pub mod metrics;
 

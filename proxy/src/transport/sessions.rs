@@ -8,7 +8,7 @@
 //! `Mcp-Session-Id`, answers each POST with the answers to its requests (matched by
 //! JSON-RPC id), and delivers everything else the server sends (its requests to the
 //! client, notifications) on the session's GET stream. Checks happen before any of this
-//! (server::post): what reaches a session was already decided.
+//! (mcp_http::post): what reaches a session was already decided.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::sse;
-use crate::transport::server::{BoxError, RespBody, full, json_response, strip_hop_by_hop};
-use crate::transport::upstream::{HttpClient, UpstreamError, spawn_server};
+use crate::transport::client::{HttpClient, UpstreamError, spawn_server};
+use crate::transport::http::{BoxError, RespBody, json_response, status_only, strip_hop_by_hop, with_session};
 
 /// Requests of one session waiting for their answers at once.
 pub const MAX_PENDING: usize = 256;
@@ -785,21 +785,6 @@ fn start_sse(t: &SseTarget, o: SseOpened, owner: &str) -> Arc<Session> {
         *reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
     }
     session
-}
-
-fn status_only(status: StatusCode) -> Response<RespBody> {
-    let mut r = Response::new(full(Bytes::new()));
-    *r.status_mut() = status;
-    r
-}
-
-fn with_session(mut r: Response<RespBody>, id: Option<String>) -> Response<RespBody> {
-    if let Some(id) = id
-        && let Ok(v) = HeaderValue::from_str(&id)
-    {
-        r.headers_mut().insert("mcp-session-id", v);
-    }
-    r
 }
 
 #[cfg(test)]

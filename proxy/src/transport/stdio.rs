@@ -23,7 +23,7 @@ const MAX_CHILD_LINE_BYTES: usize = crate::mcp::sse::MAX_EVENT_BYTES;
 pub const NO_HOLD: &str = "calls are not held for approval over --stdio";
 
 pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow::Result<()> {
-    let mut child = crate::transport::upstream::spawn_server(command).context("cannot start the MCP server")?;
+    let mut child = crate::transport::client::spawn_server(command).context("cannot start the MCP server")?;
     let mut child_in = child.stdin.take().context("child stdin")?;
     let child_out = child.stdout.take().context("child stdout")?;
     let state = Arc::new(Mutex::new(State::default()));
