@@ -40,6 +40,7 @@ use toolgate_policy::push::{self, Ack, ApprovalClose, ApprovalCreated, ApprovalR
 use crate::approval::{ApprovalDesk, Approvals, DeskError};
 use crate::live::{Effective, Source};
 use crate::telemetry::metrics::Metrics;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures_util::future::BoxFuture;
 
 /// Connecting, the TLS handshake and the response head must each finish within this.
@@ -481,30 +482,33 @@ impl Lines {
     }
 }
 
-/// Jittered exponential backoff.
+/// Jittered exponential backoff (backon): each wait is uniformly in [d/2, d) for
+/// d = first, 2·first, … up to max, so reconnecting proxies spread out.
 #[derive(Debug)]
 struct Backoff {
-    first: Duration,
+    builder: ExponentialBuilder,
+    waits: ExponentialBackoff,
     max: Duration,
-    next: Duration,
 }
 
 impl Backoff {
     fn new(first: Duration, max: Duration) -> Self {
-        Self { first, max, next: first }
+        // backon adds a random jitter in [0, d) on top of d: start from half of each.
+        let builder = ExponentialBuilder::new()
+            .with_min_delay(first / 2)
+            .with_max_delay(max / 2)
+            .with_jitter()
+            .without_max_times();
+        Self { builder, waits: builder.build(), max }
     }
 
-    /// The next wait: uniformly in [d/2, d] for d = first, 2·first, … up to max.
+    /// The next wait.
     fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (d * 2).min(self.max);
-        let half = d / 2;
-        let span = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).saturating_add(1);
-        half + Duration::from_nanos(getrandom::u64().unwrap_or(0) % span)
+        self.waits.next().unwrap_or(self.max)
     }
 
     fn reset(&mut self) {
-        self.next = self.first;
+        self.waits = self.builder.build();
     }
 }
 

@@ -4,7 +4,6 @@
 //! Credentials never appear: the identity is the fingerprint.
 
 use std::io::Write;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -63,32 +62,9 @@ pub fn argument_keys(args: &Value) -> Vec<&str> {
     args.as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default()
 }
 
+/// Now, in UTC, as RFC 3339 with microseconds (`2026-12-06T21:40:00.123456Z`).
 pub fn now_rfc3339() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, dd) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
-}
-
-/// Days since 1970-01-01 → (year, month, day), Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
 /// Where audit lines go, chosen when the proxy starts.
@@ -124,9 +100,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_417), (2025, 11, 25));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        let ts = now_rfc3339();
+        assert_eq!(ts.len(), "2026-12-06T21:40:00.123456Z".len(), "{ts}");
+        assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T' && ts.as_bytes()[19] == b'.', "{ts}");
+        let parsed: jiff::Timestamp = ts.parse().expect("RFC 3339");
+        let age = jiff::Timestamp::now().duration_since(parsed);
+        assert!(age >= jiff::SignedDuration::ZERO && age < jiff::SignedDuration::from_secs(3600), "{ts}");
     }
 }
