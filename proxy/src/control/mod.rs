@@ -63,6 +63,56 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The persisted set in `--state-dir`.
 pub const STATE_FILE: &str = "policyset.json";
 
+/// Why talking to the operator failed. The message is what logs, refusals of held calls
+/// and acknowledgements show; [`ControlError::metric_label`] is its stable kind.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A bad `--operator` URL.
+    #[error("{0}")]
+    Endpoint(String),
+    /// The token file cannot be read or holds no bearer token.
+    #[error("{0}")]
+    Token(String),
+    /// The CA file, the TLS configuration or the TLS handshake.
+    #[error("{0}")]
+    Tls(String),
+    /// Connecting or speaking HTTP to the operator failed.
+    #[error("{0}")]
+    Connect(String),
+    /// The operator did not answer (or the stream went silent) in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Approvals need the policy stream (decisions arrive on it).
+    #[error("the policy stream from the operator is not connected")]
+    NotConnected,
+    /// The operator answered with an error status.
+    #[error("the operator answered {status}{hint}: {why}")]
+    Refused { status: StatusCode, hint: &'static str, why: String },
+    /// A malformed line, message or answer, or the operator closed the stream.
+    #[error("{0}")]
+    Protocol(String),
+    /// A policy set that must not be trusted (its revision does not match its content).
+    #[error("{0}")]
+    Policy(String),
+}
+
+impl ControlError {
+    /// A stable, low-cardinality name of the kind of failure (the `kind` log field).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Endpoint(_) => "endpoint",
+            Self::Token(_) => "token",
+            Self::Tls(_) => "tls",
+            Self::Connect(_) => "connect",
+            Self::Timeout(_) => "timeout",
+            Self::NotConnected => "not_connected",
+            Self::Refused { .. } => "refused",
+            Self::Protocol(_) => "protocol",
+            Self::Policy(_) => "policy",
+        }
+    }
+}
+
 /// Where the operator listens: an `https://` URL, possibly with a path prefix.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
@@ -76,18 +126,22 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn parse(uri: &Uri) -> Result<Self, String> {
+    pub fn parse(uri: &Uri) -> Result<Self, ControlError> {
         if uri.scheme_str() != Some("https") {
-            return Err(format!("--operator must be an https:// URL (the policy stream is always TLS), not {uri:?}"));
+            return Err(ControlError::Endpoint(format!(
+                "--operator must be an https:// URL (the policy stream is always TLS), not {uri:?}"
+            )));
         }
         let Some(authority) = uri.authority() else {
-            return Err(format!("--operator {uri:?} has no host"));
+            return Err(ControlError::Endpoint(format!("--operator {uri:?} has no host")));
         };
         if authority.as_str().contains('@') {
-            return Err("--operator must not carry credentials in the URL; use --token-file".into());
+            return Err(ControlError::Endpoint(
+                "--operator must not carry credentials in the URL; use --token-file".into(),
+            ));
         }
         if uri.query().is_some() {
-            return Err(format!("--operator {uri:?} must not have a query"));
+            return Err(ControlError::Endpoint(format!("--operator {uri:?} must not have a query")));
         }
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
         Ok(Self {
@@ -116,18 +170,20 @@ pub struct Config {
 }
 
 /// Reads the bearer token (trimmed; must not be empty).
-fn read_token(path: &Path) -> Result<HeaderValue, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+fn read_token(path: &Path) -> Result<HeaderValue, ControlError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| ControlError::Token(format!("token file {}: {e}", path.display())))?;
     if meta.len() > MAX_TOKEN_BYTES {
-        return Err(format!("token file {}: larger than {MAX_TOKEN_BYTES} bytes", path.display()));
+        return Err(ControlError::Token(format!("token file {}: larger than {MAX_TOKEN_BYTES} bytes", path.display())));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ControlError::Token(format!("token file {}: {e}", path.display())))?;
     let token = text.trim();
     if token.is_empty() {
-        return Err(format!("token file {} is empty", path.display()));
+        return Err(ControlError::Token(format!("token file {} is empty", path.display())));
     }
     let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| format!("token file {}: not a valid bearer token", path.display()))?;
+        .map_err(|_| ControlError::Token(format!("token file {}: not a valid bearer token", path.display())))?;
     value.set_sensitive(true);
     Ok(value)
 }
@@ -159,12 +215,12 @@ struct H2Conn {
 }
 
 impl Conn {
-    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, String> {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ControlError> {
         let sent = match self {
             Conn::H1 { sender, .. } => sender.send_request(req).await,
             Conn::H2(c) => c.sender.send_request(req).await,
         };
-        sent.map_err(|e| e.to_string())
+        sent.map_err(|e| ControlError::Connect(e.to_string()))
     }
 }
 
@@ -211,13 +267,13 @@ impl Link {
 
     /// POSTs JSON on the stream's HTTP/2 connection (a new connection when the stream is
     /// on HTTP/1.1). Without a stream: an error when `need_stream`, else a new connection.
-    async fn post(&self, path: &str, body: Vec<u8>, need_stream: bool) -> Result<Response<Incoming>, String> {
+    async fn post(&self, path: &str, body: Vec<u8>, need_stream: bool) -> Result<Response<Incoming>, ControlError> {
         let token = read_token(&self.config.token_file)?;
         let mut conn = match self.stream() {
             StreamConn::H2(c) => Conn::H2(c),
             StreamConn::H1 => self.config.connect().await?,
             StreamConn::Down if need_stream => {
-                return Err("the policy stream from the operator is not connected".into());
+                return Err(ControlError::NotConnected);
             }
             StreamConn::Down => self.config.connect().await?,
         };
@@ -225,13 +281,13 @@ impl Link {
         req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req))
             .await
-            .map_err(|_| "the operator did not answer in time".to_owned())?
+            .map_err(|_| ControlError::Timeout("the operator did not answer in time".into()))?
     }
 
     /// Asks for a person's decision: `201` with the name of the McpApproval, or why not.
     /// Needs the stream (a decision could not reach this process without it).
-    pub async fn request_approval(&self, request: &ApprovalRequest) -> Result<String, String> {
-        let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    pub async fn request_approval(&self, request: &ApprovalRequest) -> Result<String, ControlError> {
+        let body = serde_json::to_vec(request).map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = self.post(push::APPROVALS_PATH, body, true).await?;
         if resp.status() != StatusCode::CREATED {
             return Err(refusal(resp).await);
@@ -240,21 +296,27 @@ impl Link {
             match tokio::time::timeout(CONNECT_TIMEOUT, Limited::new(resp.into_body(), MAX_ERROR_BODY).collect()).await
             {
                 Ok(Ok(c)) => c.to_bytes(),
-                Ok(Err(e)) => return Err(format!("the operator's answer could not be read: {e}")),
-                Err(_) => return Err("the operator's answer did not arrive in time".into()),
+                Ok(Err(e)) => {
+                    return Err(ControlError::Protocol(format!("the operator's answer could not be read: {e}")));
+                }
+                Err(_) => return Err(ControlError::Timeout("the operator's answer did not arrive in time".into())),
             };
         let created: ApprovalCreated = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("the operator answered 201 without an approval name: {e}"))?;
+            .map_err(|e| ControlError::Protocol(format!("the operator answered 201 without an approval name: {e}")))?;
         if !valid_name(&created.name) {
-            return Err(format!("the operator named the approval {:?}, which is not an object name", created.name));
+            return Err(ControlError::Protocol(format!(
+                "the operator named the approval {:?}, which is not an object name",
+                created.name
+            )));
         }
         Ok(created.name)
     }
 
     /// Tells the operator this process stopped waiting for approval `name` (`Expired` or
     /// `Cancelled`). Uses a new connection when no stream is up.
-    pub async fn close_approval(&self, name: &str, phase: &str) -> Result<(), String> {
-        let body = serde_json::to_vec(&ApprovalClose { phase: phase.to_owned() }).map_err(|e| e.to_string())?;
+    pub async fn close_approval(&self, name: &str, phase: &str) -> Result<(), ControlError> {
+        let body = serde_json::to_vec(&ApprovalClose { phase: phase.to_owned() })
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = self.post(&format!("{}/{name}/close", push::APPROVALS_PATH), body, false).await?;
         if resp.status().is_success() {
             return Ok(());
@@ -298,17 +360,18 @@ fn new_instance() -> String {
 }
 
 impl Config {
-    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, ControlError> {
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca_file {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                let ca = |e: &dyn std::fmt::Display| ControlError::Tls(format!("CA file {}: {e}", path.display()));
+                let pem = std::fs::read(path).map_err(|e| ca(&e))?;
                 for cert in CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
-                    roots.add(cert).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                    let cert = cert.map_err(|e| ca(&e))?;
+                    roots.add(cert).map_err(|e| ca(&e))?;
                 }
                 if roots.is_empty() {
-                    return Err(format!("CA file {}: no CERTIFICATE in it", path.display()));
+                    return Err(ControlError::Tls(format!("CA file {}: no CERTIFICATE in it", path.display())));
                 }
             }
             None => {
@@ -318,14 +381,14 @@ impl Config {
                 }
                 roots.add_parsable_certificates(found.certs);
                 if roots.is_empty() {
-                    return Err("no platform root certificates found: give --ca-file".into());
+                    return Err(ControlError::Tls("no platform root certificates found: give --ca-file".into()));
                 }
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS configuration: {e}"))?
+            .map_err(|e| ControlError::Tls(format!("TLS configuration: {e}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -333,22 +396,23 @@ impl Config {
     }
 
     /// One connection over TLS to the operator (HTTP/2 if it speaks it).
-    async fn connect(&self) -> Result<Conn, String> {
+    async fn connect(&self) -> Result<Conn, ControlError> {
         let tls = self.tls()?;
         let ep = &self.endpoint;
-        let name = ServerName::try_from(ep.host.clone()).map_err(|e| format!("--operator host {:?}: {e}", ep.host))?;
+        let name = ServerName::try_from(ep.host.clone())
+            .map_err(|e| ControlError::Endpoint(format!("--operator host {:?}: {e}", ep.host)))?;
         let connecting = async {
             let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
                 .await
-                .map_err(|e| format!("cannot connect to {}: {e}", ep.authority))?;
+                .map_err(|e| ControlError::Connect(format!("cannot connect to {}: {e}", ep.authority)))?;
             let _ = tcp.set_nodelay(true);
             let stream = tokio_rustls::TlsConnector::from(tls)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS with {}: {e}", ep.authority))?;
+                .map_err(|e| ControlError::Tls(format!("TLS with {}: {e}", ep.authority)))?;
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let io = TokioIo::new(stream);
-            let failed = |e: hyper::Error| format!("HTTP with {}: {e}", ep.authority);
+            let failed = |e: hyper::Error| ControlError::Connect(format!("HTTP with {}: {e}", ep.authority));
             if h2 {
                 let (sender, conn) =
                     hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(failed)?;
@@ -360,7 +424,7 @@ impl Config {
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| format!("connecting to {} timed out", ep.authority))?
+            .map_err(|_| ControlError::Timeout(format!("connecting to {} timed out", ep.authority)))?
     }
 
     fn request(
@@ -392,19 +456,19 @@ impl Config {
 
     /// Sends one acknowledgement: on the stream's HTTP/2 connection when there is one,
     /// else on a new connection.
-    async fn post_ack(&self, ack: &Ack, via: Option<&H2Conn>) -> Result<(), String> {
+    async fn post_ack(&self, ack: &Ack, via: Option<&H2Conn>) -> Result<(), ControlError> {
         let token = read_token(&self.token_file)?;
         let mut conn = match via {
             Some(c) => Conn::H2(c.clone()),
             None => self.connect().await?,
         };
-        let body = serde_json::to_vec(ack).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(ack).map_err(|e| ControlError::Protocol(e.to_string()))?;
         let mut req = self.request(&conn, Method::POST, push::ACK_PATH, token, Bytes::from(body));
         req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let resp = tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req))
             .await
-            .map_err(|_| "the operator did not answer the acknowledgement in time".to_owned())?
-            .map_err(|e| format!("acknowledgement failed: {e}"))?;
+            .map_err(|_| ControlError::Timeout("the operator did not answer the acknowledgement in time".into()))?
+            .map_err(|e| ControlError::Connect(format!("acknowledgement failed: {e}")))?;
         if resp.status().is_success() {
             return Ok(());
         }
@@ -425,7 +489,7 @@ where
 }
 
 /// Describes a non-success answer, with the operator's `{"error": ...}` when there is one.
-async fn refusal(resp: Response<Incoming>) -> String {
+async fn refusal(resp: Response<Incoming>) -> ControlError {
     let status = resp.status();
     let body =
         match tokio::time::timeout(CONNECT_TIMEOUT, Limited::new(resp.into_body(), MAX_ERROR_BODY).collect()).await {
@@ -441,7 +505,7 @@ async fn refusal(resp: Response<Incoming>) -> String {
         StatusCode::FORBIDDEN => " (the token is not bound to a pod the operator knows)",
         _ => "",
     };
-    format!("the operator answered {status}{hint}: {why}")
+    ControlError::Refused { status, hint, why }
 }
 
 /// Splits a byte stream into lines of at most `max` bytes (without the newline; a
@@ -457,7 +521,7 @@ impl Lines {
         Self { buf: Vec::new(), max }
     }
 
-    fn push(&mut self, mut data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    fn push(&mut self, mut data: &[u8]) -> Result<Vec<Vec<u8>>, ControlError> {
         let mut out = Vec::new();
         while let Some(i) = data.iter().position(|b| *b == b'\n') {
             self.check(i)?;
@@ -474,9 +538,9 @@ impl Lines {
         Ok(out)
     }
 
-    fn check(&self, more: usize) -> Result<(), String> {
+    fn check(&self, more: usize) -> Result<(), ControlError> {
         if self.buf.len() + more > self.max {
-            return Err(format!("a line from the operator is longer than {} bytes", self.max));
+            return Err(ControlError::Protocol(format!("a line from the operator is longer than {} bytes", self.max)));
         }
         Ok(())
     }
@@ -663,6 +727,7 @@ impl Client {
             let wait = backoff.next();
             tracing::warn!(
                 reason = %reason,
+                kind = reason.metric_label(),
                 retry_in_ms = wait.as_millis() as u64,
                 enforcing = %self.policy.borrow().revision,
                 "no policy stream from the operator; the last good policy stays enforced"
@@ -673,7 +738,7 @@ impl Client {
 
     /// Holds one stream until it ends; returns why. `healthy` is set once the stream
     /// delivered a well-formed policy set.
-    async fn stream(&mut self, healthy: &mut bool) -> String {
+    async fn stream(&mut self, healthy: &mut bool) -> ControlError {
         let token = match read_token(&self.config.token_file) {
             Ok(t) => t,
             Err(e) => return e,
@@ -688,8 +753,8 @@ impl Client {
             req.headers_mut().insert(push::INSTANCE_HEADER, instance);
         }
         let resp = match tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req)).await {
-            Err(_) => return "the operator did not answer the stream request in time".into(),
-            Ok(Err(e)) => return format!("stream request failed: {e}"),
+            Err(_) => return ControlError::Timeout("the operator did not answer the stream request in time".into()),
+            Ok(Err(e)) => return ControlError::Connect(format!("stream request failed: {e}")),
             Ok(Ok(r)) => r,
         };
         if resp.status() != StatusCode::OK {
@@ -697,7 +762,7 @@ impl Client {
         }
         let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-ndjson")) {
-            return format!("the stream has Content-Type {ct:?}, not application/x-ndjson");
+            return ControlError::Protocol(format!("the stream has Content-Type {ct:?}, not application/x-ndjson"));
         }
         self.metrics.operator_connected(true);
         // Acknowledgements of this stream's sets travel on its connection (HTTP/2).
@@ -723,13 +788,13 @@ impl Client {
         loop {
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => {
-                    return format!(
+                    return ControlError::Timeout(format!(
                         "no line for {} s ({MISSED_HEARTBEATS} heartbeat intervals): the stream is dead",
                         (interval * MISSED_HEARTBEATS).as_secs()
-                    );
+                    ));
                 }
-                Ok(None) => return "the operator closed the stream".into(),
-                Ok(Some(Err(e))) => return format!("the stream broke: {e}"),
+                Ok(None) => return ControlError::Protocol("the operator closed the stream".into()),
+                Ok(Some(Err(e))) => return ControlError::Connect(format!("the stream broke: {e}")),
                 Ok(Some(Ok(f))) => f,
             };
             let Ok(data) = frame.into_data() else { continue };
@@ -751,18 +816,20 @@ impl Client {
         }
     }
 
-    async fn line(&mut self, line: &[u8]) -> Result<Line, String> {
+    async fn line(&mut self, line: &[u8]) -> Result<Line, ControlError> {
         let value = toolgate_policy::from_slice_strict(line)
-            .map_err(|e| format!("malformed line from the operator (not JSON): {e}"))?;
+            .map_err(|e| ControlError::Protocol(format!("malformed line from the operator (not JSON): {e}")))?;
         match value.get("type").and_then(Value::as_str) {
             Some("policies" | "heartbeat" | "approval") => {}
             Some(other) => {
                 tracing::debug!(r#type = other, "ignoring a message type this proxy does not know");
                 return Ok(Line::Unknown);
             }
-            None => return Err("malformed line from the operator: no \"type\"".into()),
+            None => return Err(ControlError::Protocol("malformed line from the operator: no \"type\"".into())),
         }
-        match serde_json::from_value(value).map_err(|e| format!("malformed message from the operator: {e}"))? {
+        match serde_json::from_value(value)
+            .map_err(|e| ControlError::Protocol(format!("malformed message from the operator: {e}")))?
+        {
             Message::Heartbeat { interval_seconds } => {
                 Ok(Line::Heartbeat(Duration::from_secs(interval_seconds.clamp(1, MAX_HEARTBEAT_SECONDS))))
             }
@@ -777,11 +844,11 @@ impl Client {
 
     /// Applies (or refuses) one set and acknowledges it. `Err` only for a set that must
     /// not be trusted at all (revision mismatch): the stream is then dropped.
-    async fn policies(&mut self, set: PolicySet) -> Result<(), String> {
+    async fn policies(&mut self, set: PolicySet) -> Result<(), ControlError> {
         if let Err(e) = verify(&set) {
             self.metrics.reload_error();
             self.ack(&set.revision, Some(e.clone()));
-            return Err(format!("refused a policy set: {e}"));
+            return Err(ControlError::Policy(format!("refused a policy set: {e}")));
         }
         let revision = set.revision.clone();
         if self.applied.as_deref() == Some(revision.as_str()) {
@@ -901,8 +968,28 @@ mod tests {
         assert_eq!((v6.host.as_str(), v6.port, v6.path(push::ACK_PATH).as_str()), ("::1", 443, "/prefix/v1/ack"));
         for bad in ["http://op:8443", "https://u:p@op:8443", "https://op/?x=1", "/v1/stream"] {
             let e = Endpoint::parse(&bad.parse().expect("uri")).expect_err(bad);
-            assert!(e.contains("--operator"), "{e}");
+            assert!(matches!(e, ControlError::Endpoint(_)) && e.to_string().contains("--operator"), "{e}");
         }
+    }
+
+    #[test]
+    fn errors_keep_their_messages_and_have_distinct_kinds() {
+        let refused = ControlError::Refused { status: StatusCode::UNAUTHORIZED, hint: " (h)", why: "no".into() };
+        assert_eq!(refused.to_string(), "the operator answered 401 Unauthorized (h): no");
+        assert_eq!(ControlError::NotConnected.to_string(), "the policy stream from the operator is not connected");
+        let all = [
+            ControlError::Endpoint(String::new()),
+            ControlError::Token(String::new()),
+            ControlError::Tls(String::new()),
+            ControlError::Connect(String::new()),
+            ControlError::Timeout(String::new()),
+            ControlError::NotConnected,
+            refused,
+            ControlError::Protocol(String::new()),
+            ControlError::Policy(String::new()),
+        ];
+        let labels: std::collections::HashSet<&str> = all.iter().map(ControlError::metric_label).collect();
+        assert_eq!(labels.len(), all.len());
     }
 
     #[test]
