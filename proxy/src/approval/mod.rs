@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 use toolgate_policy::push::{ApprovalRequest, ApprovalUpdate};
 use toolgate_policy::{Caller, DenialStyle};
 
-use crate::gate::{self, Approver, Hold, Outcome, Reusable, ReuseKey};
+use crate::gate::{self, ApprovalRefusal, Approver, Hold, Outcome, Refusal, Reusable, ReuseKey};
 use crate::mcp::jsonrpc::code;
 use crate::telemetry::{DecisionEvent, Telemetry, audit};
 
@@ -281,13 +281,13 @@ impl Approvals {
             let reason = format!("too many calls waiting for approval (at most {MAX_HELD}); try again later");
             ctx.emit(&self.telemetry, "approval", Some(&reason), None, true);
             self.telemetry.metrics.approval_decision("error", None);
-            return Outcome::Refused(ctx.refusal(
+            return Outcome::Refused(Refusal::Approval(ctx.refusal(
                 code::APPROVAL_REQUIRED,
                 "approval required",
                 "approval",
                 &reason,
                 None,
-            ));
+            )));
         };
         let fallback = ctx.refusal(
             code::APPROVAL_REQUIRED,
@@ -300,7 +300,7 @@ impl Approvals {
         // Dropped with this future: the client went away.
         let (_gone_tx, gone_rx) = oneshot::channel::<()>();
         tokio::spawn(self.clone().held(ctx, slot, gone_rx, result_tx));
-        result_rx.await.unwrap_or(Outcome::Refused(fallback))
+        result_rx.await.unwrap_or(Outcome::Refused(Refusal::Approval(fallback)))
     }
 
     /// The task of one held call: ask, wait, answer, close.
@@ -328,8 +328,8 @@ impl Approvals {
                 ctx.emit(&self.telemetry, "approval", Some(&reason), None, true);
                 self.telemetry.metrics.approval_decision("error", None);
                 drop(slot);
-                let answer = ctx.refusal(code::APPROVAL_REQUIRED, "approval required", "approval", &reason, None);
-                let _ = result.send(Outcome::Refused(answer));
+                let refusal = ctx.refusal(code::APPROVAL_REQUIRED, "approval required", "approval", &reason, None);
+                let _ = result.send(Outcome::Refused(Refusal::Approval(refusal)));
                 return;
             }
         };
@@ -379,11 +379,9 @@ impl Approvals {
                 }
                 let a = approval(&name, phase, decided_by.as_deref());
                 ctx.emit(&self.telemetry, "deny", Some(&reason), Some(a), true);
-                let mut answer = ctx.refusal(code::DENIED, "denied", "deny", &reason, Some(&name));
-                if let Some(by) = &decided_by {
-                    gate::set_data(&mut answer, "decidedBy", json!(by));
-                }
-                Outcome::Refused(answer)
+                let mut refusal = ctx.refusal(code::DENIED, "denied", "deny", &reason, Some(&name));
+                refusal.decided_by = decided_by;
+                Outcome::Refused(Refusal::Approval(refusal))
             }
             _ => {
                 let (kind, reason) = match (&ended, phase) {
@@ -414,7 +412,13 @@ impl Approvals {
                     Some(approval(&name, phase, decided_by.as_deref())),
                     false,
                 );
-                Outcome::Refused(ctx.refusal(code::APPROVAL_REQUIRED, kind, "approval", &reason, Some(&name)))
+                Outcome::Refused(Refusal::Approval(ctx.refusal(
+                    code::APPROVAL_REQUIRED,
+                    kind,
+                    "approval",
+                    &reason,
+                    Some(&name),
+                )))
             }
         };
         if result.send(outcome).is_err() && phase == Phase::Approved {
@@ -557,17 +561,26 @@ impl Ctx {
 
     /// The refusal of this call: JSON-RPC error `code` (or a tool result, as the policy
     /// wants), naming the approval when there is one.
-    fn refusal(&self, code: i64, kind: &str, decision: &str, reason: &str, name: Option<&str>) -> Value {
-        let mut data = json!({
-            "decision": decision,
-            "policy": self.policy,
-            "rule": self.rule,
-            "reason": reason,
-        });
-        if let Some(n) = name {
-            data["approval"] = json!(n);
-        }
-        gate::answer(self.id.clone(), self.denial, code, format!("toolgate: {kind}: {reason}"), data)
+    fn refusal(
+        &self,
+        code: i64,
+        kind: &'static str,
+        decision: &'static str,
+        reason: &str,
+        name: Option<&str>,
+    ) -> Box<ApprovalRefusal> {
+        Box::new(ApprovalRefusal {
+            id: self.id.clone(),
+            denial: self.denial,
+            code,
+            kind,
+            decision,
+            policy: self.policy.clone(),
+            rule: self.rule.clone(),
+            reason: reason.to_owned(),
+            name: name.map(str::to_owned),
+            decided_by: None,
+        })
     }
 }
 

@@ -49,8 +49,8 @@ pub enum Outcome {
         decided_by: Option<String>,
         reason: Option<String>,
     },
-    /// The answer to send instead of forwarding.
-    Refused(Value),
+    /// Not forwarded: the answer says why.
+    Refused(super::refusal::Refusal),
 }
 
 /// Who asks a person about held calls.

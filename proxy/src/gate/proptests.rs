@@ -352,7 +352,8 @@ fn check_body(bytes: &[u8]) -> Result<(), TestCaseError> {
             }
             tracker.keep_spent();
         }
-        Checked::Answer(answer) => {
+        Checked::Refuse(refusal) => {
+            let answer = refusal.into_answer();
             prop_assert!(answer.is_object() || answer.is_array(), "{answer}");
             // Nothing of a refused body is forwarded, so it holds no quota.
             for i in 0..max {

@@ -151,20 +151,13 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
     };
     drop(parsed);
     let mut tracker = match checked {
-        Checked::Answer(v) => {
-            let status = if v.get("error").is_some_and(|e| e["code"] == code::INVALID_REQUEST) && !v.is_array() {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::OK
-            };
-            return (json_response(status, &v), method);
-        }
+        Checked::Refuse(r) => return (json_response(r.http_status(), &r.into_answer()), method),
         Checked::Forward(t) => t,
         // Waits (this request stays open) until a person decides; dropping this future
         // (the client went away) cancels the approval.
         Checked::Hold(h) => match app.gate.wait_approval(h).await {
             Ok(t) => t,
-            Err(v) => return (json_response(StatusCode::OK, &v), method),
+            Err(r) => return (json_response(r.http_status(), &r.into_answer()), method),
         },
     };
     if let Some(sid) = &caller.session

@@ -107,12 +107,12 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
         }
         let policy = gate.current();
         match gate.check(&body, &caller, &policy, None, None) {
-            Checked::Answer(v) => {
-                let _ = out_tx.send(serde_json::to_vec(&v).unwrap_or_default()).await;
+            Checked::Refuse(r) => {
+                let _ = out_tx.send(serde_json::to_vec(&r.into_answer()).unwrap_or_default()).await;
             }
             // The stdio gate has no approver, so nothing is held; refuse all the same.
             Checked::Hold(h) => {
-                let v = gate.refuse_hold(*h, NO_HOLD);
+                let v = gate.refuse_hold(*h, NO_HOLD).into_answer();
                 let _ = out_tx.send(serde_json::to_vec(&v).unwrap_or_default()).await;
             }
             Checked::Forward(t) => {
