@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-use toolgate_policy::push::{ApprovalRequest, ApprovalUpdate};
+use toolgate_policy::push::{ApprovalPhase, ApprovalRequest, ApprovalUpdate, ClosePhase};
 use toolgate_policy::{Caller, DenialStyle};
 
 use crate::gate::{self, ApprovalRefusal, Approver, Hold, Outcome, Refusal, Reusable, ReuseKey};
@@ -42,7 +42,7 @@ pub trait ApprovalDesk: std::fmt::Debug + Send + Sync {
     /// Creates an McpApproval for `request`: its name.
     fn request<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, Result<String, DeskError>>;
     /// Tells the operator this proxy stopped waiting for `name` (`Expired`, `Cancelled`).
-    fn close<'a>(&'a self, name: &'a str, phase: &'a str) -> BoxFuture<'a, Result<(), DeskError>>;
+    fn close<'a>(&'a self, name: &'a str, phase: ClosePhase) -> BoxFuture<'a, Result<(), DeskError>>;
 }
 
 /// Most calls held for approval at once (more are refused at once).
@@ -57,51 +57,15 @@ const CLOSE_ATTEMPTS: u32 = 3;
 /// `approval.timeout` when a decision has none (the policy crate's default).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The phase of an McpApproval, as the stream sends it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Pending,
-    Approved,
-    Denied,
-    Expired,
-    Cancelled,
-    Abandoned,
-}
-
-impl Phase {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "Pending" => Self::Pending,
-            "Approved" => Self::Approved,
-            "Denied" => Self::Denied,
-            "Expired" => Self::Expired,
-            "Cancelled" => Self::Cancelled,
-            "Abandoned" => Self::Abandoned,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Approved => "Approved",
-            Self::Denied => "Denied",
-            Self::Expired => "Expired",
-            Self::Cancelled => "Cancelled",
-            Self::Abandoned => "Abandoned",
-        }
-    }
-
-    /// The `decision` label of `toolgate_approval_decisions_total`.
-    fn label(self) -> &'static str {
-        match self {
-            Self::Pending => "error",
-            Self::Approved => "approved",
-            Self::Denied => "denied",
-            Self::Expired => "expired",
-            Self::Cancelled => "cancelled",
-            Self::Abandoned => "abandoned",
-        }
+/// The `decision` label of `toolgate_approval_decisions_total` for a final phase.
+fn phase_label(phase: ApprovalPhase) -> &'static str {
+    match phase {
+        ApprovalPhase::Pending => "error",
+        ApprovalPhase::Approved => "approved",
+        ApprovalPhase::Denied => "denied",
+        ApprovalPhase::Expired => "expired",
+        ApprovalPhase::Cancelled => "cancelled",
+        ApprovalPhase::Abandoned => "abandoned",
     }
 }
 
@@ -166,12 +130,9 @@ impl Approvals {
     /// approval; `Pending`, unknown phases and names nobody waits for are ignored (a
     /// decision that overtook the operator's `201` is kept briefly for its waiter).
     pub fn update(&self, update: ApprovalUpdate) {
-        match Phase::parse(&update.phase) {
-            None => {
-                tracing::debug!(name = update.name, phase = update.phase, "ignoring an unknown approval phase");
-            }
-            Some(Phase::Pending) => {}
-            Some(_) => {
+        match update.phase {
+            ApprovalPhase::Pending => {}
+            _ => {
                 let mut s = self.lock();
                 match s.waiters.remove(&update.name) {
                     Some(tx) => {
@@ -338,7 +299,7 @@ impl Approvals {
             &self.telemetry,
             "approval",
             ctx.request.reason.as_deref(),
-            Some(approval(&name, Phase::Pending, None)),
+            Some(approval(&name, ApprovalPhase::Pending, None)),
             true,
         );
         let deadline = tokio::time::Instant::from_std(ctx.started) + ctx.timeout;
@@ -356,20 +317,20 @@ impl Approvals {
         self.unwatch_cancel(&ctx.cancel_key, cancel_n);
         let waited = ctx.started.elapsed();
         let (phase, update, close) = match ended {
-            Ended::Update(ref u) => (Phase::parse(&u.phase).unwrap_or(Phase::Expired), Some(u.clone()), None),
-            Ended::Timeout => (Phase::Expired, None, Some(Phase::Expired)),
-            Ended::Gone | Ended::Cancelled => (Phase::Cancelled, None, Some(Phase::Cancelled)),
+            Ended::Update(ref u) => (u.phase, Some(u.clone()), None),
+            Ended::Timeout => (ApprovalPhase::Expired, None, Some(ClosePhase::Expired)),
+            Ended::Gone | Ended::Cancelled => (ApprovalPhase::Cancelled, None, Some(ClosePhase::Cancelled)),
         };
-        self.telemetry.metrics.approval_decision(phase.label(), Some(waited));
+        self.telemetry.metrics.approval_decision(phase_label(phase), Some(waited));
         drop(slot);
         let decided_by = update.as_ref().and_then(|u| u.decided_by.clone());
         let decider_reason = update.as_ref().and_then(|u| u.reason.clone());
         let outcome = match phase {
-            Phase::Approved => {
+            ApprovalPhase::Approved => {
                 tracing::info!(approval = name, decided_by, "approved; forwarding the held call");
                 Outcome::Approved { name: name.clone(), decided_by, reason: decider_reason }
             }
-            Phase::Denied => {
+            ApprovalPhase::Denied => {
                 let mut reason = format!("McpApproval {name} was denied");
                 if let Some(by) = &decided_by {
                     reason.push_str(&format!(" by {by}"));
@@ -396,8 +357,12 @@ impl Approvals {
                         "approval cancelled",
                         format!("McpApproval {name} cancelled: the client cancelled the request"),
                     ),
-                    (_, Phase::Cancelled) => ("approval cancelled", format!("McpApproval {name} was cancelled")),
-                    (_, Phase::Abandoned) => ("approval abandoned", format!("McpApproval {name} was abandoned")),
+                    (_, ApprovalPhase::Cancelled) => {
+                        ("approval cancelled", format!("McpApproval {name} was cancelled"))
+                    }
+                    (_, ApprovalPhase::Abandoned) => {
+                        ("approval abandoned", format!("McpApproval {name} was abandoned"))
+                    }
                     _ => ("approval expired", format!("McpApproval {name} expired")),
                 };
                 let reason = match &decider_reason {
@@ -421,7 +386,7 @@ impl Approvals {
                 )))
             }
         };
-        if result.send(outcome).is_err() && phase == Phase::Approved {
+        if result.send(outcome).is_err() && phase == ApprovalPhase::Approved {
             tracing::warn!(approval = name, "approved, but the client went away; the call was not forwarded");
         }
         if let Some(phase) = close {
@@ -430,10 +395,10 @@ impl Approvals {
     }
 
     /// Tells the operator this proxy stopped waiting (best effort, a few attempts).
-    async fn close(&self, name: &str, phase: Phase) {
+    async fn close(&self, name: &str, phase: ClosePhase) {
         let mut wait = Duration::from_millis(200);
         for attempt in 1..=CLOSE_ATTEMPTS {
-            match self.desk.close(name, phase.as_str()).await {
+            match self.desk.close(name, phase).await {
                 Ok(()) => return,
                 Err(e) if attempt == CLOSE_ATTEMPTS => {
                     tracing::warn!(approval = name, phase = phase.as_str(), error = %e, "giving up closing the approval");
@@ -467,7 +432,7 @@ impl Approver for Approvals {
     }
 }
 
-fn approval<'a>(name: &'a str, phase: Phase, decided_by: Option<&'a str>) -> audit::Approval<'a> {
+fn approval<'a>(name: &'a str, phase: ApprovalPhase, decided_by: Option<&'a str>) -> audit::Approval<'a> {
     audit::Approval { approval: name, approval_phase: phase.as_str(), decided_by, approval_reused: false }
 }
 
@@ -607,11 +572,18 @@ mod tests {
     }
 
     #[test]
-    fn phases_parse_and_label() {
-        for p in [Phase::Pending, Phase::Approved, Phase::Denied, Phase::Expired, Phase::Cancelled, Phase::Abandoned] {
-            assert_eq!(Phase::parse(p.as_str()), Some(p));
-        }
-        assert_eq!(Phase::parse("approved"), None, "phases are case-sensitive");
+    fn final_phases_have_their_own_labels_and_durations_read_well() {
+        let labels: std::collections::HashSet<&str> = [
+            ApprovalPhase::Approved,
+            ApprovalPhase::Denied,
+            ApprovalPhase::Expired,
+            ApprovalPhase::Cancelled,
+            ApprovalPhase::Abandoned,
+        ]
+        .into_iter()
+        .map(phase_label)
+        .collect();
+        assert_eq!(labels.len(), 5, "every final phase has its own label");
         assert_eq!(fmt_duration(Duration::from_secs(2)), "2s");
         assert_eq!(fmt_duration(Duration::from_secs(600)), "10m");
         assert_eq!(fmt_duration(Duration::from_secs(7200)), "2h");
@@ -631,7 +603,7 @@ mod tests {
             Box::pin(async { Err("closed".into()) })
         }
 
-        fn close<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(), DeskError>> {
+        fn close<'a>(&'a self, _: &'a str, _: ClosePhase) -> BoxFuture<'a, Result<(), DeskError>> {
             Box::pin(async { Err("closed".into()) })
         }
     }
@@ -641,7 +613,8 @@ mod tests {
     }
 
     fn update(name: &str, phase: &str) -> ApprovalUpdate {
-        ApprovalUpdate { name: name.into(), phase: phase.into(), reason: None, decided_by: None }
+        let phase = serde_json::from_value(json!(phase)).expect("a phase");
+        ApprovalUpdate { name: name.into(), phase, reason: None, decided_by: None }
     }
 
     #[test]
@@ -662,14 +635,13 @@ mod tests {
         assert!(a.wait_for("a-1").is_none(), "one name, one held call");
         a.update(update("a-1", "Pending"));
         a.update(update("other", "Approved"));
-        a.update(update("a-1", "Sideways"));
-        assert!(waiting.try_recv().is_err(), "pending, unknown names and phases do not end the wait");
+        assert!(waiting.try_recv().is_err(), "pending and unknown names do not end the wait");
         a.update(update("a-1", "Denied"));
-        assert_eq!(waiting.try_recv().expect("decided").phase, "Denied");
+        assert_eq!(waiting.try_recv().expect("decided").phase, ApprovalPhase::Denied);
         // A decision that arrives before its waiter registers is kept for it.
         a.update(update("a-2", "Approved"));
         let mut late = a.wait_for("a-2").expect("first waiter");
-        assert_eq!(late.try_recv().expect("kept").phase, "Approved");
+        assert_eq!(late.try_recv().expect("kept").phase, ApprovalPhase::Approved);
         // ...but only a bounded number of them.
         for i in 0..MAX_EARLY + 10 {
             a.update(update(&format!("x-{i}"), "Expired"));

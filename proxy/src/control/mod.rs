@@ -35,7 +35,9 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use toolgate_policy::Policy;
-use toolgate_policy::push::{self, Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, Message, PolicySet};
+use toolgate_policy::push::{
+    self, Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, ClosePhase, Message, PolicySet,
+};
 
 use crate::approval::{ApprovalDesk, Approvals, DeskError};
 use crate::live::{Effective, Source};
@@ -314,9 +316,8 @@ impl Link {
 
     /// Tells the operator this process stopped waiting for approval `name` (`Expired` or
     /// `Cancelled`). Uses a new connection when no stream is up.
-    pub async fn close_approval(&self, name: &str, phase: &str) -> Result<(), ControlError> {
-        let body = serde_json::to_vec(&ApprovalClose { phase: phase.to_owned() })
-            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+    pub async fn close_approval(&self, name: &str, phase: ClosePhase) -> Result<(), ControlError> {
+        let body = serde_json::to_vec(&ApprovalClose { phase }).map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = self.post(&format!("{}/{name}/close", push::APPROVALS_PATH), body, false).await?;
         if resp.status().is_success() {
             return Ok(());
@@ -334,7 +335,7 @@ impl ApprovalDesk for Link {
         Box::pin(async move { self.request_approval(request).await.map_err(DeskError::from) })
     }
 
-    fn close<'a>(&'a self, name: &'a str, phase: &'a str) -> BoxFuture<'a, Result<(), DeskError>> {
+    fn close<'a>(&'a self, name: &'a str, phase: ClosePhase) -> BoxFuture<'a, Result<(), DeskError>> {
         Box::pin(async move { self.close_approval(name, phase).await.map_err(DeskError::from) })
     }
 }
@@ -827,15 +828,24 @@ impl Client {
             }
             None => return Err(ControlError::Protocol("malformed line from the operator: no \"type\"".into())),
         }
-        match serde_json::from_value(value)
-            .map_err(|e| ControlError::Protocol(format!("malformed message from the operator: {e}")))?
-        {
+        let approval = value.get("type").and_then(Value::as_str) == Some("approval");
+        let message = match serde_json::from_value(value) {
+            Ok(m) => m,
+            // An approval update this proxy cannot read (a phase a newer operator added)
+            // is ignored like an unknown message type: the policy stream stays up.
+            Err(e) if approval => {
+                tracing::debug!(error = %e, "ignoring an approval update this proxy does not understand");
+                return Ok(Line::Unknown);
+            }
+            Err(e) => return Err(ControlError::Protocol(format!("malformed message from the operator: {e}"))),
+        };
+        match message {
             Message::Heartbeat { interval_seconds } => {
                 Ok(Line::Heartbeat(Duration::from_secs(interval_seconds.clamp(1, MAX_HEARTBEAT_SECONDS))))
             }
             Message::Policies(set) => self.policies(set).await.map(|()| Line::Policies),
             Message::Approval(update) => {
-                tracing::debug!(name = update.name, phase = update.phase, "approval update");
+                tracing::debug!(name = update.name, phase = update.phase.as_str(), "approval update");
                 self.approvals.update(update);
                 Ok(Line::Approval)
             }
