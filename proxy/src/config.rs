@@ -225,7 +225,7 @@ pub fn main() -> ExitCode {
             // The persisted set is enforced before the operator is even asked. A broken
             // one is reported and ignored: the proxy then refuses every call until the
             // operator answers (fail closed), it does not refuse to start.
-            let initial = match args.state_dir.as_deref().map(operator::load_persisted) {
+            let initial = match args.state_dir.as_deref().map(crate::live::set::load_persisted) {
                 Some(Ok(Some(e))) => e,
                 Some(Ok(None)) | None => Effective::none(Source::Operator),
                 Some(Err(e)) => {

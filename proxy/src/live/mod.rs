@@ -1,5 +1,6 @@
 //! The live policy (linkerd's "store"): one `watch` channel of [`Effective`] sets that the
-//! `--policy` files ([`files`]) or the operator's stream (`crate::control`) write, and that
+//! `--policy` files ([`files`]) or the operator's stream (`crate::control`, through
+//! [`set`]) write, and that
 //! the gate reads per request, so a new policy applies to the next call, mid-connection.
 //! Metrics follow what is live through [`enforced`].
 
@@ -11,6 +12,7 @@ use toolgate_policy::{Caller, Policy};
 use crate::telemetry::metrics::Metrics;
 
 pub mod files;
+pub mod set;
 
 /// The receiving end of the live policy.
 pub type PolicyRx = watch::Receiver<Arc<Effective>>;
