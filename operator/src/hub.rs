@@ -446,11 +446,11 @@ impl Hub {
                 continue;
             }
             let status = approval.status.clone().unwrap_or_default();
-            let phase = status.phase.unwrap_or_default().as_str();
-            if slot.delivered.insert((approval.name_any(), phase)) {
+            let phase = status.phase.unwrap_or_default();
+            if slot.delivered.insert((approval.name_any(), phase.as_str())) {
                 let _ = slot.approvals.send(ApprovalUpdate {
                     name: approval.name_any(),
-                    phase: phase.to_owned(),
+                    phase,
                     reason: status.reason,
                     decided_by: status.decided_by,
                 });

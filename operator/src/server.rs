@@ -405,7 +405,7 @@ async fn approval_close(ctx: &Ctx, req: Request<Incoming>, name: &str) -> Respon
         Ok(v) => v,
         Err(r) => return r,
     };
-    match crate::approvals::close(&ctx.client, &id, name, &close.phase).await {
+    match crate::approvals::close(&ctx.client, &id, name, close.phase.as_str()).await {
         Ok(()) => no_content(),
         Err((code, message)) => from_code(code, message),
     }

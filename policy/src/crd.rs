@@ -200,37 +200,8 @@ pub struct McpApprovalSpec {
     pub expires_at: String,
 }
 
-/// Where an approval stands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-pub enum ApprovalPhase {
-    /// Waiting for a decision.
-    #[default]
-    Pending,
-    /// A person approved: the held call is forwarded.
-    Approved,
-    /// A person denied: the held call is refused.
-    Denied,
-    /// Nobody decided in time: the held call was refused.
-    Expired,
-    /// The client went away or cancelled the call.
-    Cancelled,
-    /// The sidecar holding the call restarted or its pod is gone.
-    Abandoned,
-}
-
-impl ApprovalPhase {
-    /// The phase name as written in `status.phase`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Approved => "Approved",
-            Self::Denied => "Denied",
-            Self::Expired => "Expired",
-            Self::Cancelled => "Cancelled",
-            Self::Abandoned => "Abandoned",
-        }
-    }
-}
+/// Where an approval stands (always compiled: the push protocol carries it too).
+pub use crate::push::ApprovalPhase;
 
 /// The decision on an McpApproval.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -8,6 +8,7 @@
 //! - Refusals: `401` (token missing, invalid, expired or for another audience), `403`
 //!   (token not bound to a pod, or the pod is unknown); body `{"error": "..."}`.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -144,8 +145,8 @@ pub struct ApprovalCreated {
 pub struct ApprovalUpdate {
     /// `metadata.name` of the McpApproval.
     pub name: String,
-    /// Pending, Approved, Denied, Expired, Cancelled or Abandoned.
-    pub phase: String,
+    /// Its phase now.
+    pub phase: ApprovalPhase,
     /// The decider's reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -158,8 +159,64 @@ pub struct ApprovalUpdate {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ApprovalClose {
-    /// `Expired` (no decision in time) or `Cancelled` (the client went away or cancelled).
-    pub phase: String,
+    /// Why the sidecar stopped waiting.
+    pub phase: ClosePhase,
+}
+
+/// Where an approval stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ApprovalPhase {
+    /// Waiting for a decision.
+    #[default]
+    Pending,
+    /// A person approved: the held call is forwarded.
+    Approved,
+    /// A person denied: the held call is refused.
+    Denied,
+    /// Nobody decided in time: the held call was refused.
+    Expired,
+    /// The client went away or cancelled the call.
+    Cancelled,
+    /// The sidecar holding the call restarted or its pod is gone.
+    Abandoned,
+}
+
+impl ApprovalPhase {
+    /// The phase name as written in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Approved => "Approved",
+            Self::Denied => "Denied",
+            Self::Expired => "Expired",
+            Self::Cancelled => "Cancelled",
+            Self::Abandoned => "Abandoned",
+        }
+    }
+}
+
+/// Why a sidecar stopped waiting for an approval ([`ApprovalClose`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ClosePhase {
+    /// No decision in time.
+    Expired,
+    /// The client went away or cancelled the call.
+    Cancelled,
+}
+
+impl ClosePhase {
+    /// The phase the McpApproval gets.
+    pub fn phase(self) -> ApprovalPhase {
+        match self {
+            Self::Expired => ApprovalPhase::Expired,
+            Self::Cancelled => ApprovalPhase::Cancelled,
+        }
+    }
+
+    /// The phase name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        self.phase().as_str()
+    }
 }
 
 impl PolicySet {

@@ -472,7 +472,10 @@ fn wait_request(op: &FakeOperator, n: usize) -> ApprovalSeen {
 }
 
 fn wait_close(op: &FakeOperator, name: &str, phase: &str) {
-    let want = CloseSeen { name: name.to_owned(), close: ApprovalClose { phase: phase.to_owned() } };
+    let want = CloseSeen {
+        name: name.to_owned(),
+        close: ApprovalClose { phase: serde_json::from_value(json!(phase)).expect("a close phase") },
+    };
     eventually(&format!("close({phase}) of {name}"), || op.closes().contains(&want).then_some(()));
 }
 

@@ -247,7 +247,7 @@ impl FakeOperator {
     pub fn decide(&self, name: &str, phase: &str, decided_by: Option<&str>, reason: Option<&str>) {
         self.send_raw(&line(&Message::Approval(ApprovalUpdate {
             name: name.to_owned(),
-            phase: phase.to_owned(),
+            phase: serde_json::from_value(json!(phase)).expect("an approval phase"),
             reason: reason.map(str::to_owned),
             decided_by: decided_by.map(str::to_owned),
         })));

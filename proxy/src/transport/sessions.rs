@@ -8,7 +8,7 @@
 //! `Mcp-Session-Id`, answers each POST with the answers to its requests (matched by
 //! JSON-RPC id), and delivers everything else the server sends (its requests to the
 //! client, notifications) on the session's GET stream. Checks happen before any of this
-//! (server::post): what reaches a session was already decided.
+//! (mcp_http::post): what reaches a session was already decided.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,10 +25,10 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::jsonrpc::{self, code};
-use crate::server::{BoxError, RespBody, full, json_response, strip_hop_by_hop};
-use crate::sse;
-use crate::upstream::{HttpClient, UpstreamError, spawn_server};
+use crate::mcp::jsonrpc::{self, code};
+use crate::mcp::sse;
+use crate::transport::client::{HttpClient, UpstreamError, spawn_server};
+use crate::transport::http::{BoxError, RespBody, json_response, status_only, strip_hop_by_hop, with_session};
 
 /// Requests of one session waiting for their answers at once.
 pub const MAX_PENDING: usize = 256;
@@ -69,7 +69,7 @@ pub fn new_session_id() -> String {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         b[..16].copy_from_slice(&t.as_nanos().to_le_bytes());
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::mcp::canonical::hex(&b)
 }
 
 #[derive(Debug)]
@@ -257,6 +257,7 @@ impl Drop for Registration<'_> {
 }
 
 /// A 2024-11-05 server's SSE stream, open and past its `endpoint` event.
+#[derive(Debug)]
 pub struct SseOpened {
     endpoint: Uri,
     body: RespBody,
@@ -266,6 +267,7 @@ pub struct SseOpened {
 }
 
 /// What a GET to a 2024-11-05 server's SSE endpoint gave.
+#[derive(Debug)]
 pub enum SseOpen {
     Open(SseOpened),
     /// The server refused (non-2xx): its answer, for the client.
@@ -721,7 +723,7 @@ fn spawn_child(command: &[String], owner: &str) -> Result<Arc<Session>, Upstream
     tokio::spawn(async move {
         let mut out = BufReader::new(stdout);
         loop {
-            match crate::stdio::read_line(&mut out, MAX_LINE_BYTES).await {
+            match crate::mcp::lines::read_line(&mut out, MAX_LINE_BYTES).await {
                 Ok(Some(Ok(line))) => match serde_json::from_slice::<Value>(&line) {
                     Ok(msg) => reader.deliver(msg, &events),
                     Err(_) => tracing::debug!("ignoring a non-JSON line from the MCP server"),
@@ -783,21 +785,6 @@ fn start_sse(t: &SseTarget, o: SseOpened, owner: &str) -> Arc<Session> {
         *reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
     }
     session
-}
-
-fn status_only(status: StatusCode) -> Response<RespBody> {
-    let mut r = Response::new(full(Bytes::new()));
-    *r.status_mut() = status;
-    r
-}
-
-fn with_session(mut r: Response<RespBody>, id: Option<String>) -> Response<RespBody> {
-    if let Some(id) = id
-        && let Ok(v) = HeaderValue::from_str(&id)
-    {
-        r.headers_mut().insert("mcp-session-id", v);
-    }
-    r
 }
 
 #[cfg(test)]

@@ -17,8 +17,6 @@
 //! [`Approvals`]; approval requests and closes are POSTed through the [`Link`] on the
 //! stream's own connection (see crate::approval).
 
-use std::fs::File;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,12 +32,16 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use toolgate_policy::Policy;
-use toolgate_policy::push::{self, Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, Message, PolicySet};
+use toolgate_policy::push::{
+    self, Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, ClosePhase, Message, PolicySet,
+};
 
-use crate::approval::Approvals;
-use crate::gate::{Effective, Source};
-use crate::metrics::Metrics;
+use crate::approval::{ApprovalDesk, Approvals, DeskError};
+use crate::live::Effective;
+use crate::live::set::{compile_set, persist, verify};
+use crate::telemetry::metrics::Metrics;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures_util::future::BoxFuture;
 
 /// Connecting, the TLS handshake and the response head must each finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,8 +60,56 @@ const ACK_ATTEMPTS: u32 = 5;
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 /// Largest error body read from a refusal.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-/// The persisted set in `--state-dir`.
-pub const STATE_FILE: &str = "policyset.json";
+
+/// Why talking to the operator failed. The message is what logs, refusals of held calls
+/// and acknowledgements show; [`ControlError::metric_label`] is its stable kind.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A bad `--operator` URL.
+    #[error("{0}")]
+    Endpoint(String),
+    /// The token file cannot be read or holds no bearer token.
+    #[error("{0}")]
+    Token(String),
+    /// The CA file, the TLS configuration or the TLS handshake.
+    #[error("{0}")]
+    Tls(String),
+    /// Connecting or speaking HTTP to the operator failed.
+    #[error("{0}")]
+    Connect(String),
+    /// The operator did not answer (or the stream went silent) in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Approvals need the policy stream (decisions arrive on it).
+    #[error("the policy stream from the operator is not connected")]
+    NotConnected,
+    /// The operator answered with an error status.
+    #[error("the operator answered {status}{hint}: {why}")]
+    Refused { status: StatusCode, hint: &'static str, why: String },
+    /// A malformed line, message or answer, or the operator closed the stream.
+    #[error("{0}")]
+    Protocol(String),
+    /// A policy set that must not be trusted (its revision does not match its content).
+    #[error("{0}")]
+    Policy(String),
+}
+
+impl ControlError {
+    /// A stable, low-cardinality name of the kind of failure (the `kind` log field).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Endpoint(_) => "endpoint",
+            Self::Token(_) => "token",
+            Self::Tls(_) => "tls",
+            Self::Connect(_) => "connect",
+            Self::Timeout(_) => "timeout",
+            Self::NotConnected => "not_connected",
+            Self::Refused { .. } => "refused",
+            Self::Protocol(_) => "protocol",
+            Self::Policy(_) => "policy",
+        }
+    }
+}
 
 /// Where the operator listens: an `https://` URL, possibly with a path prefix.
 #[derive(Clone, Debug)]
@@ -74,18 +124,22 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn parse(uri: &Uri) -> Result<Self, String> {
+    pub fn parse(uri: &Uri) -> Result<Self, ControlError> {
         if uri.scheme_str() != Some("https") {
-            return Err(format!("--operator must be an https:// URL (the policy stream is always TLS), not {uri:?}"));
+            return Err(ControlError::Endpoint(format!(
+                "--operator must be an https:// URL (the policy stream is always TLS), not {uri:?}"
+            )));
         }
         let Some(authority) = uri.authority() else {
-            return Err(format!("--operator {uri:?} has no host"));
+            return Err(ControlError::Endpoint(format!("--operator {uri:?} has no host")));
         };
         if authority.as_str().contains('@') {
-            return Err("--operator must not carry credentials in the URL; use --token-file".into());
+            return Err(ControlError::Endpoint(
+                "--operator must not carry credentials in the URL; use --token-file".into(),
+            ));
         }
         if uri.query().is_some() {
-            return Err(format!("--operator {uri:?} must not have a query"));
+            return Err(ControlError::Endpoint(format!("--operator {uri:?} must not have a query")));
         }
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
         Ok(Self {
@@ -114,18 +168,20 @@ pub struct Config {
 }
 
 /// Reads the bearer token (trimmed; must not be empty).
-fn read_token(path: &Path) -> Result<HeaderValue, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+fn read_token(path: &Path) -> Result<HeaderValue, ControlError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| ControlError::Token(format!("token file {}: {e}", path.display())))?;
     if meta.len() > MAX_TOKEN_BYTES {
-        return Err(format!("token file {}: larger than {MAX_TOKEN_BYTES} bytes", path.display()));
+        return Err(ControlError::Token(format!("token file {}: larger than {MAX_TOKEN_BYTES} bytes", path.display())));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ControlError::Token(format!("token file {}: {e}", path.display())))?;
     let token = text.trim();
     if token.is_empty() {
-        return Err(format!("token file {} is empty", path.display()));
+        return Err(ControlError::Token(format!("token file {} is empty", path.display())));
     }
     let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| format!("token file {}: not a valid bearer token", path.display()))?;
+        .map_err(|_| ControlError::Token(format!("token file {}: not a valid bearer token", path.display())))?;
     value.set_sensitive(true);
     Ok(value)
 }
@@ -157,12 +213,12 @@ struct H2Conn {
 }
 
 impl Conn {
-    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, String> {
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ControlError> {
         let sent = match self {
             Conn::H1 { sender, .. } => sender.send_request(req).await,
             Conn::H2(c) => c.sender.send_request(req).await,
         };
-        sent.map_err(|e| e.to_string())
+        sent.map_err(|e| ControlError::Connect(e.to_string()))
     }
 }
 
@@ -209,13 +265,13 @@ impl Link {
 
     /// POSTs JSON on the stream's HTTP/2 connection (a new connection when the stream is
     /// on HTTP/1.1). Without a stream: an error when `need_stream`, else a new connection.
-    async fn post(&self, path: &str, body: Vec<u8>, need_stream: bool) -> Result<Response<Incoming>, String> {
+    async fn post(&self, path: &str, body: Vec<u8>, need_stream: bool) -> Result<Response<Incoming>, ControlError> {
         let token = read_token(&self.config.token_file)?;
         let mut conn = match self.stream() {
             StreamConn::H2(c) => Conn::H2(c),
             StreamConn::H1 => self.config.connect().await?,
             StreamConn::Down if need_stream => {
-                return Err("the policy stream from the operator is not connected".into());
+                return Err(ControlError::NotConnected);
             }
             StreamConn::Down => self.config.connect().await?,
         };
@@ -223,13 +279,13 @@ impl Link {
         req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req))
             .await
-            .map_err(|_| "the operator did not answer in time".to_owned())?
+            .map_err(|_| ControlError::Timeout("the operator did not answer in time".into()))?
     }
 
     /// Asks for a person's decision: `201` with the name of the McpApproval, or why not.
     /// Needs the stream (a decision could not reach this process without it).
-    pub async fn request_approval(&self, request: &ApprovalRequest) -> Result<String, String> {
-        let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    pub async fn request_approval(&self, request: &ApprovalRequest) -> Result<String, ControlError> {
+        let body = serde_json::to_vec(request).map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = self.post(push::APPROVALS_PATH, body, true).await?;
         if resp.status() != StatusCode::CREATED {
             return Err(refusal(resp).await);
@@ -238,26 +294,45 @@ impl Link {
             match tokio::time::timeout(CONNECT_TIMEOUT, Limited::new(resp.into_body(), MAX_ERROR_BODY).collect()).await
             {
                 Ok(Ok(c)) => c.to_bytes(),
-                Ok(Err(e)) => return Err(format!("the operator's answer could not be read: {e}")),
-                Err(_) => return Err("the operator's answer did not arrive in time".into()),
+                Ok(Err(e)) => {
+                    return Err(ControlError::Protocol(format!("the operator's answer could not be read: {e}")));
+                }
+                Err(_) => return Err(ControlError::Timeout("the operator's answer did not arrive in time".into())),
             };
         let created: ApprovalCreated = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("the operator answered 201 without an approval name: {e}"))?;
+            .map_err(|e| ControlError::Protocol(format!("the operator answered 201 without an approval name: {e}")))?;
         if !valid_name(&created.name) {
-            return Err(format!("the operator named the approval {:?}, which is not an object name", created.name));
+            return Err(ControlError::Protocol(format!(
+                "the operator named the approval {:?}, which is not an object name",
+                created.name
+            )));
         }
         Ok(created.name)
     }
 
     /// Tells the operator this process stopped waiting for approval `name` (`Expired` or
     /// `Cancelled`). Uses a new connection when no stream is up.
-    pub async fn close_approval(&self, name: &str, phase: &str) -> Result<(), String> {
-        let body = serde_json::to_vec(&ApprovalClose { phase: phase.to_owned() }).map_err(|e| e.to_string())?;
+    pub async fn close_approval(&self, name: &str, phase: ClosePhase) -> Result<(), ControlError> {
+        let body = serde_json::to_vec(&ApprovalClose { phase }).map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = self.post(&format!("{}/{name}/close", push::APPROVALS_PATH), body, false).await?;
         if resp.status().is_success() {
             return Ok(());
         }
         Err(refusal(resp).await)
+    }
+}
+
+impl ApprovalDesk for Link {
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn request<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, Result<String, DeskError>> {
+        Box::pin(async move { self.request_approval(request).await.map_err(DeskError::from) })
+    }
+
+    fn close<'a>(&'a self, name: &'a str, phase: ClosePhase) -> BoxFuture<'a, Result<(), DeskError>> {
+        Box::pin(async move { self.close_approval(name, phase).await.map_err(DeskError::from) })
     }
 }
 
@@ -278,21 +353,22 @@ fn new_instance() -> String {
         bytes[..8].copy_from_slice(&(nanos as u64).to_le_bytes());
         bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::mcp::canonical::hex(&bytes)
 }
 
 impl Config {
-    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, ControlError> {
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca_file {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                let ca = |e: &dyn std::fmt::Display| ControlError::Tls(format!("CA file {}: {e}", path.display()));
+                let pem = std::fs::read(path).map_err(|e| ca(&e))?;
                 for cert in CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
-                    roots.add(cert).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+                    let cert = cert.map_err(|e| ca(&e))?;
+                    roots.add(cert).map_err(|e| ca(&e))?;
                 }
                 if roots.is_empty() {
-                    return Err(format!("CA file {}: no CERTIFICATE in it", path.display()));
+                    return Err(ControlError::Tls(format!("CA file {}: no CERTIFICATE in it", path.display())));
                 }
             }
             None => {
@@ -302,14 +378,14 @@ impl Config {
                 }
                 roots.add_parsable_certificates(found.certs);
                 if roots.is_empty() {
-                    return Err("no platform root certificates found: give --ca-file".into());
+                    return Err(ControlError::Tls("no platform root certificates found: give --ca-file".into()));
                 }
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS configuration: {e}"))?
+            .map_err(|e| ControlError::Tls(format!("TLS configuration: {e}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -317,22 +393,23 @@ impl Config {
     }
 
     /// One connection over TLS to the operator (HTTP/2 if it speaks it).
-    async fn connect(&self) -> Result<Conn, String> {
+    async fn connect(&self) -> Result<Conn, ControlError> {
         let tls = self.tls()?;
         let ep = &self.endpoint;
-        let name = ServerName::try_from(ep.host.clone()).map_err(|e| format!("--operator host {:?}: {e}", ep.host))?;
+        let name = ServerName::try_from(ep.host.clone())
+            .map_err(|e| ControlError::Endpoint(format!("--operator host {:?}: {e}", ep.host)))?;
         let connecting = async {
             let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
                 .await
-                .map_err(|e| format!("cannot connect to {}: {e}", ep.authority))?;
+                .map_err(|e| ControlError::Connect(format!("cannot connect to {}: {e}", ep.authority)))?;
             let _ = tcp.set_nodelay(true);
             let stream = tokio_rustls::TlsConnector::from(tls)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS with {}: {e}", ep.authority))?;
+                .map_err(|e| ControlError::Tls(format!("TLS with {}: {e}", ep.authority)))?;
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let io = TokioIo::new(stream);
-            let failed = |e: hyper::Error| format!("HTTP with {}: {e}", ep.authority);
+            let failed = |e: hyper::Error| ControlError::Connect(format!("HTTP with {}: {e}", ep.authority));
             if h2 {
                 let (sender, conn) =
                     hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(failed)?;
@@ -344,7 +421,7 @@ impl Config {
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
-            .map_err(|_| format!("connecting to {} timed out", ep.authority))?
+            .map_err(|_| ControlError::Timeout(format!("connecting to {} timed out", ep.authority)))?
     }
 
     fn request(
@@ -376,19 +453,19 @@ impl Config {
 
     /// Sends one acknowledgement: on the stream's HTTP/2 connection when there is one,
     /// else on a new connection.
-    async fn post_ack(&self, ack: &Ack, via: Option<&H2Conn>) -> Result<(), String> {
+    async fn post_ack(&self, ack: &Ack, via: Option<&H2Conn>) -> Result<(), ControlError> {
         let token = read_token(&self.token_file)?;
         let mut conn = match via {
             Some(c) => Conn::H2(c.clone()),
             None => self.connect().await?,
         };
-        let body = serde_json::to_vec(ack).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(ack).map_err(|e| ControlError::Protocol(e.to_string()))?;
         let mut req = self.request(&conn, Method::POST, push::ACK_PATH, token, Bytes::from(body));
         req.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let resp = tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req))
             .await
-            .map_err(|_| "the operator did not answer the acknowledgement in time".to_owned())?
-            .map_err(|e| format!("acknowledgement failed: {e}"))?;
+            .map_err(|_| ControlError::Timeout("the operator did not answer the acknowledgement in time".into()))?
+            .map_err(|e| ControlError::Connect(format!("acknowledgement failed: {e}")))?;
         if resp.status().is_success() {
             return Ok(());
         }
@@ -409,7 +486,7 @@ where
 }
 
 /// Describes a non-success answer, with the operator's `{"error": ...}` when there is one.
-async fn refusal(resp: Response<Incoming>) -> String {
+async fn refusal(resp: Response<Incoming>) -> ControlError {
     let status = resp.status();
     let body =
         match tokio::time::timeout(CONNECT_TIMEOUT, Limited::new(resp.into_body(), MAX_ERROR_BODY).collect()).await {
@@ -425,7 +502,7 @@ async fn refusal(resp: Response<Incoming>) -> String {
         StatusCode::FORBIDDEN => " (the token is not bound to a pod the operator knows)",
         _ => "",
     };
-    format!("the operator answered {status}{hint}: {why}")
+    ControlError::Refused { status, hint, why }
 }
 
 /// Splits a byte stream into lines of at most `max` bytes (without the newline; a
@@ -441,7 +518,7 @@ impl Lines {
         Self { buf: Vec::new(), max }
     }
 
-    fn push(&mut self, mut data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    fn push(&mut self, mut data: &[u8]) -> Result<Vec<Vec<u8>>, ControlError> {
         let mut out = Vec::new();
         while let Some(i) = data.iter().position(|b| *b == b'\n') {
             self.check(i)?;
@@ -458,126 +535,42 @@ impl Lines {
         Ok(out)
     }
 
-    fn check(&self, more: usize) -> Result<(), String> {
+    fn check(&self, more: usize) -> Result<(), ControlError> {
         if self.buf.len() + more > self.max {
-            return Err(format!("a line from the operator is longer than {} bytes", self.max));
+            return Err(ControlError::Protocol(format!("a line from the operator is longer than {} bytes", self.max)));
         }
         Ok(())
     }
 }
 
-/// Jittered exponential backoff.
+/// Jittered exponential backoff (backon): each wait is uniformly in [d/2, d) for
+/// d = first, 2·first, … up to max, so reconnecting proxies spread out.
 #[derive(Debug)]
 struct Backoff {
-    first: Duration,
+    builder: ExponentialBuilder,
+    waits: ExponentialBackoff,
     max: Duration,
-    next: Duration,
 }
 
 impl Backoff {
     fn new(first: Duration, max: Duration) -> Self {
-        Self { first, max, next: first }
+        // backon adds a random jitter in [0, d) on top of d: start from half of each.
+        let builder = ExponentialBuilder::new()
+            .with_min_delay(first / 2)
+            .with_max_delay(max / 2)
+            .with_jitter()
+            .without_max_times();
+        Self { builder, waits: builder.build(), max }
     }
 
-    /// The next wait: uniformly in [d/2, d] for d = first, 2·first, … up to max.
+    /// The next wait.
     fn next(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (d * 2).min(self.max);
-        let half = d / 2;
-        let span = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).saturating_add(1);
-        half + Duration::from_nanos(getrandom::u64().unwrap_or(0) % span)
+        self.waits.next().unwrap_or(self.max)
     }
 
     fn reset(&mut self) {
-        self.next = self.first;
+        self.waits = self.builder.build();
     }
-}
-
-/// Compiles a set: enforcing and dry-run documents, each group with the policy crate.
-/// Errors name the McpPolicy and the path in its document.
-pub fn compile_set(set: &PolicySet) -> Result<Effective, String> {
-    let mut enforce = Vec::new();
-    let mut dry_run = Vec::new();
-    let mut problems = Vec::new();
-    for p in &set.policies {
-        match toolgate_policy::document_from_value(p.document.clone()) {
-            Ok((doc, _)) if p.dry_run => dry_run.push((p.name.clone(), doc)),
-            Ok((doc, _)) => enforce.push((p.name.clone(), doc)),
-            Err(e) => problems.extend(e.problems().iter().map(|pr| format!("{}: {pr}", p.name))),
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems.join("\n"));
-    }
-    let enforce = compile_group(enforce)?;
-    let dry_run = compile_group(dry_run)?;
-    Ok(Effective::new(enforce, dry_run, set.revision.clone(), Source::Operator))
-}
-
-fn compile_group(docs: Vec<(String, toolgate_policy::Document)>) -> Result<Policy, String> {
-    if docs.is_empty() {
-        return Ok(Policy::empty());
-    }
-    // With several documents the policy crate names the document in every problem.
-    let single = (docs.len() == 1).then(|| docs[0].0.clone());
-    Policy::compile(docs).map_err(|e| {
-        let lines: Vec<String> = e
-            .problems()
-            .iter()
-            .map(|p| match &single {
-                Some(name) => format!("{name}: {p}"),
-                None => p.to_string(),
-            })
-            .collect();
-        lines.join("\n")
-    })
-}
-
-/// Checks that a set's revision is the hash of its content.
-fn verify(set: &PolicySet) -> Result<(), String> {
-    let expected = PolicySet::compute_revision(&set.policies);
-    if expected == set.revision {
-        Ok(())
-    } else {
-        Err(format!("revision {:?} does not match the content of the set (expected {expected})", set.revision))
-    }
-}
-
-/// Writes the set atomically (temporary file, fsync, rename, fsync of the directory).
-fn persist(dir: &Path, set: &PolicySet) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let bytes = serde_json::to_vec(set)?;
-    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
-    // Makes the rename durable; not every platform can open a directory.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// The set a previous run persisted, checked and compiled. `Ok(None)`: there is none.
-pub fn load_persisted(dir: &Path) -> Result<Option<Effective>, String> {
-    let path = dir.join(STATE_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    if bytes.len() > push::MAX_LINE_BYTES {
-        return Err(format!("{}: larger than {} bytes", path.display(), push::MAX_LINE_BYTES));
-    }
-    let set: PolicySet = toolgate_policy::from_slice_strict(&bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    verify(&set).map_err(|e| format!("{}: {e}", path.display()))?;
-    compile_set(&set).map(Some).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// What one line was.
@@ -644,6 +637,7 @@ impl Client {
             let wait = backoff.next();
             tracing::warn!(
                 reason = %reason,
+                kind = reason.metric_label(),
                 retry_in_ms = wait.as_millis() as u64,
                 enforcing = %self.policy.borrow().revision,
                 "no policy stream from the operator; the last good policy stays enforced"
@@ -654,7 +648,7 @@ impl Client {
 
     /// Holds one stream until it ends; returns why. `healthy` is set once the stream
     /// delivered a well-formed policy set.
-    async fn stream(&mut self, healthy: &mut bool) -> String {
+    async fn stream(&mut self, healthy: &mut bool) -> ControlError {
         let token = match read_token(&self.config.token_file) {
             Ok(t) => t,
             Err(e) => return e,
@@ -669,8 +663,8 @@ impl Client {
             req.headers_mut().insert(push::INSTANCE_HEADER, instance);
         }
         let resp = match tokio::time::timeout(CONNECT_TIMEOUT, conn.send(req)).await {
-            Err(_) => return "the operator did not answer the stream request in time".into(),
-            Ok(Err(e)) => return format!("stream request failed: {e}"),
+            Err(_) => return ControlError::Timeout("the operator did not answer the stream request in time".into()),
+            Ok(Err(e)) => return ControlError::Connect(format!("stream request failed: {e}")),
             Ok(Ok(r)) => r,
         };
         if resp.status() != StatusCode::OK {
@@ -678,7 +672,7 @@ impl Client {
         }
         let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-ndjson")) {
-            return format!("the stream has Content-Type {ct:?}, not application/x-ndjson");
+            return ControlError::Protocol(format!("the stream has Content-Type {ct:?}, not application/x-ndjson"));
         }
         self.metrics.operator_connected(true);
         // Acknowledgements of this stream's sets travel on its connection (HTTP/2).
@@ -704,13 +698,13 @@ impl Client {
         loop {
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => {
-                    return format!(
+                    return ControlError::Timeout(format!(
                         "no line for {} s ({MISSED_HEARTBEATS} heartbeat intervals): the stream is dead",
                         (interval * MISSED_HEARTBEATS).as_secs()
-                    );
+                    ));
                 }
-                Ok(None) => return "the operator closed the stream".into(),
-                Ok(Some(Err(e))) => return format!("the stream broke: {e}"),
+                Ok(None) => return ControlError::Protocol("the operator closed the stream".into()),
+                Ok(Some(Err(e))) => return ControlError::Connect(format!("the stream broke: {e}")),
                 Ok(Some(Ok(f))) => f,
             };
             let Ok(data) = frame.into_data() else { continue };
@@ -732,24 +726,35 @@ impl Client {
         }
     }
 
-    async fn line(&mut self, line: &[u8]) -> Result<Line, String> {
+    async fn line(&mut self, line: &[u8]) -> Result<Line, ControlError> {
         let value = toolgate_policy::from_slice_strict(line)
-            .map_err(|e| format!("malformed line from the operator (not JSON): {e}"))?;
+            .map_err(|e| ControlError::Protocol(format!("malformed line from the operator (not JSON): {e}")))?;
         match value.get("type").and_then(Value::as_str) {
             Some("policies" | "heartbeat" | "approval") => {}
             Some(other) => {
                 tracing::debug!(r#type = other, "ignoring a message type this proxy does not know");
                 return Ok(Line::Unknown);
             }
-            None => return Err("malformed line from the operator: no \"type\"".into()),
+            None => return Err(ControlError::Protocol("malformed line from the operator: no \"type\"".into())),
         }
-        match serde_json::from_value(value).map_err(|e| format!("malformed message from the operator: {e}"))? {
+        let approval = value.get("type").and_then(Value::as_str) == Some("approval");
+        let message = match serde_json::from_value(value) {
+            Ok(m) => m,
+            // An approval update this proxy cannot read (a phase a newer operator added)
+            // is ignored like an unknown message type: the policy stream stays up.
+            Err(e) if approval => {
+                tracing::debug!(error = %e, "ignoring an approval update this proxy does not understand");
+                return Ok(Line::Unknown);
+            }
+            Err(e) => return Err(ControlError::Protocol(format!("malformed message from the operator: {e}"))),
+        };
+        match message {
             Message::Heartbeat { interval_seconds } => {
                 Ok(Line::Heartbeat(Duration::from_secs(interval_seconds.clamp(1, MAX_HEARTBEAT_SECONDS))))
             }
             Message::Policies(set) => self.policies(set).await.map(|()| Line::Policies),
             Message::Approval(update) => {
-                tracing::debug!(name = update.name, phase = update.phase, "approval update");
+                tracing::debug!(name = update.name, phase = update.phase.as_str(), "approval update");
                 self.approvals.update(update);
                 Ok(Line::Approval)
             }
@@ -758,11 +763,11 @@ impl Client {
 
     /// Applies (or refuses) one set and acknowledges it. `Err` only for a set that must
     /// not be trusted at all (revision mismatch): the stream is then dropped.
-    async fn policies(&mut self, set: PolicySet) -> Result<(), String> {
+    async fn policies(&mut self, set: PolicySet) -> Result<(), ControlError> {
         if let Err(e) = verify(&set) {
             self.metrics.reload_error();
             self.ack(&set.revision, Some(e.clone()));
-            return Err(format!("refused a policy set: {e}"));
+            return Err(ControlError::Policy(format!("refused a policy set: {e}")));
         }
         let revision = set.revision.clone();
         if self.applied.as_deref() == Some(revision.as_str()) {
@@ -798,7 +803,7 @@ impl Client {
             ?dry_run,
             "policy set from the operator applied"
         );
-        self.metrics.policy_enforced(&effective);
+        crate::live::enforced(&self.metrics, &effective);
         self.metrics.policy_applied();
         self.policy.send_replace(Arc::new(effective));
         self.applied = Some(revision.clone());
@@ -859,16 +864,6 @@ async fn send_acks(config: Arc<Config>, mut rx: watch::Receiver<Option<PendingAc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-    use toolgate_policy::push::{PodRef, PushedPolicy};
-
-    fn pushed(name: &str, dry_run: bool, document: Value) -> PushedPolicy {
-        PushedPolicy { name: name.into(), uid: format!("uid-{name}"), generation: 1, dry_run, document }
-    }
-
-    fn set(policies: Vec<PushedPolicy>) -> PolicySet {
-        PolicySet::new(PodRef { namespace: "ns".into(), name: "pod-0".into() }, policies)
-    }
 
     #[test]
     fn endpoints_must_be_https() {
@@ -882,8 +877,28 @@ mod tests {
         assert_eq!((v6.host.as_str(), v6.port, v6.path(push::ACK_PATH).as_str()), ("::1", 443, "/prefix/v1/ack"));
         for bad in ["http://op:8443", "https://u:p@op:8443", "https://op/?x=1", "/v1/stream"] {
             let e = Endpoint::parse(&bad.parse().expect("uri")).expect_err(bad);
-            assert!(e.contains("--operator"), "{e}");
+            assert!(matches!(e, ControlError::Endpoint(_)) && e.to_string().contains("--operator"), "{e}");
         }
+    }
+
+    #[test]
+    fn errors_keep_their_messages_and_have_distinct_kinds() {
+        let refused = ControlError::Refused { status: StatusCode::UNAUTHORIZED, hint: " (h)", why: "no".into() };
+        assert_eq!(refused.to_string(), "the operator answered 401 Unauthorized (h): no");
+        assert_eq!(ControlError::NotConnected.to_string(), "the policy stream from the operator is not connected");
+        let all = [
+            ControlError::Endpoint(String::new()),
+            ControlError::Token(String::new()),
+            ControlError::Tls(String::new()),
+            ControlError::Connect(String::new()),
+            ControlError::Timeout(String::new()),
+            ControlError::NotConnected,
+            refused,
+            ControlError::Protocol(String::new()),
+            ControlError::Policy(String::new()),
+        ];
+        let labels: std::collections::HashSet<&str> = all.iter().map(ControlError::metric_label).collect();
+        assert_eq!(labels.len(), all.len());
     }
 
     #[test]
@@ -909,46 +924,5 @@ mod tests {
         assert!(waits[11] >= Duration::from_secs(15));
         b.reset();
         assert!(b.next() <= Duration::from_millis(200));
-    }
-
-    #[test]
-    fn sets_compile_into_enforcing_and_dry_run_documents() {
-        let s = set(vec![
-            pushed("a", false, json!({"version": "1", "default": "allow"})),
-            pushed("b", true, json!({"version": "1", "default": "deny"})),
-        ]);
-        let e = compile_set(&s).expect("compiles");
-        assert_eq!(e.enforce.names().collect::<Vec<_>>(), ["a"]);
-        assert_eq!(e.dry_run.names().collect::<Vec<_>>(), ["b"]);
-        assert_eq!(e.revision, s.revision);
-        assert!(compile_set(&set(vec![])).expect("empty").is_empty());
-        let bad = set(vec![pushed(
-            "limits",
-            false,
-            json!({"version": "1", "tools": {"x": {"limits": [{"window": "fortnight", "max": 1}]}}}),
-        )]);
-        let e = compile_set(&bad).expect_err("invalid");
-        assert!(e.starts_with("limits: tools.x.limits[0]"), "{e}");
-        let not_a_doc = set(vec![pushed("n", false, json!("deny everything"))]);
-        assert!(compile_set(&not_a_doc).expect_err("not a mapping").starts_with("n: "));
-    }
-
-    #[test]
-    fn persisted_sets_round_trip_and_tampering_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        assert!(load_persisted(dir.path()).expect("nothing yet").is_none());
-        let s = set(vec![pushed("a", false, json!({"version": "1", "default": "allow"}))]);
-        persist(&dir.path().join("sub"), &s).expect("persists");
-        let back = load_persisted(&dir.path().join("sub")).expect("loads").expect("present");
-        assert_eq!(back.revision, s.revision);
-        assert_eq!(back.source, Source::Operator);
-        let names: Vec<_> =
-            std::fs::read_dir(dir.path().join("sub")).expect("dir").map(|e| e.expect("entry").file_name()).collect();
-        assert_eq!(names, [STATE_FILE], "no temporary file is left behind");
-        let path = dir.path().join("sub").join(STATE_FILE);
-        let tampered = std::fs::read_to_string(&path).expect("read").replace("allow", "deny");
-        std::fs::write(&path, tampered).expect("write");
-        let e = load_persisted(&dir.path().join("sub")).expect_err("revision mismatch");
-        assert!(e.contains("does not match"), "{e}");
     }
 }

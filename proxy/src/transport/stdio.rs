@@ -7,60 +7,23 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use toolgate_policy::Caller;
 
 use crate::gate::{Checked, Gate, Tracker};
-use crate::jsonrpc;
-use crate::sessions::MAX_PENDING;
-
-/// Reads one newline-terminated line of at most `max` bytes. Ok(None) at end of input;
-/// Err(()) for an over-long line (which is skipped).
-pub(crate) async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> std::io::Result<Option<Result<Vec<u8>, ()>>> {
-    let mut buf = Vec::new();
-    let n = (&mut *r).take(max as u64 + 1).read_until(b'\n', &mut buf).await?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.last() != Some(&b'\n') && buf.len() > max {
-        skip_line(r).await?;
-        return Ok(Some(Err(())));
-    }
-    while matches!(buf.last(), Some(b'\n' | b'\r')) {
-        buf.pop();
-    }
-    Ok(Some(Ok(buf)))
-}
-
-/// Consumes the rest of a line (through its newline, or to the end of input) without
-/// keeping it: an over-long line costs no memory however long it is.
-async fn skip_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<()> {
-    loop {
-        let chunk = r.fill_buf().await?;
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        if let Some(i) = chunk.iter().position(|b| *b == b'\n') {
-            r.consume(i + 1);
-            return Ok(());
-        }
-        let n = chunk.len();
-        r.consume(n);
-    }
-}
+use crate::mcp::jsonrpc;
+use crate::mcp::lines::read_line;
+use crate::transport::sessions::MAX_PENDING;
 
 /// Largest line the child may write (one JSON-RPC message), as in child sessions.
-const MAX_CHILD_LINE_BYTES: usize = crate::sse::MAX_EVENT_BYTES;
+const MAX_CHILD_LINE_BYTES: usize = crate::mcp::sse::MAX_EVENT_BYTES;
 
 /// Why calls that need approval are refused over `--stdio`.
 pub const NO_HOLD: &str = "calls are not held for approval over --stdio";
 
 pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow::Result<()> {
-    let mut child = crate::upstream::spawn_server(command).context("cannot start the MCP server")?;
+    let mut child = crate::transport::client::spawn_server(command).context("cannot start the MCP server")?;
     let mut child_in = child.stdin.take().context("child stdin")?;
     let child_out = child.stdout.take().context("child stdout")?;
     let state = Arc::new(Mutex::new(State::default()));
@@ -138,18 +101,18 @@ pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow
         };
         let refusal = state.lock().unwrap_or_else(|p| p.into_inner()).refuse_waiting(&body);
         if let Some(refusal) = refusal {
-            gate.metrics.caller_refused("duplicate_id");
+            gate.telemetry.metrics.caller_refused("duplicate_id");
             let _ = out_tx.send(serde_json::to_vec(&refusal).unwrap_or_default()).await;
             continue;
         }
         let policy = gate.current();
         match gate.check(&body, &caller, &policy, None, None) {
-            Checked::Answer(v) => {
-                let _ = out_tx.send(serde_json::to_vec(&v).unwrap_or_default()).await;
+            Checked::Refuse(r) => {
+                let _ = out_tx.send(serde_json::to_vec(&r.into_answer()).unwrap_or_default()).await;
             }
             // The stdio gate has no approver, so nothing is held; refuse all the same.
             Checked::Hold(h) => {
-                let v = gate.refuse_hold(*h, NO_HOLD);
+                let v = gate.refuse_hold(*h, NO_HOLD).into_answer();
                 let _ = out_tx.send(serde_json::to_vec(&v).unwrap_or_default()).await;
             }
             Checked::Forward(t) => {

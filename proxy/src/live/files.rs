@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use toolgate_policy::Policy;
 
-use crate::gate::Effective;
-use crate::metrics::Metrics;
+use crate::live::Effective;
+use crate::telemetry::metrics::Metrics;
 
 fn read_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
     paths
@@ -73,7 +73,7 @@ pub async fn watch(paths: Vec<PathBuf>, every: Duration, tx: watch::Sender<Arc<E
             Ok(Ok(policy)) => {
                 tracing::info!(revision = policy.revision(), "policy reloaded");
                 let effective = Effective::files(policy);
-                metrics.policy_enforced(&effective);
+                crate::live::enforced(&metrics, &effective);
                 metrics.policy_applied();
                 if tx.send(Arc::new(effective)).is_err() {
                     return;

@@ -22,16 +22,28 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-use toolgate_policy::push::{ApprovalRequest, ApprovalUpdate};
+use toolgate_policy::push::{ApprovalPhase, ApprovalRequest, ApprovalUpdate, ClosePhase};
 use toolgate_policy::{Caller, DenialStyle};
 
-use crate::audit;
-use crate::gate::{self, Fields, Gate, Hold, Tracker};
-use crate::jsonrpc::code;
-use crate::metrics::Metrics;
-use crate::operator::Link;
+use crate::gate::{self, ApprovalRefusal, Approver, Hold, Outcome, Refusal, Reusable, ReuseKey};
+use crate::mcp::jsonrpc::code;
+use crate::telemetry::{DecisionEvent, Telemetry, audit};
+
+/// Why the operator could not be asked (shown in the refusal and the log).
+pub type DeskError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where approvals are requested and closed: the operator (`crate::control::Link`).
+pub trait ApprovalDesk: std::fmt::Debug + Send + Sync {
+    /// This proxy's instance id (approvals it requests carry it).
+    fn instance(&self) -> &str;
+    /// Creates an McpApproval for `request`: its name.
+    fn request<'a>(&'a self, request: &'a ApprovalRequest) -> BoxFuture<'a, Result<String, DeskError>>;
+    /// Tells the operator this proxy stopped waiting for `name` (`Expired`, `Cancelled`).
+    fn close<'a>(&'a self, name: &'a str, phase: ClosePhase) -> BoxFuture<'a, Result<(), DeskError>>;
+}
 
 /// Most calls held for approval at once (more are refused at once).
 pub const MAX_HELD: usize = 64;
@@ -45,100 +57,16 @@ const CLOSE_ATTEMPTS: u32 = 3;
 /// `approval.timeout` when a decision has none (the policy crate's default).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The phase of an McpApproval, as the stream sends it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Pending,
-    Approved,
-    Denied,
-    Expired,
-    Cancelled,
-    Abandoned,
-}
-
-impl Phase {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "Pending" => Self::Pending,
-            "Approved" => Self::Approved,
-            "Denied" => Self::Denied,
-            "Expired" => Self::Expired,
-            "Cancelled" => Self::Cancelled,
-            "Abandoned" => Self::Abandoned,
-            _ => return None,
-        })
+/// The `decision` label of `toolgate_approval_decisions_total` for a final phase.
+fn phase_label(phase: ApprovalPhase) -> &'static str {
+    match phase {
+        ApprovalPhase::Pending => "error",
+        ApprovalPhase::Approved => "approved",
+        ApprovalPhase::Denied => "denied",
+        ApprovalPhase::Expired => "expired",
+        ApprovalPhase::Cancelled => "cancelled",
+        ApprovalPhase::Abandoned => "abandoned",
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Approved => "Approved",
-            Self::Denied => "Denied",
-            Self::Expired => "Expired",
-            Self::Cancelled => "Cancelled",
-            Self::Abandoned => "Abandoned",
-        }
-    }
-
-    /// The `decision` label of `toolgate_approval_decisions_total`.
-    fn label(self) -> &'static str {
-        match self {
-            Self::Pending => "error",
-            Self::Approved => "approved",
-            Self::Denied => "denied",
-            Self::Expired => "expired",
-            Self::Cancelled => "cancelled",
-            Self::Abandoned => "abandoned",
-        }
-    }
-}
-
-/// SHA-256 (64 hex digits) of the canonical JSON of a call's arguments (absent arguments
-/// are `{}`): the same digest as the audit line's `argumentsSha256`
-/// ([`crate::audit::arguments_sha256_hex`]), so an approval and the call's audit lines
-/// correlate.
-pub fn arguments_digest(arguments: &Value) -> String {
-    crate::audit::arguments_sha256_hex(arguments)
-}
-
-/// What an approval given once covers with `reuse_for`: the same tool, canonical
-/// arguments, grant and caller, decided by the same rule.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ReuseKey {
-    policy: String,
-    rule: String,
-    tool: String,
-    grant: Option<String>,
-    identity: String,
-    digest: String,
-}
-
-impl ReuseKey {
-    pub fn new(
-        hold_policy: Option<&str>,
-        rule: Option<&str>,
-        tool: &str,
-        grant: Option<&str>,
-        identity: &str,
-        digest: &str,
-    ) -> Self {
-        Self {
-            policy: hold_policy.unwrap_or("").to_owned(),
-            rule: rule.unwrap_or("").to_owned(),
-            tool: tool.to_owned(),
-            grant: grant.map(str::to_owned),
-            identity: identity.to_owned(),
-            digest: digest.to_owned(),
-        }
-    }
-}
-
-/// An approval that still covers identical calls.
-#[derive(Clone, Debug)]
-pub struct Reusable {
-    pub name: String,
-    pub decided_by: Option<String>,
-    until: Instant,
 }
 
 /// A held request, as `notifications/cancelled` names it.
@@ -163,8 +91,8 @@ struct State {
 /// Calls held for approval, shared by the gate and the operator stream.
 #[derive(Debug)]
 pub struct Approvals {
-    link: Arc<Link>,
-    metrics: Arc<Metrics>,
+    desk: Arc<dyn ApprovalDesk>,
+    telemetry: Arc<Telemetry>,
     state: Mutex<State>,
 }
 
@@ -175,20 +103,8 @@ struct Slot(Arc<Approvals>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.lock().held -= 1;
-        self.0.metrics.approvals_pending(-1);
+        self.0.telemetry.metrics.approvals_pending(-1);
     }
-}
-
-/// How the wait for a decision ended.
-#[derive(Debug)]
-enum Outcome {
-    Approved {
-        name: String,
-        decided_by: Option<String>,
-        reason: Option<String>,
-    },
-    /// The answer to send instead of forwarding.
-    Refused(Value),
 }
 
 /// Why a held call stopped waiting.
@@ -202,8 +118,8 @@ enum Ended {
 }
 
 impl Approvals {
-    pub fn new(link: Arc<Link>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { link, metrics, state: Mutex::default() })
+    pub fn new(desk: Arc<dyn ApprovalDesk>, telemetry: Arc<Telemetry>) -> Arc<Self> {
+        Arc::new(Self { desk, telemetry, state: Mutex::default() })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -214,12 +130,9 @@ impl Approvals {
     /// approval; `Pending`, unknown phases and names nobody waits for are ignored (a
     /// decision that overtook the operator's `201` is kept briefly for its waiter).
     pub fn update(&self, update: ApprovalUpdate) {
-        match Phase::parse(&update.phase) {
-            None => {
-                tracing::debug!(name = update.name, phase = update.phase, "ignoring an unknown approval phase");
-            }
-            Some(Phase::Pending) => {}
-            Some(_) => {
+        match update.phase {
+            ApprovalPhase::Pending => {}
+            _ => {
                 let mut s = self.lock();
                 match s.waiters.remove(&update.name) {
                     Some(tx) => {
@@ -261,7 +174,7 @@ impl Approvals {
 
     /// `notifications/cancelled` from `caller` for request `id` (its JSON text): ends the
     /// wait of that held call, if there is one.
-    pub fn cancel(&self, caller: &Caller, id: &str) {
+    fn cancel_request(&self, caller: &Caller, id: &str) {
         let key = CancelKey { identity: caller.identity.clone(), session: caller.session.clone(), id: id.to_owned() };
         if let Some(waiting) = self.lock().cancels.remove(&key) {
             for (_, tx) in waiting {
@@ -296,18 +209,18 @@ impl Approvals {
         }
         s.held += 1;
         drop(s);
-        self.metrics.approvals_pending(1);
+        self.telemetry.metrics.approvals_pending(1);
         Some(Slot(self.clone()))
     }
 
     /// An approval that covers this call now (`reuse_for`), if any.
-    pub fn reusable(&self, key: &ReuseKey) -> Option<Reusable> {
+    fn reusable_now(&self, key: &ReuseKey) -> Option<Reusable> {
         let now = Instant::now();
         self.lock().reuse.get(key).filter(|r| r.until > now).cloned()
     }
 
     /// Remembers an approval for identical calls during `window`.
-    pub fn remember(&self, key: ReuseKey, name: &str, decided_by: Option<&str>, window: Duration) {
+    fn remember_for(&self, key: ReuseKey, name: &str, decided_by: Option<&str>, window: Duration) {
         let now = Instant::now();
         let mut s = self.lock();
         s.reuse.retain(|_, r| r.until > now);
@@ -322,16 +235,20 @@ impl Approvals {
         s.reuse.insert(key, Reusable { name: name.to_owned(), decided_by: decided_by.map(str::to_owned), until });
     }
 
-    /// Holds `hold` until its approval is decided. `Ok`: forward the call with this
-    /// tracker (approved, limits reserved); `Err`: the answer to send instead.
-    pub async fn wait(self: Arc<Self>, gate: Arc<Gate>, hold: Box<Hold>) -> Result<Tracker, Value> {
-        let ctx = Ctx::new(&hold, self.link.instance());
+    /// Holds the call of `ctx` until its approval is decided (the wait runs as its own
+    /// task, so the client going away is noticed).
+    async fn decide(self: Arc<Self>, ctx: Ctx) -> Outcome {
         let Some(slot) = self.admit() else {
             let reason = format!("too many calls waiting for approval (at most {MAX_HELD}); try again later");
-            ctx.emit(&gate, "approval", Some(&reason), None, true);
-            self.metrics.approval_decision("error", None);
-            gate.drop_hold(*hold);
-            return Err(ctx.refusal(code::APPROVAL_REQUIRED, "approval required", "approval", &reason, None));
+            ctx.emit(&self.telemetry, "approval", Some(&reason), None, true);
+            self.telemetry.metrics.approval_decision("error", None);
+            return Outcome::Refused(Refusal::Approval(ctx.refusal(
+                code::APPROVAL_REQUIRED,
+                "approval required",
+                "approval",
+                &reason,
+                None,
+            )));
         };
         let fallback = ctx.refusal(
             code::APPROVAL_REQUIRED,
@@ -343,36 +260,23 @@ impl Approvals {
         let (result_tx, result_rx) = oneshot::channel();
         // Dropped with this future: the client went away.
         let (_gone_tx, gone_rx) = oneshot::channel::<()>();
-        tokio::spawn(self.clone().held(gate.clone(), ctx, slot, gone_rx, result_tx));
-        match result_rx.await {
-            Ok(Outcome::Approved { name, decided_by, reason }) => {
-                gate.finish_approved(*hold, &name, decided_by.as_deref(), reason.as_deref())
-            }
-            Ok(Outcome::Refused(answer)) => {
-                gate.drop_hold(*hold);
-                Err(answer)
-            }
-            Err(_) => {
-                gate.drop_hold(*hold);
-                Err(fallback)
-            }
-        }
+        tokio::spawn(self.clone().held(ctx, slot, gone_rx, result_tx));
+        result_rx.await.unwrap_or(Outcome::Refused(Refusal::Approval(fallback)))
     }
 
     /// The task of one held call: ask, wait, answer, close.
     async fn held(
         self: Arc<Self>,
-        gate: Arc<Gate>,
         ctx: Ctx,
         slot: Slot,
         mut gone: oneshot::Receiver<()>,
         result: oneshot::Sender<Outcome>,
     ) {
         let (cancel_n, mut cancelled) = self.watch_cancel(ctx.cancel_key.clone());
-        let requested = match self.link.request_approval(&ctx.request).await {
+        let requested = match self.desk.request(&ctx.request).await {
             Ok(name) => match self.wait_for(&name) {
                 Some(decision) => Ok((name, decision)),
-                None => Err(format!("the operator named another held call {name} too")),
+                None => Err(format!("the operator named another held call {name} too").into()),
             },
             Err(e) => Err(e),
         };
@@ -382,16 +286,22 @@ impl Approvals {
                 self.unwatch_cancel(&ctx.cancel_key, cancel_n);
                 let reason = format!("cannot request approval: {e}");
                 tracing::warn!(tool = ctx.request.tool, error = %e, "cannot request approval; the call is refused");
-                ctx.emit(&gate, "approval", Some(&reason), None, true);
-                self.metrics.approval_decision("error", None);
+                ctx.emit(&self.telemetry, "approval", Some(&reason), None, true);
+                self.telemetry.metrics.approval_decision("error", None);
                 drop(slot);
-                let answer = ctx.refusal(code::APPROVAL_REQUIRED, "approval required", "approval", &reason, None);
-                let _ = result.send(Outcome::Refused(answer));
+                let refusal = ctx.refusal(code::APPROVAL_REQUIRED, "approval required", "approval", &reason, None);
+                let _ = result.send(Outcome::Refused(Refusal::Approval(refusal)));
                 return;
             }
         };
         tracing::info!(approval = name, tool = ctx.request.tool, "call held for approval");
-        ctx.emit(&gate, "approval", ctx.request.reason.as_deref(), Some(approval(&name, Phase::Pending, None)), true);
+        ctx.emit(
+            &self.telemetry,
+            "approval",
+            ctx.request.reason.as_deref(),
+            Some(approval(&name, ApprovalPhase::Pending, None)),
+            true,
+        );
         let deadline = tokio::time::Instant::from_std(ctx.started) + ctx.timeout;
         let ended = tokio::select! {
             u = decision => match u {
@@ -407,20 +317,20 @@ impl Approvals {
         self.unwatch_cancel(&ctx.cancel_key, cancel_n);
         let waited = ctx.started.elapsed();
         let (phase, update, close) = match ended {
-            Ended::Update(ref u) => (Phase::parse(&u.phase).unwrap_or(Phase::Expired), Some(u.clone()), None),
-            Ended::Timeout => (Phase::Expired, None, Some(Phase::Expired)),
-            Ended::Gone | Ended::Cancelled => (Phase::Cancelled, None, Some(Phase::Cancelled)),
+            Ended::Update(ref u) => (u.phase, Some(u.clone()), None),
+            Ended::Timeout => (ApprovalPhase::Expired, None, Some(ClosePhase::Expired)),
+            Ended::Gone | Ended::Cancelled => (ApprovalPhase::Cancelled, None, Some(ClosePhase::Cancelled)),
         };
-        self.metrics.approval_decision(phase.label(), Some(waited));
+        self.telemetry.metrics.approval_decision(phase_label(phase), Some(waited));
         drop(slot);
         let decided_by = update.as_ref().and_then(|u| u.decided_by.clone());
         let decider_reason = update.as_ref().and_then(|u| u.reason.clone());
         let outcome = match phase {
-            Phase::Approved => {
+            ApprovalPhase::Approved => {
                 tracing::info!(approval = name, decided_by, "approved; forwarding the held call");
                 Outcome::Approved { name: name.clone(), decided_by, reason: decider_reason }
             }
-            Phase::Denied => {
+            ApprovalPhase::Denied => {
                 let mut reason = format!("McpApproval {name} was denied");
                 if let Some(by) = &decided_by {
                     reason.push_str(&format!(" by {by}"));
@@ -429,12 +339,10 @@ impl Approvals {
                     reason.push_str(&format!(": {why}"));
                 }
                 let a = approval(&name, phase, decided_by.as_deref());
-                ctx.emit(&gate, "deny", Some(&reason), Some(a), true);
-                let mut answer = ctx.refusal(code::DENIED, "denied", "deny", &reason, Some(&name));
-                if let Some(by) = &decided_by {
-                    gate::set_data(&mut answer, "decidedBy", json!(by));
-                }
-                Outcome::Refused(answer)
+                ctx.emit(&self.telemetry, "deny", Some(&reason), Some(a), true);
+                let mut refusal = ctx.refusal(code::DENIED, "denied", "deny", &reason, Some(&name));
+                refusal.decided_by = decided_by;
+                Outcome::Refused(Refusal::Approval(refusal))
             }
             _ => {
                 let (kind, reason) = match (&ended, phase) {
@@ -449,8 +357,12 @@ impl Approvals {
                         "approval cancelled",
                         format!("McpApproval {name} cancelled: the client cancelled the request"),
                     ),
-                    (_, Phase::Cancelled) => ("approval cancelled", format!("McpApproval {name} was cancelled")),
-                    (_, Phase::Abandoned) => ("approval abandoned", format!("McpApproval {name} was abandoned")),
+                    (_, ApprovalPhase::Cancelled) => {
+                        ("approval cancelled", format!("McpApproval {name} was cancelled"))
+                    }
+                    (_, ApprovalPhase::Abandoned) => {
+                        ("approval abandoned", format!("McpApproval {name} was abandoned"))
+                    }
                     _ => ("approval expired", format!("McpApproval {name} expired")),
                 };
                 let reason = match &decider_reason {
@@ -458,11 +370,23 @@ impl Approvals {
                     None => reason,
                 };
                 tracing::info!(approval = name, phase = phase.as_str(), "held call refused: {reason}");
-                ctx.emit(&gate, "approval", Some(&reason), Some(approval(&name, phase, decided_by.as_deref())), false);
-                Outcome::Refused(ctx.refusal(code::APPROVAL_REQUIRED, kind, "approval", &reason, Some(&name)))
+                ctx.emit(
+                    &self.telemetry,
+                    "approval",
+                    Some(&reason),
+                    Some(approval(&name, phase, decided_by.as_deref())),
+                    false,
+                );
+                Outcome::Refused(Refusal::Approval(ctx.refusal(
+                    code::APPROVAL_REQUIRED,
+                    kind,
+                    "approval",
+                    &reason,
+                    Some(&name),
+                )))
             }
         };
-        if result.send(outcome).is_err() && phase == Phase::Approved {
+        if result.send(outcome).is_err() && phase == ApprovalPhase::Approved {
             tracing::warn!(approval = name, "approved, but the client went away; the call was not forwarded");
         }
         if let Some(phase) = close {
@@ -471,10 +395,10 @@ impl Approvals {
     }
 
     /// Tells the operator this proxy stopped waiting (best effort, a few attempts).
-    async fn close(&self, name: &str, phase: Phase) {
+    async fn close(&self, name: &str, phase: ClosePhase) {
         let mut wait = Duration::from_millis(200);
         for attempt in 1..=CLOSE_ATTEMPTS {
-            match self.link.close_approval(name, phase.as_str()).await {
+            match self.desk.close(name, phase).await {
                 Ok(()) => return,
                 Err(e) if attempt == CLOSE_ATTEMPTS => {
                     tracing::warn!(approval = name, phase = phase.as_str(), error = %e, "giving up closing the approval");
@@ -489,7 +413,26 @@ impl Approvals {
     }
 }
 
-fn approval<'a>(name: &'a str, phase: Phase, decided_by: Option<&'a str>) -> audit::Approval<'a> {
+impl Approver for Approvals {
+    fn reusable(&self, key: &ReuseKey) -> Option<Reusable> {
+        self.reusable_now(key)
+    }
+
+    fn remember(&self, key: ReuseKey, name: &str, decided_by: Option<&str>, window: Duration) {
+        self.remember_for(key, name, decided_by, window);
+    }
+
+    fn cancel(&self, caller: &Caller, id: &str) {
+        self.cancel_request(caller, id);
+    }
+
+    fn wait(self: Arc<Self>, hold: &Hold) -> BoxFuture<'static, Outcome> {
+        let ctx = Ctx::new(hold, self.desk.instance());
+        Box::pin(self.decide(ctx))
+    }
+}
+
+fn approval<'a>(name: &'a str, phase: ApprovalPhase, decided_by: Option<&'a str>) -> audit::Approval<'a> {
     audit::Approval { approval: name, approval_phase: phase.as_str(), decided_by, approval_reused: false }
 }
 
@@ -563,13 +506,14 @@ impl Ctx {
     /// An audit line (and, if `count`, a `toolgate_decisions_total` sample) for this call.
     fn emit(
         &self,
-        gate: &Gate,
+        telemetry: &Telemetry,
         decision: &'static str,
         reason: Option<&str>,
         approval: Option<audit::Approval<'_>>,
         count: bool,
     ) {
-        let fields = Fields {
+        let event = DecisionEvent {
+            decision,
             policy: self.policy.as_deref(),
             rule: self.rule.as_deref(),
             grant: self.grant.as_deref(),
@@ -577,28 +521,38 @@ impl Ctx {
             retry_after: None,
             approval,
         };
-        gate.emit(&self.call.as_call(), decision, &fields, &self.revision, self.started, count);
+        telemetry.decision(&self.call.as_call(), &event, &self.revision, self.started, count);
     }
 
     /// The refusal of this call: JSON-RPC error `code` (or a tool result, as the policy
     /// wants), naming the approval when there is one.
-    fn refusal(&self, code: i64, kind: &str, decision: &str, reason: &str, name: Option<&str>) -> Value {
-        let mut data = json!({
-            "decision": decision,
-            "policy": self.policy,
-            "rule": self.rule,
-            "reason": reason,
-        });
-        if let Some(n) = name {
-            data["approval"] = json!(n);
-        }
-        gate::answer(self.id.clone(), self.denial, code, format!("toolgate: {kind}: {reason}"), data)
+    fn refusal(
+        &self,
+        code: i64,
+        kind: &'static str,
+        decision: &'static str,
+        reason: &str,
+        name: Option<&str>,
+    ) -> Box<ApprovalRefusal> {
+        Box::new(ApprovalRefusal {
+            id: self.id.clone(),
+            denial: self.denial,
+            code,
+            kind,
+            decision,
+            policy: self.policy.clone(),
+            rule: self.rule.clone(),
+            reason: reason.to_owned(),
+            name: name.map(str::to_owned),
+            decided_by: None,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mcp::canonical::arguments_sha256_hex as arguments_digest;
 
     #[test]
     fn the_digest_depends_on_content_not_key_order() {
@@ -618,26 +572,49 @@ mod tests {
     }
 
     #[test]
-    fn phases_parse_and_label() {
-        for p in [Phase::Pending, Phase::Approved, Phase::Denied, Phase::Expired, Phase::Cancelled, Phase::Abandoned] {
-            assert_eq!(Phase::parse(p.as_str()), Some(p));
-        }
-        assert_eq!(Phase::parse("approved"), None, "phases are case-sensitive");
+    fn final_phases_have_their_own_labels_and_durations_read_well() {
+        let labels: std::collections::HashSet<&str> = [
+            ApprovalPhase::Approved,
+            ApprovalPhase::Denied,
+            ApprovalPhase::Expired,
+            ApprovalPhase::Cancelled,
+            ApprovalPhase::Abandoned,
+        ]
+        .into_iter()
+        .map(phase_label)
+        .collect();
+        assert_eq!(labels.len(), 5, "every final phase has its own label");
         assert_eq!(fmt_duration(Duration::from_secs(2)), "2s");
         assert_eq!(fmt_duration(Duration::from_secs(600)), "10m");
         assert_eq!(fmt_duration(Duration::from_secs(7200)), "2h");
         assert_eq!(fmt_duration(Duration::from_secs(90)), "90s");
     }
 
+    /// A desk nobody answers at.
+    #[derive(Debug)]
+    struct Closed;
+
+    impl ApprovalDesk for Closed {
+        fn instance(&self) -> &str {
+            "test"
+        }
+
+        fn request<'a>(&'a self, _: &'a ApprovalRequest) -> BoxFuture<'a, Result<String, DeskError>> {
+            Box::pin(async { Err("closed".into()) })
+        }
+
+        fn close<'a>(&'a self, _: &'a str, _: ClosePhase) -> BoxFuture<'a, Result<(), DeskError>> {
+            Box::pin(async { Err("closed".into()) })
+        }
+    }
+
     fn approvals() -> Arc<Approvals> {
-        let endpoint = crate::operator::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
-        let config =
-            crate::operator::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
-        Approvals::new(Link::new(config), Arc::new(Metrics::new()))
+        Approvals::new(Arc::new(Closed), crate::gate::tests::telemetry())
     }
 
     fn update(name: &str, phase: &str) -> ApprovalUpdate {
-        ApprovalUpdate { name: name.into(), phase: phase.into(), reason: None, decided_by: None }
+        let phase = serde_json::from_value(json!(phase)).expect("a phase");
+        ApprovalUpdate { name: name.into(), phase, reason: None, decided_by: None }
     }
 
     #[test]
@@ -645,10 +622,10 @@ mod tests {
         let a = approvals();
         let slots: Vec<Slot> = (0..MAX_HELD).map(|_| a.admit().expect("room")).collect();
         assert!(a.admit().is_none(), "the {}th call is refused", MAX_HELD + 1);
-        assert!(a.metrics.encode().contains(&format!("toolgate_approvals_pending {MAX_HELD}")));
+        assert!(a.telemetry.metrics.encode().contains(&format!("toolgate_approvals_pending {MAX_HELD}")));
         drop(slots);
         assert!(a.admit().is_some());
-        assert!(a.metrics.encode().contains("toolgate_approvals_pending 0"));
+        assert!(a.telemetry.metrics.encode().contains("toolgate_approvals_pending 0"));
     }
 
     #[test]
@@ -658,14 +635,13 @@ mod tests {
         assert!(a.wait_for("a-1").is_none(), "one name, one held call");
         a.update(update("a-1", "Pending"));
         a.update(update("other", "Approved"));
-        a.update(update("a-1", "Sideways"));
-        assert!(waiting.try_recv().is_err(), "pending, unknown names and phases do not end the wait");
+        assert!(waiting.try_recv().is_err(), "pending and unknown names do not end the wait");
         a.update(update("a-1", "Denied"));
-        assert_eq!(waiting.try_recv().expect("decided").phase, "Denied");
+        assert_eq!(waiting.try_recv().expect("decided").phase, ApprovalPhase::Denied);
         // A decision that arrives before its waiter registers is kept for it.
         a.update(update("a-2", "Approved"));
         let mut late = a.wait_for("a-2").expect("first waiter");
-        assert_eq!(late.try_recv().expect("kept").phase, "Approved");
+        assert_eq!(late.try_recv().expect("kept").phase, ApprovalPhase::Approved);
         // ...but only a bounded number of them.
         for i in 0..MAX_EARLY + 10 {
             a.update(update(&format!("x-{i}"), "Expired"));
@@ -687,11 +663,11 @@ mod tests {
             session: Some(session.into()),
             headers: Vec::new(),
         };
-        a.cancel(&caller("sha256:b", "s1"), "7");
-        a.cancel(&caller("sha256:a", "s2"), "7");
-        a.cancel(&caller("sha256:a", "s1"), "\"7\"");
+        a.cancel_request(&caller("sha256:b", "s1"), "7");
+        a.cancel_request(&caller("sha256:a", "s2"), "7");
+        a.cancel_request(&caller("sha256:a", "s1"), "\"7\"");
         assert!(rx.try_recv().is_err(), "another caller, session or id does not cancel");
-        a.cancel(&caller("sha256:a", "s1"), "7");
+        a.cancel_request(&caller("sha256:a", "s1"), "7");
         assert!(rx.try_recv().is_ok());
         a.unwatch_cancel(&key("sha256:a", Some("s1"), "7"), n);
         assert!(a.lock().cancels.is_empty());
@@ -701,15 +677,15 @@ mod tests {
     fn reuse_is_remembered_for_its_window_and_bounded() {
         let a = approvals();
         let key = |digest: &str| ReuseKey::new(Some("p"), Some("tools.x"), "x", None, "sha256:a", digest);
-        assert!(a.reusable(&key("d1")).is_none());
-        a.remember(key("d1"), "a-1", Some("alice"), Duration::from_secs(60));
-        let r = a.reusable(&key("d1")).expect("remembered");
+        assert!(a.reusable_now(&key("d1")).is_none());
+        a.remember_for(key("d1"), "a-1", Some("alice"), Duration::from_secs(60));
+        let r = a.reusable_now(&key("d1")).expect("remembered");
         assert_eq!((r.name.as_str(), r.decided_by.as_deref()), ("a-1", Some("alice")));
-        assert!(a.reusable(&key("d2")).is_none(), "other arguments are not covered");
-        a.remember(key("d3"), "a-3", None, Duration::ZERO);
-        assert!(a.reusable(&key("d3")).is_none(), "an elapsed window covers nothing");
+        assert!(a.reusable_now(&key("d2")).is_none(), "other arguments are not covered");
+        a.remember_for(key("d3"), "a-3", None, Duration::ZERO);
+        assert!(a.reusable_now(&key("d3")).is_none(), "an elapsed window covers nothing");
         for i in 0..MAX_REUSE + 5 {
-            a.remember(key(&format!("n{i}")), "a", None, Duration::from_secs(60));
+            a.remember_for(key(&format!("n{i}")), "a", None, Duration::from_secs(60));
         }
         assert_eq!(a.lock().reuse.len(), MAX_REUSE);
     }

@@ -19,23 +19,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::HeaderMap;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::watch;
-use toolgate_policy::{Call, Caller, Decision, DecisionKind, DenialStyle, Limiter, Policy, Reservation};
+use toolgate_policy::{Call, Caller, Decision, DecisionKind, Limiter, Reservation};
 
-use crate::approval::{self, Approvals, ReuseKey};
-use crate::audit;
-use crate::jsonrpc::{self, Body, Kind, code, id_key};
-use crate::metrics::Metrics;
+use crate::live::Effective;
+use crate::mcp::canonical;
+use crate::mcp::jsonrpc::{self, Body, Kind, code, id_key};
+use crate::telemetry::decision::would;
+use crate::telemetry::{DecisionEvent, Telemetry, audit};
 
-/// Who decides calls held for approval.
-#[derive(Debug)]
-pub enum Approver {
-    /// The operator (sidecar mode over HTTP): such calls are held until decided.
-    Operator(Arc<Approvals>),
-    /// Nobody: such calls are refused with `-32012`, saying why (this text).
-    Unavailable(&'static str),
-}
+mod hold;
+#[cfg(test)]
+mod proptests;
+mod refusal;
+
+pub use hold::{Approver, Approvers, Hold, Outcome, OwnedCall, Reusable, ReuseKey};
+pub use refusal::{ApprovalRefusal, Refusal};
 
 /// How callers are identified.
 #[derive(Clone, Debug)]
@@ -48,99 +48,6 @@ pub enum IdentitySource {
     /// the caller's `Authorization`): every caller is one identity, so a limit holds for
     /// the whole server instead of per header value a client picks.
     Shared,
-}
-
-/// Where the live documents came from (shown on `/policy`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// `--policy` files.
-    Files,
-    /// The operator's policy stream (or the set persisted from it).
-    Operator,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Files => "files",
-            Source::Operator => "operator",
-        }
-    }
-}
-
-/// The policy the gate applies: enforcing and dry-run documents and their revision.
-#[derive(Debug)]
-pub struct Effective {
-    /// Decides every call (empty: see [`Effective::decides_nothing`]).
-    pub enforce: Policy,
-    /// Evaluated and recorded, never enforced (empty when there are none).
-    pub dry_run: Policy,
-    /// The revision shown on `/policy`, in audit lines and metrics: the operator's
-    /// `PolicySet` revision, or the files' content hash.
-    pub revision: String,
-    pub source: Source,
-    header_names: Vec<String>,
-}
-
-impl Effective {
-    /// The documents of `--policy` files (all enforced).
-    pub fn files(policy: Policy) -> Self {
-        let revision = policy.revision().to_owned();
-        Self::new(policy, Policy::empty(), revision, Source::Files)
-    }
-
-    /// No document at all: every call is refused.
-    pub fn none(source: Source) -> Self {
-        Self::new(Policy::empty(), Policy::empty(), String::new(), source)
-    }
-
-    pub fn new(enforce: Policy, dry_run: Policy, revision: String, source: Source) -> Self {
-        let mut header_names: Vec<String> =
-            enforce.header_names().iter().chain(dry_run.header_names()).cloned().collect();
-        header_names.sort();
-        header_names.dedup();
-        Self { enforce, dry_run, revision, source, header_names }
-    }
-
-    /// No document at all (neither enforcing nor dry-run): every call is refused and the
-    /// proxy is not ready.
-    pub fn is_empty(&self) -> bool {
-        self.enforce.is_empty() && self.dry_run.is_empty()
-    }
-
-    /// Only dry-run documents: calls pass (they are being tried out), nothing is enforced.
-    pub fn decides_nothing(&self) -> bool {
-        self.enforce.is_empty() && !self.dry_run.is_empty()
-    }
-
-    /// Request headers that grants of any document match on.
-    pub fn header_names(&self) -> &[String] {
-        &self.header_names
-    }
-
-    /// Whether `tools/list` shows `tool`: the enforcing documents decide (with only
-    /// dry-run documents everything is listed, since every call passes).
-    pub fn lists_tool(&self, tool: &str, caller: &Caller) -> bool {
-        if self.decides_nothing() { true } else { self.enforce.lists_tool(tool, caller) }
-    }
-
-    /// Every document with its mode (`enforce` or `dryRun`), enforcing ones first.
-    pub fn documents(&self) -> impl Iterator<Item = (&str, &toolgate_policy::Document, &'static str)> {
-        self.enforce
-            .documents()
-            .map(|(n, d)| (n, d, "enforce"))
-            .chain(self.dry_run.documents().map(|(n, d)| (n, d, "dryRun")))
-    }
-}
-
-/// The label of a dry-run document's refusal: what it would have done.
-pub fn would(kind: DecisionKind) -> &'static str {
-    match kind {
-        DecisionKind::Allow => "allow",
-        DecisionKind::Deny | DecisionKind::Hidden => "would_deny",
-        DecisionKind::RateLimited => "would_rate_limit",
-        DecisionKind::Approval => "would_require_approval",
-    }
 }
 
 /// Quota held for one forwarded call: the enforcing documents' and, if any, the dry-run
@@ -182,31 +89,25 @@ pub struct Gate {
     pub limiter: Limiter,
     /// Counters of dry-run documents, apart from the enforcing ones.
     pub dry_run_limiter: Limiter,
-    pub metrics: Arc<Metrics>,
+    pub telemetry: Arc<Telemetry>,
     pub identity: IdentitySource,
-    pub audit_arguments: bool,
-    pub pod: Option<String>,
-    pub approver: Approver,
+    pub approver: Approvers,
     epoch: Instant,
 }
 
 impl Gate {
     pub fn new(
         policy: watch::Receiver<Arc<Effective>>,
-        metrics: Arc<Metrics>,
+        telemetry: Arc<Telemetry>,
         identity: IdentitySource,
-        audit_arguments: bool,
-        pod: Option<String>,
-        approver: Approver,
+        approver: Approvers,
     ) -> Self {
         Self {
             policy,
             limiter: Limiter::default(),
             dry_run_limiter: Limiter::default(),
-            metrics,
+            telemetry,
             identity,
-            audit_arguments,
-            pod,
             approver,
             epoch: Instant::now(),
         }
@@ -236,7 +137,7 @@ impl Gate {
         let authorization = single(hyper::header::AUTHORIZATION.as_str())?;
         let identity = match &self.identity {
             IdentitySource::Authorization => {
-                authorization.map(|v| audit::fingerprint_bytes(v.as_bytes())).unwrap_or_default()
+                authorization.map(|v| canonical::fingerprint_bytes(v.as_bytes())).unwrap_or_default()
             }
             IdentitySource::Header(name) => match single(name.as_str())? {
                 None => String::new(),
@@ -346,72 +247,17 @@ impl Tracker {
 pub enum Checked {
     /// Forward the original bytes; inspect answers with the tracker.
     Forward(Tracker),
-    /// Answer with this JSON (nothing is forwarded).
-    Answer(Value),
-    /// The body's one call waits for a person's approval ([`Approvals::wait`]); then the
+    /// Answer with this refusal (nothing is forwarded).
+    Refuse(Refusal),
+    /// The body's one call waits for a person's approval ([`Gate::wait_approval`]); then the
     /// original bytes are forwarded or a refusal is answered.
     Hold(Box<Hold>),
-}
-
-/// A `tools/call` with owned parts (a held call outlives its request's body).
-#[derive(Clone, Debug)]
-pub struct OwnedCall {
-    pub tool: String,
-    pub arguments: Value,
-    pub caller: Caller,
-}
-
-impl OwnedCall {
-    pub fn as_call(&self) -> Call<'_> {
-        Call { tool: &self.tool, arguments: &self.arguments, caller: &self.caller }
-    }
-}
-
-/// A call held for approval: the decision and what finishing it needs.
-#[derive(Debug)]
-pub struct Hold {
-    pub approvals: Arc<Approvals>,
-    pub id: Value,
-    pub call: OwnedCall,
-    /// Kind `Approval`; its limits are reserved once approved.
-    pub decision: Decision,
-    /// Units of the dry-run documents, held with the call.
-    dry_run: Option<Reservation>,
-    /// Of the policy that decided.
-    pub revision: String,
-    /// [`approval::arguments_digest`] of the arguments.
-    pub digest: String,
-    pub started: Instant,
-}
-
-/// The decision fields of an audit line.
-#[derive(Debug, Default)]
-pub struct Fields<'a> {
-    pub policy: Option<&'a str>,
-    pub rule: Option<&'a str>,
-    pub grant: Option<&'a str>,
-    pub reason: Option<&'a str>,
-    pub retry_after: Option<Duration>,
-    pub approval: Option<audit::Approval<'a>>,
-}
-
-impl<'a> Fields<'a> {
-    fn of(d: &'a Decision) -> Self {
-        Self {
-            policy: d.policy.as_deref(),
-            rule: d.rule.as_deref(),
-            grant: d.grant.as_deref(),
-            reason: d.reason.as_deref(),
-            retry_after: d.retry_after,
-            approval: None,
-        }
-    }
 }
 
 /// What [`Gate::decide`] made of one call.
 enum Decided {
     Forward(Held),
-    Refuse(Value),
+    Refuse(Refusal),
     Hold(Box<Hold>),
 }
 
@@ -426,11 +272,11 @@ impl Gate {
         header_method: Option<&str>,
         header_name: Option<&str>,
     ) -> Checked {
-        if let Some(answer) = check_headers(body, header_method, header_name) {
-            return Checked::Answer(answer);
+        if let Some(refusal) = check_headers(body, header_method, header_name) {
+            return Checked::Refuse(refusal);
         }
         let mut tracker = Tracker::default();
-        let mut answers: Vec<Option<Value>> = Vec::with_capacity(body.messages.len());
+        let mut answers: Vec<Option<Refusal>> = Vec::with_capacity(body.messages.len());
         let mut refused = false;
         let mut hold = None;
         let mut seen_ids = HashMap::new();
@@ -438,10 +284,10 @@ impl Gate {
             let answer = match msg.kind() {
                 Kind::Request { id, method } => {
                     if seen_ids.insert(id_key(id), ()).is_some() {
-                        Some(jsonrpc::error(id.clone(), code::INVALID_REQUEST, "duplicate request id in batch", None))
+                        Some(Refusal::invalid(id.clone(), code::INVALID_REQUEST, "duplicate request id in batch"))
                     } else if method == "tools/call" {
                         match jsonrpc::tool_call(msg) {
-                            Err(e) => Some(jsonrpc::error(id.clone(), code::INVALID_PARAMS, e, None)),
+                            Err(e) => Some(Refusal::invalid(id.clone(), code::INVALID_PARAMS, e)),
                             Ok(tc) => {
                                 let call = Call { tool: tc.name, arguments: tc.arguments, caller };
                                 match self.decide(id, &call, policy, !body.batch) {
@@ -464,11 +310,10 @@ impl Gate {
                         None
                     }
                 }
-                Kind::Notification { method: "tools/call" } => Some(jsonrpc::error(
+                Kind::Notification { method: "tools/call" } => Some(Refusal::invalid(
                     Value::Null,
                     code::INVALID_REQUEST,
                     "tools/call must be a request with an id",
-                    None,
                 )),
                 Kind::Notification { method: "notifications/cancelled" } => {
                     // Also forwarded: the upstream may be working on that request.
@@ -477,7 +322,7 @@ impl Gate {
                 }
                 Kind::Notification { .. } | Kind::Response => None,
                 Kind::Invalid => {
-                    Some(jsonrpc::error(msg.id(), code::INVALID_REQUEST, "not a valid JSON-RPC 2.0 message", None))
+                    Some(Refusal::invalid(msg.id(), code::INVALID_REQUEST, "not a valid JSON-RPC 2.0 message"))
                 }
             };
             refused |= answer.is_some();
@@ -492,29 +337,28 @@ impl Gate {
         }
         tracker.rollback_all();
         if !body.batch {
-            return Checked::Answer(answers.into_iter().flatten().next().unwrap_or(Value::Null));
+            return match answers.into_iter().flatten().next() {
+                Some(r) => Checked::Refuse(r),
+                // Cannot happen (`refused`): an empty batch answer all the same.
+                None => Checked::Refuse(Refusal::Batch(Vec::new())),
+            };
         }
-        let out: Vec<Value> = body
+        let out: Vec<Refusal> = body
             .messages
             .iter()
             .zip(answers)
             .filter_map(|(msg, a)| match (a, msg.kind()) {
                 (Some(a), _) => Some(a),
-                (None, Kind::Request { id, .. }) => Some(jsonrpc::error(
-                    id.clone(),
-                    code::DENIED,
-                    "batch refused: another element of this batch was refused, so none was forwarded",
-                    None,
-                )),
+                (None, Kind::Request { id, .. }) => Some(Refusal::Sibling { id: id.clone() }),
                 _ => None,
             })
             .collect();
-        Checked::Answer(Value::Array(out))
+        Checked::Refuse(Refusal::Batch(out))
     }
 
     /// `notifications/cancelled` for a held call of this caller ends its wait.
     fn cancel_held(&self, msg: &jsonrpc::Message, caller: &Caller) {
-        if let Approver::Operator(a) = &self.approver
+        if let Approvers::Operator(a) = &self.approver
             && let Some(id) = msg.value.get("params").and_then(|p| p.get("requestId"))
             && (id.is_string() || id.is_number())
         {
@@ -529,7 +373,7 @@ impl Gate {
     fn decide(&self, id: &Value, call: &Call<'_>, policy: &Effective, alone: bool) -> Decided {
         let started = Instant::now();
         let now = self.now();
-        let mut held: Option<(Decision, String, Arc<Approvals>)> = None;
+        let mut held: Option<(Decision, String, Arc<dyn Approver>)> = None;
         let enforced = if policy.decides_nothing() {
             // Only dry-run documents: nothing is enforced, the call passes.
             self.record(call, "allow", None, policy, started);
@@ -587,7 +431,12 @@ impl Gate {
             Err(d) => {
                 // The call does not happen, so the dry-run documents' quota is not spent.
                 Held::rollback_dry_run(dry_run);
-                Decided::Refuse(refusal(id.clone(), &d, policy.enforce.is_empty()))
+                Decided::Refuse(Refusal::Policy {
+                    id: id.clone(),
+                    decision: Box::new(d),
+                    no_policy: policy.enforce.is_empty(),
+                    approval: None,
+                })
             }
         }
     }
@@ -603,29 +452,29 @@ impl Gate {
         alone: bool,
         started: Instant,
         now: Duration,
-    ) -> Result<Decision, (Decision, String, Arc<Approvals>)> {
+    ) -> Result<Decision, (Decision, String, Arc<dyn Approver>)> {
         let why = match &self.approver {
-            Approver::Operator(a) if alone => {
-                let digest = approval::arguments_digest(call.arguments);
+            Approvers::Operator(a) if alone => {
+                let digest = canonical::arguments_sha256_hex(call.arguments);
                 if d.approval_reuse.is_some() {
                     let key = reuse_key(&d, call, &digest);
                     if let Some(r) = a.reusable(&key) {
                         let d = d.approved(&self.limiter, now);
-                        let mut fields = Fields::of(&d);
-                        fields.approval = Some(audit::Approval {
+                        let mut event = DecisionEvent::of(d.kind.as_str(), &d);
+                        event.approval = Some(audit::Approval {
                             approval: &r.name,
                             approval_phase: "Approved",
                             decided_by: r.decided_by.as_deref(),
                             approval_reused: true,
                         });
-                        self.emit(call, d.kind.as_str(), &fields, &policy.revision, started, true);
+                        self.telemetry.decision(call, &event, &policy.revision, started, true);
                         return Ok(d);
                     }
                 }
                 return Err((d, digest, a.clone()));
             }
-            Approver::Operator(_) => "a call that needs approval must be sent alone, not in a batch",
-            Approver::Unavailable(why) => why,
+            Approvers::Operator(_) => "a call that needs approval must be sent alone, not in a batch",
+            Approvers::Unavailable(why) => why,
         };
         d.reason = Some(match d.reason.take() {
             Some(r) => format!("{why} ({r})"),
@@ -633,6 +482,22 @@ impl Gate {
         });
         self.record(call, "approval", Some(&d), policy, started);
         Ok(d)
+    }
+
+    /// Waits for a person to decide the held call (the approver asks and waits; it never
+    /// sees the gate), then finishes it: `Ok`: forward with this tracker; `Err`: the answer
+    /// to send instead.
+    pub async fn wait_approval(&self, hold: Box<Hold>) -> Result<Tracker, Refusal> {
+        let outcome = hold.approvals.clone().wait(&hold).await;
+        match outcome {
+            Outcome::Approved { name, decided_by, reason } => {
+                self.finish_approved(*hold, &name, decided_by.as_deref(), reason.as_deref())
+            }
+            Outcome::Refused(answer) => {
+                self.drop_hold(*hold);
+                Err(answer)
+            }
+        }
     }
 
     /// A held call was approved: reserve its limits now. `Ok`: forward with this tracker;
@@ -650,7 +515,7 @@ impl Gate {
         name: &str,
         decided_by: Option<&str>,
         reason: Option<&str>,
-    ) -> Result<Tracker, Value> {
+    ) -> Result<Tracker, Refusal> {
         let Hold { approvals, id, call, decision, dry_run, revision, digest, started } = hold;
         let reuse = decision.approval_reuse.map(|w| (w, reuse_key(&decision, &call.as_call(), &digest)));
         let policy = self.current();
@@ -662,13 +527,13 @@ impl Gate {
             let fresh = if fresh.kind == DecisionKind::Approval { fresh.approved(&self.limiter, now) } else { fresh };
             (fresh, policy.revision.clone())
         };
-        let mut fields = Fields::of(&d);
+        let mut event = DecisionEvent::of(d.kind.as_str(), &d);
         if d.kind.is_allow() {
-            fields.reason = reason;
+            event.reason = reason;
         }
-        fields.approval =
+        event.approval =
             Some(audit::Approval { approval: name, approval_phase: "Approved", decided_by, approval_reused: false });
-        self.emit(&call.as_call(), d.kind.as_str(), &fields, &revision, started, true);
+        self.telemetry.decision(&call.as_call(), &event, &revision, started, true);
         if let Some((window, key)) = reuse {
             approvals.remember(key, name, decided_by, window);
         }
@@ -676,9 +541,12 @@ impl Gate {
             Some(r) if d.kind.is_allow() => Ok(Tracker::single(&id, Held { enforce: r, dry_run })),
             _ => {
                 Held::rollback_dry_run(dry_run);
-                let mut answer = refusal(id, &d, policy.enforce.is_empty() && !policy.decides_nothing());
-                set_data(&mut answer, "approval", json!(name));
-                Err(answer)
+                Err(Refusal::Policy {
+                    id,
+                    decision: Box::new(d),
+                    no_policy: policy.enforce.is_empty() && !policy.decides_nothing(),
+                    approval: Some(name.to_owned()),
+                })
             }
         }
     }
@@ -689,11 +557,11 @@ impl Gate {
     }
 
     /// Refuses a held call without asking anyone (`why` nobody can be asked).
-    pub fn refuse_hold(&self, hold: Hold, why: &str) -> Value {
+    pub fn refuse_hold(&self, hold: Hold, why: &str) -> Refusal {
         let Hold { id, mut decision, dry_run, .. } = hold;
         Held::rollback_dry_run(dry_run);
         decision.reason = Some(format!("{why} ({})", decision.reason.take().unwrap_or_default()));
-        refusal(id, &decision, false)
+        Refusal::Policy { id, decision: Box::new(decision), no_policy: false, approval: None }
     }
 
     fn record(
@@ -704,45 +572,8 @@ impl Gate {
         policy: &Effective,
         started: Instant,
     ) {
-        let fields = d.map(Fields::of).unwrap_or_default();
-        self.emit(call, decision, &fields, &policy.revision, started, true);
-    }
-
-    /// Writes the audit line of a decision and, if `count`, counts it in
-    /// `toolgate_decisions_total`.
-    pub fn emit(
-        &self,
-        call: &Call<'_>,
-        decision: &'static str,
-        f: &Fields<'_>,
-        revision: &str,
-        started: Instant,
-        count: bool,
-    ) {
-        if count {
-            self.metrics.decision(call.tool, decision, f.policy, f.rule);
-        }
-        let record = audit::Record {
-            ts: audit::now_rfc3339(),
-            kind: "decision",
-            pod: self.pod.as_deref(),
-            session: call.caller.session.as_deref(),
-            identity: &call.caller.identity,
-            grant: f.grant,
-            tool: call.tool,
-            decision,
-            policy: f.policy,
-            rule: f.rule,
-            revision,
-            reason: f.reason,
-            retry_after_seconds: f.retry_after.map(retry_secs),
-            argument_keys: audit::argument_keys(call.arguments),
-            arguments_sha256: audit::arguments_digest(call.arguments),
-            arguments: self.audit_arguments.then_some(call.arguments),
-            approval: f.approval,
-            latency_us: started.elapsed().as_micros() as u64,
-        };
-        audit::write(&record);
+        let event = d.map_or_else(|| DecisionEvent::bare(decision), |d| DecisionEvent::of(decision, d));
+        self.telemetry.decision(call, &event, &policy.revision, started, true);
     }
 
     /// Inspects one message the upstream sent back. Returns a replacement when the
@@ -765,7 +596,7 @@ impl Gate {
             return None;
         }
         let policy = self.current();
-        self.metrics.learn_tools(tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)));
+        self.telemetry.metrics.learn_tools(tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)));
         let kept: Vec<Value> = tools
             .iter()
             .filter(|t| t.get("name").and_then(Value::as_str).is_some_and(|n| policy.lists_tool(n, caller)))
@@ -837,14 +668,14 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     <serde::de::IgnoredAny as serde::Deserialize>::deserialize(d).map(|_| true)
 }
 
-fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&str>) -> Option<Value> {
+fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&str>) -> Option<Refusal> {
     if header_method.is_none() && header_name.is_none() {
         return None;
     }
     let first = body.messages.first();
     let id = first.map(jsonrpc::Message::id).unwrap_or(Value::Null);
     let mismatch = |what: &str| {
-        Some(jsonrpc::error(id.clone(), code::INVALID_REQUEST, format!("{what} header does not match the body"), None))
+        Some(Refusal::invalid(id.clone(), code::INVALID_REQUEST, format!("{what} header does not match the body")))
     };
     if body.batch {
         return mismatch("Mcp-Method/Mcp-Name (not allowed with a batch)");
@@ -865,91 +696,66 @@ fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&
     None
 }
 
-pub fn retry_secs(d: Duration) -> u64 {
-    d.as_secs_f64().ceil().max(1.0) as u64
-}
-
 /// What an approval given for this call covers with `reuse_for`.
 fn reuse_key(d: &Decision, call: &Call<'_>, digest: &str) -> ReuseKey {
     ReuseKey::new(d.policy.as_deref(), d.rule.as_deref(), call.tool, d.grant.as_deref(), &call.caller.identity, digest)
 }
 
-/// The answer for a refused call: a JSON-RPC error, or (if the policy asks) a tool
-/// result with `isError: true`.
-pub fn refusal(id: Value, d: &Decision, no_policy: bool) -> Value {
-    let reason = d.reason.clone().unwrap_or_else(|| "refused by policy".into());
-    let mut data = json!({
-        "decision": d.kind.as_str(),
-        "policy": d.policy.as_deref(),
-        "rule": d.rule.as_deref(),
-        "reason": reason,
-    });
-    if let Some(r) = d.retry_after {
-        data["retryAfterSeconds"] = json!(retry_secs(r));
-    }
-    let (code, kind) = match d.kind {
-        DecisionKind::RateLimited => (code::RATE_LIMITED, "rate limited"),
-        DecisionKind::Approval => (code::APPROVAL_REQUIRED, "approval required"),
-        _ if no_policy => (code::NO_POLICY, "no policy loaded"),
-        _ => (code::DENIED, "denied"),
-    };
-    let message = if d.kind == DecisionKind::Approval {
-        data["reason"] = json!(format!("approval required: {reason}"));
-        format!("toolgate: approval required: {reason}")
-    } else {
-        format!("toolgate: {kind}: {reason}")
-    };
-    answer(id, d.denial, code, message, data)
-}
-
-/// Adds `key` to the `data` of a refusal made by [`answer`].
-pub fn set_data(answer: &mut Value, key: &str, value: Value) {
-    let path = if answer.get("error").is_some() { "/error/data" } else { "/result/_meta/toolgate" };
-    if let Some(data) = answer.pointer_mut(path) {
-        data[key] = value;
-    }
-}
-
-/// A refusal as the policy wants it: a JSON-RPC error with `data`, or a tool result with
-/// `isError: true` and `data` in `_meta.toolgate`.
-pub fn answer(id: Value, denial: DenialStyle, code: i64, message: String, data: Value) -> Value {
-    match denial {
-        DenialStyle::Error => jsonrpc::error(id, code, message, Some(data)),
-        DenialStyle::ToolResult => json!({
-            "jsonrpc": "2.0",
-            "id": id,
-            "result": {
-                "content": [{ "type": "text", "text": message }],
-                "isError": true,
-                "_meta": { "toolgate": data },
-            }
-        }),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::jsonrpc::parse_body;
+    use crate::live::Source;
+    use crate::mcp::jsonrpc::parse_body;
+    use serde_json::json;
+    use toolgate_policy::Policy;
+
+    /// The answer of a refused body.
+    pub(crate) fn answer_of(c: Checked) -> Option<Value> {
+        match c {
+            Checked::Refuse(r) => Some(r.into_answer()),
+            _ => None,
+        }
+    }
 
     fn gate(policy: &str) -> (Gate, Arc<Effective>) {
         gate_for(Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid"))))
     }
 
     /// A gate enforcing `p` (without an operator to ask for approvals).
+    pub(crate) fn telemetry() -> Arc<Telemetry> {
+        Arc::new(Telemetry::new(
+            Arc::new(crate::telemetry::metrics::Metrics::new()),
+            None,
+            false,
+            crate::telemetry::audit::AuditSink::Stdout,
+        ))
+    }
+
+    /// An approver that remembers approvals for reuse and never decides anything.
+    #[derive(Debug, Default)]
+    pub(crate) struct Remembers(std::sync::Mutex<HashMap<ReuseKey, Reusable>>);
+
+    impl Approver for Remembers {
+        fn reusable(&self, key: &ReuseKey) -> Option<Reusable> {
+            self.0.lock().expect("lock").get(key).filter(|r| r.until > Instant::now()).cloned()
+        }
+
+        fn remember(&self, key: ReuseKey, name: &str, decided_by: Option<&str>, window: Duration) {
+            let until = Instant::now() + window;
+            let r = Reusable { name: name.to_owned(), decided_by: decided_by.map(str::to_owned), until };
+            self.0.lock().expect("lock").insert(key, r);
+        }
+
+        fn cancel(&self, _: &Caller, _: &str) {}
+
+        fn wait(self: Arc<Self>, _: &Hold) -> futures_util::future::BoxFuture<'static, Outcome> {
+            Box::pin(std::future::pending())
+        }
+    }
+
     pub(crate) fn gate_for(p: Arc<Effective>) -> (Gate, Arc<Effective>) {
         let (_tx, rx) = watch::channel(p.clone());
-        (
-            Gate::new(
-                rx,
-                Arc::new(Metrics::new()),
-                IdentitySource::Authorization,
-                false,
-                None,
-                Approver::Unavailable("no operator to ask"),
-            ),
-            p,
-        )
+        (Gate::new(rx, telemetry(), IdentitySource::Authorization, Approvers::Unavailable("no operator to ask")), p)
     }
 
     /// A gate whose documents are `(name, text, dry_run)`.
@@ -975,7 +781,7 @@ pub(crate) mod tests {
     fn single_denial_is_answered() {
         let (g, p) = gate(SEED);
         let body = parse_body(call(7, "delete-pod").as_bytes()).expect("parses");
-        let Checked::Answer(a) = g.check(&body, &Caller::default(), &p, None, None) else { panic!("must refuse") };
+        let Some(a) = answer_of(g.check(&body, &Caller::default(), &p, None, None)) else { panic!("must refuse") };
         assert_eq!(a["id"], 7);
         assert_eq!(a["error"]["code"], code::DENIED);
         assert_eq!(a["error"]["data"]["decision"], "deny");
@@ -987,7 +793,7 @@ pub(crate) mod tests {
         let (g, p) = gate(SEED);
         let text = format!("[{},{}]", call(1, "start-pod"), call(2, "delete-pod"));
         let body = parse_body(text.as_bytes()).expect("parses");
-        let Checked::Answer(Value::Array(a)) = g.check(&body, &Caller::default(), &p, None, None) else {
+        let Some(Value::Array(a)) = answer_of(g.check(&body, &Caller::default(), &p, None, None)) else {
             panic!("must refuse")
         };
         assert_eq!(a.len(), 2);
@@ -998,7 +804,7 @@ pub(crate) mod tests {
             assert!(matches!(g.check(&b, &Caller::default(), &p, None, None), Checked::Forward(_)));
         }
         let b = parse_body(call(9, "start-pod").as_bytes()).expect("parses");
-        let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("limit") };
+        let Some(a) = answer_of(g.check(&b, &Caller::default(), &p, None, None)) else { panic!("limit") };
         assert_eq!(a["error"]["code"], code::RATE_LIMITED);
         assert!(a["error"]["data"]["retryAfterSeconds"].as_u64().is_some_and(|s| s > 0 && s <= 60));
     }
@@ -1020,7 +826,7 @@ pub(crate) mod tests {
             g.inspect_answer(&answer, &mut t, &caller);
         }
         let b = parse_body(call(20, "start-pod").as_bytes()).expect("parses");
-        assert!(matches!(g.check(&b, &caller, &p, None, None), Checked::Answer(_)));
+        assert!(matches!(g.check(&b, &caller, &p, None, None), Checked::Refuse(_)));
     }
 
     #[test]
@@ -1049,7 +855,7 @@ pub(crate) mod tests {
             let Checked::Forward(_held) = g.check(&b, &caller, &p, None, None) else { panic!("room: {body}") };
             let b = parse_body(call(3, "start-pod").as_bytes()).expect("parses");
             let third = g.check(&b, &caller, &p, None, None);
-            assert_eq!(matches!(third, Checked::Answer(_)), spent, "{body}");
+            assert_eq!(matches!(third, Checked::Refuse(_)), spent, "{body}");
         }
     }
 
@@ -1063,7 +869,7 @@ pub(crate) mod tests {
             t.keep_spent();
         }
         let b = parse_body(call(5, "start-pod").as_bytes()).expect("parses");
-        let Checked::Answer(a) = g.check(&b, &caller, &p, None, None) else { panic!("no room left") };
+        let Some(a) = answer_of(g.check(&b, &caller, &p, None, None)) else { panic!("no room left") };
         assert_eq!(a["error"]["code"], code::RATE_LIMITED);
     }
 
@@ -1085,9 +891,9 @@ pub(crate) mod tests {
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
         assert!(matches!(
             g.check(&b, &Caller::default(), &p, Some("tools/call"), Some("delete-pod")),
-            Checked::Answer(_)
+            Checked::Refuse(_)
         ));
-        assert!(matches!(g.check(&b, &Caller::default(), &p, Some("tools/list"), None), Checked::Answer(_)));
+        assert!(matches!(g.check(&b, &Caller::default(), &p, Some("tools/list"), None), Checked::Refuse(_)));
         assert!(matches!(
             g.check(&b, &Caller::default(), &p, Some("tools/call"), Some("start-pod")),
             Checked::Forward(_)
@@ -1104,7 +910,7 @@ pub(crate) mod tests {
             r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}},{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"y"}}]"#,
         ] {
             let b = parse_body(text.as_bytes()).expect("parses");
-            assert!(matches!(g.check(&b, &Caller::default(), &p, None, None), Checked::Answer(_)), "{text}");
+            assert!(matches!(g.check(&b, &Caller::default(), &p, None, None), Checked::Refuse(_)), "{text}");
         }
     }
 
@@ -1112,28 +918,23 @@ pub(crate) mod tests {
     fn no_policy_refuses_everything() {
         let (g, p) = gate_for(Arc::new(Effective::none(Source::Operator)));
         let b = parse_body(call(1, "list-pods").as_bytes()).expect("parses");
-        let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refuse") };
+        let Some(a) = answer_of(g.check(&b, &Caller::default(), &p, None, None)) else { panic!("refuse") };
         assert_eq!(a["error"]["code"], code::NO_POLICY);
     }
 
     const NEEDS_APPROVAL: &str = r#"{"version":"1","default":"deny","tools":{"start-pod":{"action":"approval","reason":"a person decides","approval":{"reuse_for":"1m"},"limits":[{"counter":"c","window":"minute","max":1,"scope":"global"}]}}}"#;
 
-    fn operator_gate(policy: &str) -> (Gate, Arc<Effective>, Arc<Approvals>) {
+    fn operator_gate(policy: &str) -> (Gate, Arc<Effective>, Arc<Remembers>) {
         let (g, p, approvals, _tx) = live_operator_gate(policy);
         (g, p, approvals)
     }
 
     /// [`operator_gate`], with the sender that swaps the live policy.
-    fn live_operator_gate(policy: &str) -> (Gate, Arc<Effective>, Arc<Approvals>, watch::Sender<Arc<Effective>>) {
+    fn live_operator_gate(policy: &str) -> (Gate, Arc<Effective>, Arc<Remembers>, watch::Sender<Arc<Effective>>) {
         let p = Arc::new(Effective::files(Policy::from_text("test", policy).expect("valid")));
         let (tx, rx) = watch::channel(p.clone());
-        let endpoint = crate::operator::Endpoint::parse(&"https://127.0.0.1:1".parse().expect("uri")).expect("valid");
-        let config =
-            crate::operator::Config { endpoint, token_file: "/nonexistent".into(), ca_file: None, state_dir: None };
-        let metrics = Arc::new(Metrics::new());
-        let approvals = Approvals::new(crate::operator::Link::new(config), metrics.clone());
-        let g =
-            Gate::new(rx, metrics, IdentitySource::Authorization, false, None, Approver::Operator(approvals.clone()));
+        let approvals = Arc::new(Remembers::default());
+        let g = Gate::new(rx, telemetry(), IdentitySource::Authorization, Approvers::Operator(approvals.clone()));
         (g, p, approvals, tx)
     }
 
@@ -1152,6 +953,7 @@ pub(crate) mod tests {
         let stricter = r#"{"version":"1","default":"deny","tools":{"start-pod":{"action":"deny","reason":"frozen"}}}"#;
         tx.send(Arc::new(Effective::files(Policy::from_text("test", stricter).expect("valid")))).expect("send");
         let Err(a) = g.finish_approved(*first, "a-1", Some("alice"), None) else { panic!("refused now") };
+        let a = a.into_answer();
         assert_eq!(a["error"]["code"], code::DENIED, "{a}");
         assert_eq!(a["error"]["data"]["reason"], "frozen");
         assert_eq!(a["error"]["data"]["approval"], "a-1");
@@ -1165,12 +967,14 @@ pub(crate) mod tests {
     fn without_an_operator_approval_is_refused_saying_so() {
         let (g, p) = gate(NEEDS_APPROVAL);
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
-        let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refused") };
+        let Some(a) = answer_of(g.check(&b, &Caller::default(), &p, None, None)) else { panic!("refused") };
         assert_eq!(a["error"]["code"], code::APPROVAL_REQUIRED);
         assert_eq!(a["error"]["data"]["decision"], "approval");
         assert_eq!(a["error"]["data"]["reason"], "approval required: no operator to ask (a person decides)");
         assert_eq!(a["error"]["message"], "toolgate: approval required: no operator to ask (a person decides)");
-        assert!(g.metrics.encode().contains(r#"decision="approval",policy="test",rule="tools.start-pod"} 1"#));
+        assert!(
+            g.telemetry.metrics.encode().contains(r#"decision="approval",policy="test",rule="tools.start-pod"} 1"#)
+        );
     }
 
     #[test]
@@ -1180,14 +984,14 @@ pub(crate) mod tests {
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
         let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
         assert_eq!((h.id.clone(), h.call.tool.as_str()), (json!(1), "start-pod"));
-        assert_eq!(h.digest, approval::arguments_digest(&json!({})));
+        assert_eq!(h.digest, canonical::arguments_sha256_hex(&json!({})));
         assert_eq!(h.decision.kind, DecisionKind::Approval);
         // Counted once the operator named the approval, not before.
-        assert!(!g.metrics.encode().contains(r#"decision="approval""#));
+        assert!(!g.telemetry.metrics.encode().contains(r#"decision="approval""#));
 
         let text = format!("[{},{}]", call(2, "start-pod"), call(3, "start-pod"));
         let b = parse_body(text.as_bytes()).expect("parses");
-        let Checked::Answer(Value::Array(a)) = g.check(&b, &caller, &p, None, None) else { panic!("refused") };
+        let Some(Value::Array(a)) = answer_of(g.check(&b, &caller, &p, None, None)) else { panic!("refused") };
         assert_eq!(a[0]["error"]["code"], code::APPROVAL_REQUIRED);
         let reason = a[0]["error"]["data"]["reason"].as_str().expect("reason");
         assert!(reason.contains("must be sent alone"), "{reason}");
@@ -1203,9 +1007,9 @@ pub(crate) mod tests {
         let Ok(t) = g.finish_approved(*h, "a-1", Some("alice"), None) else { panic!("room") };
         t.keep_spent();
         let b = parse_body(call(2, "start-pod").as_bytes()).expect("parses");
-        let Checked::Answer(a) = g.check(&b, &caller, &p, None, None) else { panic!("reused, but no room") };
+        let Some(a) = answer_of(g.check(&b, &caller, &p, None, None)) else { panic!("reused, but no room") };
         assert_eq!(a["error"]["code"], code::RATE_LIMITED, "{a}");
-        let text = g.metrics.encode();
+        let text = g.telemetry.metrics.encode();
         assert!(text.contains(r#"decision="allow",policy="test",rule="tools.start-pod"} 1"#), "{text}");
         assert!(text.contains(r#"decision="rate_limited""#), "{text}");
         // Another caller is not covered by alice's approval of this caller's call.
@@ -1222,12 +1026,12 @@ pub(crate) mod tests {
         let (g, p) = gate_with(&[("seed", SEED, false), ("strict", DENY_START, true)]);
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
         let Checked::Forward(_) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("enforcing allows") };
-        let text = g.metrics.encode();
+        let text = g.telemetry.metrics.encode();
         assert!(text.contains(r#"decision="allow",policy="seed""#), "{text}");
         assert!(text.contains(r#"decision="would_deny",policy="strict",rule="tools.start-pod""#), "{text}");
         // The enforcing document still refuses what it refuses, whatever the dry run says.
         let b = parse_body(call(2, "delete-pod").as_bytes()).expect("parses");
-        let Checked::Answer(a) = g.check(&b, &Caller::default(), &p, None, None) else { panic!("refuse") };
+        let Some(a) = answer_of(g.check(&b, &Caller::default(), &p, None, None)) else { panic!("refuse") };
         assert_eq!(a["error"]["code"], code::DENIED);
         assert_eq!(a["error"]["data"]["policy"], "seed");
     }
@@ -1238,7 +1042,7 @@ pub(crate) mod tests {
         assert!(!p.is_empty() && p.decides_nothing());
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
         assert!(matches!(g.check(&b, &Caller::default(), &p, None, None), Checked::Forward(_)));
-        assert!(g.metrics.encode().contains(r#"decision="would_deny""#));
+        assert!(g.telemetry.metrics.encode().contains(r#"decision="would_deny""#));
         assert!(p.lists_tool("start-pod", &Caller::default()), "listing follows the enforcing documents");
     }
 
@@ -1251,17 +1055,17 @@ pub(crate) mod tests {
         let Checked::Forward(mut t) = g.check(&b, &caller, &p, None, None) else { panic!("room") };
         let failed = json!({"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"boom"}});
         assert!(g.inspect_answer(&failed, &mut t, &caller).is_none());
-        assert!(!g.metrics.encode().contains(r#"decision="would_rate_limit""#));
+        assert!(!g.telemetry.metrics.encode().contains(r#"decision="would_rate_limit""#));
         for id in 2..4 {
             let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");
             let Checked::Forward(t) = g.check(&b, &caller, &p, None, None) else { panic!("enforcing has room") };
             t.keep_spent();
         }
-        let text = g.metrics.encode();
+        let text = g.telemetry.metrics.encode();
         assert!(text.contains(r#"decision="would_rate_limit",policy="cap""#), "{text}");
         // Real quota (2 per minute) is spent by the two forwarded calls only.
         let b = parse_body(call(9, "start-pod").as_bytes()).expect("parses");
-        let Checked::Answer(a) = g.check(&b, &caller, &p, None, None) else { panic!("real limit") };
+        let Some(a) = answer_of(g.check(&b, &caller, &p, None, None)) else { panic!("real limit") };
         assert_eq!(a["error"]["code"], code::RATE_LIMITED);
     }
 }

@@ -2,7 +2,6 @@
 //! transport (detected, or chosen with `--upstream-transport`), or a command run as a child
 //! process over stdio (one child per MCP session, bounded, reaped when the session ends).
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -11,58 +10,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
-use tokio::process::{Child, Command};
 
-use crate::ordering::Order;
-use crate::server::{RespBody, strip_hop_by_hop};
-use crate::sessions::{self, Opener, Sessions, SseOpen, SseTarget};
-
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("cannot reach the upstream: {0}")]
-    Connect(String),
-    #[error("upstream timed out")]
-    Timeout,
-    #[error("upstream protocol error: {0}")]
-    Protocol(&'static str),
-    #[error("cannot start the MCP server process: {0}")]
-    Spawn(String),
-    #[error("too many MCP sessions (limit {0})")]
-    TooManySessions(usize),
-    #[error(
-        "this caller already holds its share of MCP sessions ({0}, --max-sessions-per-identity): end one (DELETE /mcp) or let one go idle"
-    )]
-    TooManySessionsFor(usize),
-    /// The request reached the MCP server but its answer never came (it timed out, the
-    /// process exited, the stream ended): the call may have run.
-    #[error("no answer from the upstream: {0}")]
-    Lost(String),
-}
-
-impl UpstreamError {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            UpstreamError::Connect(_) => "connect",
-            UpstreamError::Timeout => "timeout",
-            UpstreamError::Protocol(_) => "protocol",
-            UpstreamError::Spawn(_) => "spawn",
-            UpstreamError::TooManySessions(_) | UpstreamError::TooManySessionsFor(_) => "sessions",
-            UpstreamError::Lost(_) => "lost",
-        }
-    }
-
-    /// Whether the request may have been acted on upstream: then its quota stays spent
-    /// (never admit more than a limit allows); otherwise it is given back.
-    pub fn maybe_delivered(&self) -> bool {
-        matches!(self, UpstreamError::Lost(_))
-    }
-}
+use crate::transport::client::http_client;
+pub use crate::transport::client::{HttpClient, UpstreamError};
+use crate::transport::http::{RespBody, strip_hop_by_hop};
+use crate::transport::ordering::Order;
+use crate::transport::sessions::{self, Opener, Sessions, SseOpen, SseTarget};
 
 #[derive(Debug)]
 pub enum Upstream {
@@ -122,13 +76,6 @@ pub struct HttpUpstream {
     legacy: Arc<Sessions>,
     /// Each session's GET that is on its way upstream, which that session's POSTs wait for.
     order: Arc<Order>,
-}
-
-pub fn http_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector)
 }
 
 impl HttpUpstream {
@@ -278,20 +225,4 @@ fn is_initialized(body: &[u8]) -> bool {
         Ok(v) => is(&v),
         Err(_) => false,
     }
-}
-
-/// Starts an MCP server process speaking JSON-RPC lines on stdin/stdout; its stderr is
-/// ours, and it dies with the proxy.
-pub fn spawn_server(command: &[String]) -> std::io::Result<Child> {
-    let (prog, args) = command
-        .split_first()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command after --"))?;
-    Command::new(prog)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{prog}: {e}")))
 }

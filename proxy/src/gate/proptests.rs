@@ -19,9 +19,10 @@ use proptest::test_runner::RngSeed;
 use serde_json::{Value, json};
 use toolgate_policy::{Call, Caller, DecisionKind, Policy};
 
-use crate::gate::{Checked, Effective, Gate};
-use crate::jsonrpc;
-use crate::{sse, stdio};
+use crate::gate::{Checked, Gate};
+use crate::live::Effective;
+use crate::mcp::jsonrpc;
+use crate::mcp::sse;
 
 /// The fixed seed of `make test`.
 const SEED: u64 = 0x7001_6a7e_0011_0014;
@@ -351,7 +352,8 @@ fn check_body(bytes: &[u8]) -> Result<(), TestCaseError> {
             }
             tracker.keep_spent();
         }
-        Checked::Answer(answer) => {
+        Checked::Refuse(refusal) => {
+            let answer = refusal.into_answer();
             prop_assert!(answer.is_object() || answer.is_array(), "{answer}");
             // Nothing of a refused body is forwarded, so it holds no quota.
             for i in 0..max {
@@ -570,7 +572,7 @@ fn read_all(input: &[u8], max: usize, capacity: usize) -> Vec<Result<Vec<u8>, ()
     rt.block_on(async {
         let mut r = tokio::io::BufReader::with_capacity(capacity, input);
         let mut out = Vec::new();
-        while let Some(l) = stdio::read_line(&mut r, max).await.unwrap() {
+        while let Some(l) = crate::mcp::lines::read_line(&mut r, max).await.unwrap() {
             out.push(l);
         }
         out
@@ -647,9 +649,9 @@ fn stdio_line_reader_memory_stays_bounded_past_its_limit() {
     let before = status_kib("VmRSS:").expect("VmRSS");
     let got = rt.block_on(async {
         let mut r = tokio::io::BufReader::with_capacity(64 * 1024, Long { left: LONG, tail: b"\n{\"ok\":1}\n" });
-        let first = stdio::read_line(&mut r, 64 * 1024).await.unwrap();
-        let second = stdio::read_line(&mut r, 64 * 1024).await.unwrap();
-        let third = stdio::read_line(&mut r, 64 * 1024).await.unwrap();
+        let first = crate::mcp::lines::read_line(&mut r, 64 * 1024).await.unwrap();
+        let second = crate::mcp::lines::read_line(&mut r, 64 * 1024).await.unwrap();
+        let third = crate::mcp::lines::read_line(&mut r, 64 * 1024).await.unwrap();
         (first, second, third)
     });
     assert_eq!(got, (Some(Err(())), Some(Ok(b"{\"ok\":1}".to_vec())), None));

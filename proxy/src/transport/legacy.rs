@@ -4,7 +4,7 @@
 //! `/sse` stream.
 //!
 //! Each POSTed message goes through exactly what a POST to `/mcp` goes through
-//! ([`server::post`]: the same parsing, checks, refusals, quota and tools/list filtering);
+//! ([`mcp_http::post`]: the same parsing, checks, refusals, quota and tools/list filtering);
 //! what would have been the HTTP answer is turned into events. Towards the upstream the
 //! proxy acts as a Streamable-HTTP client would: it keeps the `Mcp-Session-Id` the upstream
 //! gave and holds the session's GET stream, whose messages also go to `/sse`.
@@ -23,10 +23,11 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::gate::Tracker;
-use crate::jsonrpc::{self, code};
-use crate::server::{self, App, BoxError, RespBody, json_response};
-use crate::sessions::new_session_id;
-use crate::sse;
+use crate::mcp::jsonrpc::{self, code};
+use crate::mcp::sse;
+use crate::transport::http::{BoxError, ReqBody, RespBody, full, json_response};
+use crate::transport::mcp_http::{self, App};
+use crate::transport::sessions::new_session_id;
 
 /// Events queued for one client's `/sse` stream before senders wait.
 const QUEUE: usize = 64;
@@ -38,6 +39,8 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 /// Open `/sse` sessions.
 #[derive(Debug)]
 pub struct LegacyClients {
+    /// What their messages go through, as POSTs to `/mcp` do.
+    pub app: Arc<App>,
     map: Mutex<HashMap<String, Arc<ClientSession>>>,
     max: usize,
 }
@@ -63,8 +66,8 @@ impl ClientSession {
 }
 
 impl LegacyClients {
-    pub fn new(max: usize) -> Self {
-        Self { map: Mutex::default(), max }
+    pub fn new(app: Arc<App>, max: usize) -> Self {
+        Self { app, map: Mutex::default(), max }
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ClientSession>>> {
@@ -75,13 +78,13 @@ impl LegacyClients {
 /// Removes the session when its `/sse` stream goes away (the client left): stops its GET
 /// stream upstream and ends the upstream session.
 struct Closer {
-    app: Arc<App>,
+    legacy: Arc<LegacyClients>,
     id: String,
 }
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        let Some(session) = self.app.legacy.sessions().remove(&self.id) else { return };
+        let Some(session) = self.legacy.sessions().remove(&self.id) else { return };
         if let Some(p) = session.pump.lock().unwrap_or_else(|p| p.into_inner()).take() {
             p.abort();
         }
@@ -90,7 +93,7 @@ impl Drop for Closer {
         };
         let mut headers = session.headers.lock().unwrap_or_else(|p| p.into_inner()).clone();
         headers.insert("mcp-session-id", sid);
-        let app = self.app.clone();
+        let app = self.legacy.app.clone();
         rt.spawn(async move {
             let owner = app.gate.caller(&headers, &app.gate.current()).map(|c| c.identity).unwrap_or_default();
             if let Some(sid) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
@@ -104,25 +107,26 @@ impl Drop for Closer {
 }
 
 /// `GET /sse`: a new session of the caller; its stream begins with the `endpoint` event.
-pub fn open(app: &Arc<App>, headers: &HeaderMap) -> Response<RespBody> {
+pub fn open(legacy: &Arc<LegacyClients>, headers: &HeaderMap) -> Response<RespBody> {
+    let app = &legacy.app;
     let owner = match app.gate.caller(headers, &app.gate.current()) {
         Ok(c) => c.identity,
         Err(e) => {
-            app.gate.metrics.caller_refused("ambiguous_caller");
+            app.gate.telemetry.metrics.caller_refused("ambiguous_caller");
             return json_response(StatusCode::BAD_REQUEST, &e.answer());
         }
     };
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let id = new_session_id();
     {
-        let mut map = app.legacy.sessions();
-        if map.len() >= app.legacy.max {
+        let mut map = legacy.sessions();
+        if map.len() >= legacy.max {
             return json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &jsonrpc::error(
                     Value::Null,
                     code::INVALID_REQUEST,
-                    format!("too many /sse sessions (limit {})", app.legacy.max),
+                    format!("too many /sse sessions (limit {})", legacy.max),
                     None,
                 ),
             );
@@ -140,7 +144,7 @@ pub fn open(app: &Arc<App>, headers: &HeaderMap) -> Response<RespBody> {
     // The queue is empty: this cannot fail.
     let _ = tx.try_send(Bytes::from(format!("event: endpoint\ndata: /messages?sessionId={id}\n\n")));
     drop(tx);
-    let closer = Closer { app: app.clone(), id };
+    let closer = Closer { legacy: legacy.clone(), id };
     let stream = futures_util::stream::unfold((rx, closer), |(mut rx, closer)| async move {
         let frame = match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
             Ok(Some(event)) => event,
@@ -159,16 +163,17 @@ pub fn open(app: &Arc<App>, headers: &HeaderMap) -> Response<RespBody> {
 /// refusal at the HTTP level (415, 413, 400 for unparsable bodies, 502…) answers the POST
 /// itself; otherwise the POST gets 202 and the JSON-RPC answers (the proxy's refusals
 /// included) arrive on `/sse`.
-pub async fn message(app: &Arc<App>, mut req: Request<server::ReqBody>) -> (Response<RespBody>, &'static str) {
+pub async fn message(legacy: &Arc<LegacyClients>, mut req: Request<ReqBody>) -> (Response<RespBody>, &'static str) {
+    let app = &legacy.app;
     let id = req.uri().query().and_then(session_param);
-    let session = id.and_then(|id| app.legacy.sessions().get(&id).cloned());
+    let session = id.and_then(|id| legacy.sessions().get(&id).cloned());
     // Another identity's session is as unknown as a closed one: it cannot post into it
     // (its answers would go to the owner's stream).
     let caller = app.gate.caller(req.headers(), &app.gate.current()).map(|c| c.identity).ok();
     let session = session.filter(|s| {
         let own = caller.as_deref() == Some(s.owner.as_str());
         if !own {
-            app.gate.metrics.caller_refused("session");
+            app.gate.telemetry.metrics.caller_refused("session");
         }
         own
     });
@@ -190,7 +195,7 @@ pub async fn message(app: &Arc<App>, mut req: Request<server::ReqBody>) -> (Resp
     // As a Streamable-HTTP client: both answer kinds are understood (turned into events).
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
     let client_headers = headers.clone();
-    let (resp, method) = server::post(app, req).await;
+    let (resp, method) = mcp_http::post(app, req).await;
     if !resp.status().is_success() {
         return (resp, method);
     }
@@ -227,7 +232,7 @@ pub async fn message(app: &Arc<App>, mut req: Request<server::ReqBody>) -> (Resp
             Err(e) => tracing::warn!(error = %e, "an upstream answer could not be read for an /sse client"),
         }
     }
-    let mut r = Response::new(server::full("Accepted"));
+    let mut r = Response::new(full("Accepted"));
     *r.status_mut() = StatusCode::ACCEPTED;
     (r, method)
 }
@@ -303,7 +308,7 @@ async fn pump(app: Arc<App>, session: Weak<ClientSession>) {
             }
         };
         // The same inspection as a client's own GET stream on /mcp.
-        let resp = server::answer(&app, resp, Tracker::default(), caller).await;
+        let resp = mcp_http::answer(&app, resp, Tracker::default(), caller).await;
         if !forward_events(resp.into_body(), &tx).await {
             return;
         }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hyper::header::{self, HeaderMap};
 
-use crate::connections::LogLimiter;
+use crate::transport::connections::LogLimiter;
 
 /// A pattern of allowed host names (ports never matter).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,8 +13,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::gate::Effective;
-
 /// Most distinct tool names used as label values.
 pub const MAX_TOOL_LABELS: usize = 512;
 /// Label value for anything outside the bounded sets.
@@ -118,7 +116,7 @@ pub struct Metrics {
     approval_wait: Histogram,
     known_tools: RwLock<HashSet<String>>,
     /// The listeners' connection and front-door metrics.
-    pub connections: crate::connections::ConnMetrics,
+    pub connections: crate::telemetry::connections::ConnMetrics,
 }
 
 impl Default for Metrics {
@@ -213,7 +211,7 @@ impl Metrics {
             "Time a call was held for approval, from the decision to hold it until its outcome",
             approval_wait.clone(),
         );
-        let connections = crate::connections::ConnMetrics::register(&mut registry);
+        let connections = crate::telemetry::connections::ConnMetrics::register(&mut registry);
         Self {
             registry,
             decisions,
@@ -285,15 +283,13 @@ impl Metrics {
     /// label values. Without any document nothing is enforced (every call is refused):
     /// `toolgate_policy_loaded` is 0; the revision is still shown when there is one (an
     /// empty set from the operator has one).
-    pub fn policy_enforced(&self, policy: &Effective) {
+    pub fn policy_enforced<'a>(&self, revision: &str, loaded: bool, tools: impl IntoIterator<Item = &'a str>) {
         self.policy_info.clear();
-        if !policy.revision.is_empty() {
-            self.policy_info.get_or_create(&RevisionLabels { revision: policy.revision.clone() }).set(1);
+        if !revision.is_empty() {
+            self.policy_info.get_or_create(&RevisionLabels { revision: revision.to_owned() }).set(1);
         }
-        self.policy_loaded.set(i64::from(!policy.is_empty()));
-        self.learn_tools(policy.documents().flat_map(|(_, d, _)| {
-            d.tools.keys().chain(d.grants.iter().flat_map(|g| g.tools.keys())).map(String::as_str)
-        }));
+        self.policy_loaded.set(i64::from(loaded));
+        self.learn_tools(tools);
     }
 
     /// A new policy (files or operator set) was applied.
