@@ -685,7 +685,7 @@ mod tests {
         let caller = |identity: &str, session: &str| Caller {
             identity: identity.into(),
             session: Some(session.into()),
-            headers: Vec::new(),
+            ..Caller::default()
         };
         a.cancel(&caller("sha256:b", "s1"), "7");
         a.cancel(&caller("sha256:a", "s2"), "7");
