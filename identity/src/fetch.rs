@@ -70,7 +70,9 @@ async fn get_unbounded_in_time(uri: &str, opts: &FetchOptions) -> Result<Bytes, 
     };
     let authority = parsed.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
     let path = parsed.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let mut req = hyper::Request::get(path).header(hyper::header::HOST, authority).header("accept", "application/json");
+    let mut req = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .header("accept", "application/json, application/jwk-set+json");
     if let Some(token) = bearer {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }

@@ -171,3 +171,50 @@ async fn an_issuer_never_reached_refuses_as_unavailable_and_http_is_loopback_onl
 fn jsonwebtoken_alg_hs256() -> toolgate_identity::Algorithm {
     toolgate_identity::Algorithm::HS256
 }
+
+/// A Kubernetes projected service-account token, minted by the real apiserver's
+/// TokenRequest for the proxy's audience, verified against the cluster's published keys
+/// (`/openid/v1/jwks`, fetched with the sidecar's own API token): the service account and
+/// the pod it is bound to. A token for the API's audience, or another issuer's, is refused.
+#[tokio::test]
+async fn service_account_tokens_verify_against_the_clusters_keys() {
+    use toolgate_tests::{SERVICE_ACCOUNT_ISSUER, TestCluster};
+    let cluster = TestCluster::shared();
+    let ns = cluster.create_namespace().await;
+    cluster.ensure_service_account(&ns, "agent").await;
+    cluster.ensure_service_account(&ns, "sidecar").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cluster.ca_pem()).unwrap();
+    // The sidecar's own API token reads the key set (system:service-account-issuer-discovery).
+    let api_token = dir.path().join("token");
+    std::fs::write(&api_token, cluster.mint_token(&ns, "sidecar", &[], None).await).unwrap();
+    let issuer = IssuerConfig {
+        issuer: SERVICE_ACCOUNT_ISSUER.into(),
+        audiences: vec!["toolgate-mcp".into()],
+        jwks_uri: Some(format!("{}/openid/v1/jwks", cluster.apiserver_url())),
+        algorithms: DEFAULT_ALGORITHMS.to_vec(),
+        kind: IssuerKind::Kubernetes,
+        fetch: FetchOptions { ca_file: Some(ca), bearer_token_file: Some(api_token) },
+    };
+    let a = auth(vec![issuer]);
+
+    let token = cluster.mint_token(&ns, "agent", &["toolgate-mcp"], None).await;
+    match check(&a, &token).await.unwrap() {
+        Some(Principal::ServiceAccount { namespace, name, pod, claims }) => {
+            assert_eq!((namespace.as_str(), name.as_str(), pod), (ns.as_str(), "agent", None));
+            assert_eq!(claims["sub"], format!("system:serviceaccount:{ns}:agent"));
+        }
+        other => panic!("expected a service account, got {other:?}"),
+    }
+    let api_audience = cluster.mint_token(&ns, "agent", &[], None).await;
+    assert_eq!(
+        check(&a, &api_audience).await,
+        Err(AuthError::WrongAudience),
+        "a token for the API is not for the proxy"
+    );
+    let idp = TestIssuer::start().await.unwrap();
+    let foreign = idp.mint(&idp.claims(&format!("system:serviceaccount:{ns}:agent"), "toolgate-mcp")).unwrap();
+    assert_eq!(check(&a, &foreign).await, Err(AuthError::UnknownIssuer));
+    cluster.delete_namespace(&ns).await;
+}
