@@ -165,7 +165,7 @@ impl Gate {
                 matched.push((n.clone(), v.to_owned()));
             }
         }
-        Ok(Caller { identity, session, headers: matched })
+        Ok(Caller { identity, session, headers: matched, principal: None })
     }
 }
 
@@ -942,7 +942,7 @@ pub(crate) mod tests {
     #[test]
     fn an_approved_call_is_decided_again_under_the_policy_in_force() {
         let (g, p, _approvals, tx) = live_operator_gate(NEEDS_APPROVAL);
-        let caller = Caller { identity: "sha256:a".into(), session: None, headers: Vec::new() };
+        let caller = Caller { identity: "sha256:a".into(), session: None, ..Caller::default() };
         let hold = |id| {
             let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");
             let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
@@ -980,7 +980,7 @@ pub(crate) mod tests {
     #[test]
     fn with_an_operator_a_lone_call_is_held_and_a_batched_one_refused() {
         let (g, p, _) = operator_gate(NEEDS_APPROVAL);
-        let caller = Caller { identity: "sha256:a".into(), session: Some("s".into()), headers: Vec::new() };
+        let caller = Caller { identity: "sha256:a".into(), session: Some("s".into()), ..Caller::default() };
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
         let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
         assert_eq!((h.id.clone(), h.call.tool.as_str()), (json!(1), "start-pod"));
@@ -1000,7 +1000,7 @@ pub(crate) mod tests {
     #[test]
     fn an_approval_reused_for_an_identical_call_still_obeys_limits() {
         let (g, p, approvals) = operator_gate(NEEDS_APPROVAL);
-        let caller = Caller { identity: "sha256:a".into(), session: None, headers: Vec::new() };
+        let caller = Caller { identity: "sha256:a".into(), session: None, ..Caller::default() };
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
         let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
         // Approved: the limit (1 per minute) is reserved now, and the approval remembered.
@@ -1013,7 +1013,7 @@ pub(crate) mod tests {
         assert!(text.contains(r#"decision="allow",policy="test",rule="tools.start-pod"} 1"#), "{text}");
         assert!(text.contains(r#"decision="rate_limited""#), "{text}");
         // Another caller is not covered by alice's approval of this caller's call.
-        let other = Caller { identity: "sha256:b".into(), session: None, headers: Vec::new() };
+        let other = Caller { identity: "sha256:b".into(), session: None, ..Caller::default() };
         assert!(matches!(g.check(&b, &other, &p, None, None), Checked::Hold(_)));
         drop(approvals);
     }
