@@ -29,6 +29,7 @@ use crate::mcp::jsonrpc::{self, Body, Kind, code, id_key};
 use crate::telemetry::decision::would;
 use crate::telemetry::{DecisionEvent, Telemetry, audit};
 
+pub mod authn;
 mod hold;
 #[cfg(test)]
 mod proptests;
@@ -48,6 +49,9 @@ pub enum IdentitySource {
     /// the caller's `Authorization`): every caller is one identity, so a limit holds for
     /// the whole server instead of per header value a client picks.
     Shared,
+    /// Callers prove who they are (a verified bearer token or API key): the identity is
+    /// the principal's stable key, and grants can match it.
+    Authenticated(Arc<authn::Authn>),
 }
 
 /// Quota held for one forwarded call: the enforcing documents' and, if any, the dry-run
@@ -135,7 +139,17 @@ impl Gate {
             Ok(first)
         };
         let authorization = single(hyper::header::AUTHORIZATION.as_str())?;
+        let mut principal = None;
         let identity = match &self.identity {
+            IdentitySource::Authenticated(authn) => match authn.principal(authorization.map(|v| v.as_bytes())) {
+                Ok(Some(p)) => {
+                    let key = p.key();
+                    principal = Some(p);
+                    key
+                }
+                Ok(None) => String::new(),
+                Err(e) => return Err(CallerError(format!("{e}: send the request again"))),
+            },
             IdentitySource::Authorization => {
                 authorization.map(|v| canonical::fingerprint_bytes(v.as_bytes())).unwrap_or_default()
             }
@@ -165,7 +179,7 @@ impl Gate {
                 matched.push((n.clone(), v.to_owned()));
             }
         }
-        Ok(Caller { identity, session, headers: matched, principal: None })
+        Ok(Caller { identity, session, headers: matched, principal })
     }
 }
 
