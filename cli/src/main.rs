@@ -56,6 +56,22 @@ enum Command {
         /// A request header `NAME=VALUE` (for grants matched by header); repeatable.
         #[arg(long = "header", value_parser = parse_header)]
         headers: Vec<(String, String)>,
+        /// Dry-run as an authenticated token subject (`sub`); with `--issuer` and `--claims`.
+        #[arg(long, conflicts_with_all = ["service_account", "api_key", "identity", "credential"])]
+        subject: Option<String>,
+        /// The token's issuer, for `--subject` (only part of the caller's stable identity).
+        #[arg(long, default_value = "https://issuer.example", requires = "subject")]
+        issuer: String,
+        /// Verified token claims as a JSON object (for grants matched by `claims`), with
+        /// `--subject` or `--service-account`.
+        #[arg(long)]
+        claims: Option<String>,
+        /// Dry-run as a Kubernetes service account `namespace/name`.
+        #[arg(long, conflicts_with_all = ["api_key", "identity", "credential"])]
+        service_account: Option<String>,
+        /// Dry-run as the API key of this name (its name in the proxy's key file).
+        #[arg(long, conflicts_with_all = ["identity", "credential"])]
+        api_key: Option<String>,
         /// Decide N identical calls in a row (at the same instant) and print the N-th,
         /// to see limits at work.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -184,7 +200,21 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(approvals::decide(&name, namespace, false, reason))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval { policies, tool, args, identity, credential, session, headers, count } => {
+        Command::Eval {
+            policies,
+            tool,
+            args,
+            identity,
+            credential,
+            session,
+            headers,
+            subject,
+            issuer,
+            claims,
+            service_account,
+            api_key,
+            count,
+        } => {
             let mut docs = Vec::new();
             for p in &policies {
                 let text = read(p)?;
@@ -200,7 +230,8 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 (None, Some(c)) => toolgate_policy::fingerprint(&c),
                 (None, None) => String::new(),
             };
-            let caller = Caller { identity, session, headers };
+            let principal = principal_for_eval(subject, issuer, claims.as_deref(), service_account, api_key)?;
+            let caller = Caller { identity, session, headers, principal };
             let call = Call { tool: &tool, arguments: &arguments, caller: &caller };
             let limiter = Limiter::default();
             let mut last = None;
@@ -220,6 +251,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 "policy": d.policy.as_deref(),
                 "rule": d.rule.as_deref(),
                 "grant": d.grant.as_deref(),
+                "subject": caller.principal.as_ref().map(toolgate_policy::Principal::key),
                 "reason": d.reason,
                 "revision": policy.revision(),
             });
@@ -343,6 +375,48 @@ fn dns_label(path: &Path) -> String {
     let out: String = out.trim_matches('-').chars().take(63).collect();
     let out = out.trim_end_matches('-').to_owned();
     if out.is_empty() { "policy".to_owned() } else { out }
+}
+
+/// The authenticated caller `toolgate eval` dry-runs as, from `--subject`/`--claims`,
+/// `--service-account` or `--api-key`.
+fn principal_for_eval(
+    subject: Option<String>,
+    issuer: String,
+    claims: Option<&str>,
+    service_account: Option<String>,
+    api_key: Option<String>,
+) -> anyhow::Result<Option<toolgate_policy::Principal>> {
+    use toolgate_policy::Principal;
+    let claims = match claims {
+        None => serde_json::Map::new(),
+        Some(text) => match serde_json::from_str::<Value>(text).context("--claims is not valid JSON")? {
+            Value::Object(m) => m,
+            other => anyhow::bail!("--claims must be a JSON object, got {other}"),
+        },
+    };
+    if let Some(subject) = subject {
+        let mut claims = claims;
+        claims.insert("sub".into(), Value::String(subject.clone()));
+        claims.insert("iss".into(), Value::String(issuer.clone()));
+        return Ok(Some(Principal::Token { issuer, subject, claims }));
+    }
+    if let Some(sa) = service_account {
+        let Some((namespace, name)) = sa.split_once('/').filter(|(n, s)| !n.is_empty() && !s.is_empty()) else {
+            anyhow::bail!("--service-account must be namespace/name, got {sa:?}");
+        };
+        let mut claims = claims;
+        claims.insert("sub".into(), Value::String(format!("system:serviceaccount:{namespace}:{name}")));
+        return Ok(Some(Principal::ServiceAccount {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            pod: None,
+            claims,
+        }));
+    }
+    if !claims.is_empty() {
+        anyhow::bail!("--claims needs --subject or --service-account");
+    }
+    Ok(api_key.map(|name| Principal::ApiKey { name }))
 }
 
 #[cfg(test)]

@@ -212,6 +212,47 @@ fn eval_identifies_callers_by_credential_fingerprint() {
     assert_eq!(d["rule"], "grants");
 }
 
+#[test]
+fn eval_dry_runs_authenticated_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = file(
+        &dir,
+        "ids.yaml",
+        br#"version: '1'
+grants:
+  - {name: agent-a, match: {subjects: [agent-a]}, tools: {pod-action: {limits: [{window: minute, max: 1, scope: identity}]}}}
+  - {name: platform, match: {claims: {groups: [platform]}}, default: allow}
+  - {name: agents, match: {serviceAccounts: ["agents/*"]}, tools: {list-pods: {}}}
+  - {name: ci, match: {apiKeys: [ci-bot]}, tools: {list-pods: {}}}
+"#,
+    );
+    let d = eval_json(&["eval", "-p", &policy, "--tool", "pod-action", "--subject", "agent-a", "--count", "2"]);
+    assert_eq!((d["decision"].as_str(), d["grant"].as_str()), (Some("rate_limited"), Some("agent-a")));
+    assert_eq!(d["subject"], "oidc:https://issuer.example#agent-a");
+    let d =
+        eval_json(&["eval", "-p", &policy, "--tool", "x", "--subject", "u", "--claims", r#"{"groups":["platform"]}"#]);
+    assert_eq!((d["decision"].as_str(), d["grant"].as_str()), (Some("allow"), Some("platform")));
+    let d = eval_json(&["eval", "-p", &policy, "--tool", "list-pods", "--service-account", "agents/runner"]);
+    assert_eq!(
+        (d["decision"].as_str(), d["grant"].as_str(), d["subject"].as_str()),
+        (Some("allow"), Some("agents"), Some("sa:agents/runner"))
+    );
+    let d = eval_json(&["eval", "-p", &policy, "--tool", "list-pods", "--api-key", "ci-bot"]);
+    assert_eq!(d["grant"], "ci");
+    let d = eval_json(&["eval", "-p", &policy, "--tool", "list-pods", "--identity", "apikey:ci-bot"]);
+    assert_eq!((d["decision"].as_str(), d["grant"].as_str()), (Some("deny"), None), "a plain identity is no API key");
+    for bad in [
+        vec!["--service-account", "no-slash"],
+        vec!["--claims", "[1]", "--subject", "a"],
+        vec!["--claims", r#"{"a":1}"#],
+    ] {
+        let mut args = vec!["eval", "-p", &policy, "--tool", "x"];
+        args.extend(bad.iter().copied());
+        let all = fails_cleanly(&toolgate(&args));
+        assert!(all.contains("--"), "{all}");
+    }
+}
+
 fn manifest(out: &Output) -> Value {
     assert!(out.status.success(), "{}", text(&out.stderr));
     serde_norway::from_slice(&out.stdout).expect("convert prints YAML")

@@ -11,7 +11,8 @@ use regex::Regex;
 use serde_json::Value;
 
 use crate::document::{
-    Action, AllTools, Condition, DefaultAction, DenialStyle, Document, Grant, Limit, Op, Scope, ToolRule, Window,
+    Action, AllTools, Condition, DefaultAction, DenialStyle, Document, Grant, GrantMatch, Limit, Op, Scope, ToolRule,
+    Window,
 };
 use crate::error::Problem;
 use crate::parse::kind_of;
@@ -61,7 +62,74 @@ pub(crate) struct CompiledGrant {
     pub name: Arc<str>,
     pub fingerprints: Vec<String>,
     pub header: Option<(String, Vec<String>)>,
+    pub principals: PrincipalMatch,
     pub rules: RuleSet,
+}
+
+/// A grant's criteria on authenticated callers.
+#[derive(Debug, Default)]
+pub(crate) struct PrincipalMatch {
+    pub subjects: Vec<GlobMatcher>,
+    pub claims: Vec<(String, Vec<String>)>,
+    pub service_accounts: Vec<GlobMatcher>,
+    pub api_keys: Vec<String>,
+}
+
+impl PrincipalMatch {
+    fn is_empty(&self) -> bool {
+        self.subjects.is_empty()
+            && self.claims.is_empty()
+            && self.service_accounts.is_empty()
+            && self.api_keys.is_empty()
+    }
+
+    /// Any criterion fits (as every criterion of a grant's `match`); `claims` fits when all
+    /// of its claims hold.
+    pub fn matches(&self, p: &crate::eval::Principal) -> bool {
+        use crate::eval::Principal;
+        if !self.subjects.is_empty() {
+            let subject = p.subject();
+            if self.subjects.iter().any(|g| g.is_match(&subject)) {
+                return true;
+            }
+        }
+        if let Principal::ServiceAccount { namespace, name, .. } = p {
+            let sa = format!("{namespace}/{name}");
+            if self.service_accounts.iter().any(|g| g.is_match(&sa)) {
+                return true;
+            }
+        }
+        if let Principal::ApiKey { name } = p
+            && self.api_keys.iter().any(|k| k == name)
+        {
+            return true;
+        }
+        if !self.claims.is_empty()
+            && let Some(claims) = p.claims_map()
+        {
+            return self.claims.iter().all(|(claim, accepted)| claim_holds(claims.get(claim), accepted));
+        }
+        false
+    }
+}
+
+/// A claim holds when it is a string, number or boolean whose text is accepted, or a list
+/// with such an item. Objects and absent claims never hold.
+fn claim_holds(value: Option<&serde_json::Value>, accepted: &[String]) -> bool {
+    use serde_json::Value;
+    fn scalar(v: &Value, accepted: &[String]) -> bool {
+        match v {
+            Value::String(s) => accepted.iter().any(|a| a == s),
+            Value::Number(n) => accepted.iter().any(|a| *a == n.to_string()),
+            Value::Bool(b) => accepted.iter().any(|a| *a == b.to_string()),
+            _ => false,
+        }
+    }
+    match value {
+        Some(Value::Array(items)) => items.iter().any(|v| scalar(v, accepted)),
+        Some(v) => scalar(v, accepted),
+        None => false,
+    }
 }
 
 #[derive(Debug)]
@@ -208,11 +276,60 @@ fn compile_grant(cx: &mut Ctx<'_>, gpath: &str, g: &Grant) -> CompiledGrant {
         }
         (h.name.to_ascii_lowercase(), h.values.clone())
     });
-    if fingerprints.is_empty() && header.is_none() && g.matches.fingerprints.is_empty() {
-        cx.err(format!("{gpath}.match"), "must name `fingerprints` or a `header`; an empty match fits nobody");
+    let principals = compile_principal_match(cx, gpath, &g.matches);
+    if fingerprints.is_empty() && header.is_none() && g.matches.fingerprints.is_empty() && principals.is_empty() {
+        cx.err(
+            format!("{gpath}.match"),
+            "must name `fingerprints`, a `header`, `subjects`, `claims`, `serviceAccounts` or `apiKeys`; an empty match fits nobody",
+        );
     }
     let rules = compile_rule_set(cx, &format!("{gpath}."), g.default, &g.hide, g.all_tools.as_ref(), &g.tools);
-    CompiledGrant { name: g.name.as_str().into(), fingerprints, header, rules }
+    CompiledGrant { name: g.name.as_str().into(), fingerprints, header, principals, rules }
+}
+
+fn compile_principal_match(cx: &mut Ctx<'_>, gpath: &str, m: &GrantMatch) -> PrincipalMatch {
+    let mut out = PrincipalMatch::default();
+    for (j, s) in m.subjects.iter().enumerate() {
+        let path = format!("{gpath}.match.subjects[{j}]");
+        if s.is_empty() {
+            cx.err(path, "must not be empty");
+        } else if let Some(g) = compile_glob(cx, &path, s) {
+            out.subjects.push(g);
+        }
+    }
+    for (claim, values) in &m.claims {
+        let path = format!("{gpath}.match.claims.{claim}");
+        if claim.is_empty() {
+            cx.err(format!("{gpath}.match.claims"), "a claim name must not be empty");
+        }
+        if values.is_empty() {
+            cx.err(path, "must list at least one accepted value");
+        } else {
+            out.claims.push((claim.clone(), values.clone()));
+        }
+    }
+    for (j, sa) in m.service_accounts.iter().enumerate() {
+        let path = format!("{gpath}.match.serviceAccounts[{j}]");
+        match sa.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                if let Some(g) = compile_glob(cx, &path, sa) {
+                    out.service_accounts.push(g);
+                }
+            }
+            _ => cx.err(path, format!("{sa:?} must be namespace/name (globs allowed: agents/*)")),
+        }
+    }
+    for (j, k) in m.api_keys.iter().enumerate() {
+        if k.is_empty() || k.len() > 63 || !k.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            cx.err(
+                format!("{gpath}.match.apiKeys[{j}]"),
+                "must be a key name: 1-63 characters of letters, digits, '-', '_' or '.'",
+            );
+        } else {
+            out.api_keys.push(k.clone());
+        }
+    }
+    out
 }
 
 fn is_glob(key: &str) -> bool {

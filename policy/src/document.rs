@@ -275,6 +275,21 @@ pub struct GrantMatch {
     /// A request header set by a trusted gateway in front of toolgate, and its accepted values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<HeaderMatch>,
+    /// Authenticated subjects (exact or glob): a verified token's `sub`, a service account's
+    /// `system:serviceaccount:<namespace>:<name>`, an API key's `apikey:<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subjects: Vec<String>,
+    /// Verified token claims and their accepted values (exact): every listed claim must
+    /// hold; a claim that is a list holds when any of its items is accepted
+    /// (`{groups: [platform]}`, `{azp: [agent-a]}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claims: BTreeMap<String, Vec<String>>,
+    /// Kubernetes service accounts as `namespace/name` (globs allowed: `agents/*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "serviceAccounts")]
+    pub service_accounts: Vec<String>,
+    /// Names of static API keys (from the proxy's key file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "apiKeys")]
+    pub api_keys: Vec<String>,
 }
 
 /// A header criterion.

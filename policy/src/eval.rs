@@ -26,9 +26,84 @@ pub struct Caller {
     /// Request headers that grants match on: lower-case names (see
     /// [`crate::Policy::header_names`]).
     pub headers: Vec<(String, String)>,
+    /// Who the caller proved to be, when the proxy authenticated it (a verified OIDC
+    /// token, a Kubernetes service-account token or a named API key). `None` for callers
+    /// known only by their credential's fingerprint or a gateway header.
+    pub principal: Option<Principal>,
+}
+
+/// An authenticated caller, as the proxy verified it. Grants match on it
+/// (`subjects`, `claims`, `serviceAccounts`, `apiKeys`); its [`Principal::key`] is the
+/// stable identity that `scope: identity` counts by and audit lines carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// A bearer token (JWT) verified against a configured issuer's keys.
+    Token {
+        /// The token's issuer (`iss`), one of the configured ones.
+        issuer: String,
+        /// The token's subject (`sub`).
+        subject: String,
+        /// Every verified claim (string, number, boolean and array values are matched).
+        claims: serde_json::Map<String, Value>,
+    },
+    /// A Kubernetes service account, from a projected token verified by the cluster.
+    ServiceAccount {
+        /// The service account's namespace.
+        namespace: String,
+        /// The service account's name.
+        name: String,
+        /// The pod the token is bound to, when it is bound to one.
+        pod: Option<String>,
+        /// The token's verified claims (`sub`, `aud`, `kubernetes.io`, …).
+        claims: serde_json::Map<String, Value>,
+    },
+    /// A static API key, by the name its hash is listed under.
+    ApiKey {
+        /// The key's name in the key file.
+        name: String,
+    },
+}
+
+impl Principal {
+    /// The subject grants' `subjects` match: the token's `sub`, or
+    /// `system:serviceaccount:<namespace>:<name>`, or `apikey:<name>`.
+    pub fn subject(&self) -> String {
+        match self {
+            Principal::Token { subject, .. } => subject.clone(),
+            Principal::ServiceAccount { namespace, name, .. } => format!("system:serviceaccount:{namespace}:{name}"),
+            Principal::ApiKey { name } => format!("apikey:{name}"),
+        }
+    }
+
+    /// The stable identity of this caller: what `scope: identity` counts by, audit lines
+    /// carry and no two different callers share. A token's subject is unique only within
+    /// its issuer, so the issuer is part of it.
+    pub fn key(&self) -> String {
+        match self {
+            Principal::Token { issuer, subject, .. } => format!("oidc:{issuer}#{subject}"),
+            Principal::ServiceAccount { namespace, name, .. } => format!("sa:{namespace}/{name}"),
+            Principal::ApiKey { name } => format!("apikey:{name}"),
+        }
+    }
+
+    pub(crate) fn claims_map(&self) -> Option<&serde_json::Map<String, Value>> {
+        match self {
+            Principal::Token { claims, .. } | Principal::ServiceAccount { claims, .. } => Some(claims),
+            Principal::ApiKey { .. } => None,
+        }
+    }
 }
 
 impl Caller {
+    /// The identity limits count by: the authenticated principal's stable key when there
+    /// is one, else the credential's fingerprint (or gateway name).
+    pub fn identity_key(&self) -> std::borrow::Cow<'_, str> {
+        match &self.principal {
+            Some(p) => p.key().into(),
+            None => self.identity.as_str().into(),
+        }
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
@@ -321,7 +396,8 @@ fn select<'a>(doc: &'a CompiledDoc, caller: &Caller) -> Option<(&'a RuleSet, Opt
             .header
             .as_ref()
             .is_some_and(|(name, values)| caller.header(name).is_some_and(|v| values.iter().any(|x| x == v)));
-        if by_fp || by_header {
+        let by_principal = caller.principal.as_ref().is_some_and(|p| g.principals.matches(p));
+        if by_fp || by_header || by_principal {
             return Some((&g.rules, Some(&g.name)));
         }
     }
@@ -535,12 +611,12 @@ fn holds(c: &CompiledCondition, args: &Value) -> bool {
 fn scope_key(scope: Scope, grant: Option<&Arc<str>>, caller: &Caller) -> Box<str> {
     match (scope, grant) {
         (Scope::Grant, Some(g)) => format!("grant:{g}").into(),
-        (Scope::Grant | Scope::Identity, _) => format!("id:{}", caller.identity).into(),
+        (Scope::Grant | Scope::Identity, _) => format!("id:{}", caller.identity_key()).into(),
         (Scope::Session, _) => match caller.session.as_deref() {
             Some(s) => format!("session:{s}").into(),
             // No session (a stateless upstream): the caller's own bucket, never one shared
             // by every session-less caller nor a fresh one per request.
-            None => format!("sessionless:{}", caller.identity).into(),
+            None => format!("sessionless:{}", caller.identity_key()).into(),
         },
         (Scope::Global, _) => "".into(),
     }

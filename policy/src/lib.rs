@@ -48,7 +48,7 @@ pub use document::{
     HeaderMatch, Limit, Op, Scope, ToolRule, Window,
 };
 pub use error::{Error, Problem, Result};
-pub use eval::{Call, Caller, Decision, DecisionKind};
+pub use eval::{Call, Caller, Decision, DecisionKind, Principal};
 pub use limiter::{CounterKey, Demand, Limiter, Refusal, Reservation};
 pub use parse::{MAX_DOCUMENT_BYTES, SourceFormat, document_from_value, parse_document, parse_document_with_format};
 pub use strict::{StrictValue, from_slice_strict};

@@ -496,6 +496,7 @@ proptest! {
                 identity: identity(c.identity),
                 session: None,
                 headers: c.team.map(|t| vec![("x-team".to_owned(), t.to_owned())]).unwrap_or_default(),
+                principal: None,
             };
             let call = Call { tool: c.tool, arguments: &c.args, caller: &caller };
             let decision = policy.decide(&limiter, &call, Duration::ZERO);

@@ -35,7 +35,7 @@ impl Agent {
         Self {
             policy: example(file),
             limiter: Limiter::default(),
-            caller: Caller { identity: fingerprint("Bearer agent"), session: Some("s".into()), headers: vec![] },
+            caller: Caller { identity: fingerprint("Bearer agent"), session: Some("s".into()), ..Caller::default() },
         }
     }
 

@@ -89,6 +89,104 @@ pub struct Args {
     #[arg(long, env = "TOOLGATE_IDENTITY_HEADER")]
     identity_header: Option<hyper::header::HeaderName>,
 
+    /// Authenticate callers by bearer tokens (JWT) from this OAuth 2.1 / OIDC issuer: its
+    /// keys come from `<issuer>/.well-known/openid-configuration` (or --oidc-jwks-uri).
+    /// Repeatable. Needs --oidc-audience.
+    #[arg(long = "oidc-issuer", env = "TOOLGATE_OIDC_ISSUERS", value_delimiter = ',', conflicts_with_all = ["identity_header", "stdio"])]
+    oidc_issuers: Vec<String>,
+
+    /// Audience a token must name (`aud`): this MCP server's URL or name. Repeatable.
+    #[arg(long = "oidc-audience", env = "TOOLGATE_OIDC_AUDIENCES", value_delimiter = ',')]
+    oidc_audiences: Vec<String>,
+
+    /// The issuer's key set URL, when it has no discovery document (one --oidc-issuer only).
+    #[arg(long = "oidc-jwks-uri", env = "TOOLGATE_OIDC_JWKS_URI")]
+    oidc_jwks_uri: Option<String>,
+
+    /// CA bundle (PEM) for the issuers' HTTPS (default: the platform's roots).
+    #[arg(long = "oidc-ca-file", env = "TOOLGATE_OIDC_CA_FILE")]
+    oidc_ca_file: Option<PathBuf>,
+
+    /// Authenticate callers by Kubernetes service-account tokens meant for this audience
+    /// (a projected token with `audience:` set to it), verified against the cluster's keys.
+    #[arg(long = "k8s-token-audience", env = "TOOLGATE_K8S_TOKEN_AUDIENCE", conflicts_with_all = ["identity_header", "stdio"])]
+    k8s_token_audience: Option<String>,
+
+    /// The cluster's service-account issuer (`--service-account-issuer` of the apiserver).
+    #[arg(
+        long = "k8s-issuer",
+        env = "TOOLGATE_K8S_ISSUER",
+        default_value = "https://kubernetes.default.svc.cluster.local"
+    )]
+    k8s_issuer: String,
+
+    /// Where the cluster publishes its service-account keys.
+    #[arg(
+        long = "k8s-jwks-uri",
+        env = "TOOLGATE_K8S_JWKS_URI",
+        default_value = "https://kubernetes.default.svc/openid/v1/jwks"
+    )]
+    k8s_jwks_uri: String,
+
+    /// CA bundle for the apiserver's HTTPS.
+    #[arg(
+        long = "k8s-ca-file",
+        env = "TOOLGATE_K8S_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    k8s_ca_file: PathBuf,
+
+    /// The sidecar's own API token, sent when fetching the cluster's keys.
+    #[arg(
+        long = "k8s-api-token-file",
+        env = "TOOLGATE_K8S_API_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    k8s_api_token_file: PathBuf,
+
+    /// Authenticate callers by static API keys: a file of `name sha256:<hex>` lines (the
+    /// SHA-256 of each key; a mounted Secret), reloaded when it changes.
+    #[arg(long = "api-keys-file", env = "TOOLGATE_API_KEYS_FILE", conflicts_with_all = ["identity_header", "stdio"])]
+    api_keys_file: Option<PathBuf>,
+
+    /// With an identity source configured, still let callers without a credential through
+    /// (as one anonymous identity). A credential that is sent must verify.
+    #[arg(long, env = "TOOLGATE_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
+
+    /// This MCP endpoint's public URL: served as OAuth protected-resource metadata
+    /// (RFC 9728) at /.well-known/oauth-protected-resource/... naming the --oidc-issuer(s),
+    /// and named in 401 answers so MCP clients find where to log in.
+    #[arg(long = "resource-url", env = "TOOLGATE_RESOURCE_URL")]
+    resource_url: Option<String>,
+
+    /// A file holding the upstream's credential (a mounted Secret): the proxy sets it on
+    /// every request upstream (--upstream-credential-header), so callers never need it.
+    #[arg(
+        long = "upstream-credential-file",
+        env = "TOOLGATE_UPSTREAM_CREDENTIAL_FILE",
+        requires = "upstream",
+        conflicts_with = "upstream_credential_env"
+    )]
+    upstream_credential_file: Option<PathBuf>,
+
+    /// The name of an environment variable holding the upstream's credential (as
+    /// --upstream-credential-file).
+    #[arg(long = "upstream-credential-env", env = "TOOLGATE_UPSTREAM_CREDENTIAL_ENV", requires = "upstream")]
+    upstream_credential_env: Option<String>,
+
+    /// The header that carries the upstream's credential.
+    #[arg(
+        long = "upstream-credential-header",
+        env = "TOOLGATE_UPSTREAM_CREDENTIAL_HEADER",
+        default_value = "authorization"
+    )]
+    upstream_credential_header: hyper::header::HeaderName,
+
+    /// The scheme written before the credential (`Bearer <key>`); empty: the value as is.
+    #[arg(long = "upstream-credential-scheme", env = "TOOLGATE_UPSTREAM_CREDENTIAL_SCHEME", default_value = "Bearer")]
+    upstream_credential_scheme: String,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "TOOLGATE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -306,7 +404,9 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
             policy_rx
         }
     };
+    let authn = authentication(&args)?;
     let identity = match args.identity_header.clone() {
+        _ if authn.is_some() => IdentitySource::Authenticated(authn.clone().context("checked")?),
         Some(h) => IdentitySource::Header(h),
         // A child process uses its own key (RUNPOD_API_KEY…) and never sees the caller's
         // Authorization: a credential the proxy cannot check is a name the client picks.
@@ -376,14 +476,17 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
             if uri.scheme_str() != Some("http") {
                 anyhow::bail!("--upstream must be an http:// URL (TLS to the upstream is not supported yet)");
             }
-            Upstream::Http(Box::new(HttpUpstream::new(
-                uri.clone(),
-                Duration::from_secs(args.upstream_timeout_seconds),
-                args.upstream_transport,
-                args.max_sessions.max(1),
-                per_identity,
-                Duration::from_secs(args.session_idle_seconds),
-            )))
+            Upstream::Http(Box::new(
+                HttpUpstream::new(
+                    uri.clone(),
+                    Duration::from_secs(args.upstream_timeout_seconds),
+                    args.upstream_transport,
+                    args.max_sessions.max(1),
+                    per_identity,
+                    Duration::from_secs(args.session_idle_seconds),
+                )
+                .with_custody(custody(&args, authn.is_some())?),
+            ))
         }
         None => Upstream::Stdio(Sessions::new(
             Opener::Command(args.command.clone()),
@@ -444,4 +547,110 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// The caller authentication the flags configure, if any.
+fn authentication(args: &Args) -> anyhow::Result<Option<Arc<crate::gate::authn::Authn>>> {
+    use toolgate_identity::{
+        ApiKeys, AuthConfig, Authenticator, DEFAULT_ALGORITHMS, FetchOptions, IssuerConfig, IssuerKind,
+        ProtectedResource,
+    };
+    let mut issuers = Vec::new();
+    if !args.oidc_issuers.is_empty() && args.oidc_audiences.is_empty() {
+        anyhow::bail!("--oidc-issuer needs --oidc-audience: tokens must be meant for this server");
+    }
+    if args.oidc_jwks_uri.is_some() && args.oidc_issuers.len() != 1 {
+        anyhow::bail!("--oidc-jwks-uri names the key set of one issuer: give exactly one --oidc-issuer");
+    }
+    for issuer in &args.oidc_issuers {
+        issuers.push(IssuerConfig {
+            issuer: issuer.clone(),
+            audiences: args.oidc_audiences.clone(),
+            jwks_uri: args.oidc_jwks_uri.clone(),
+            algorithms: DEFAULT_ALGORITHMS.to_vec(),
+            kind: IssuerKind::Oidc,
+            fetch: FetchOptions { ca_file: args.oidc_ca_file.clone(), bearer_token_file: None },
+        });
+    }
+    if let Some(aud) = &args.k8s_token_audience {
+        issuers.push(IssuerConfig {
+            issuer: args.k8s_issuer.clone(),
+            audiences: vec![aud.clone()],
+            jwks_uri: Some(args.k8s_jwks_uri.clone()),
+            algorithms: DEFAULT_ALGORITHMS.to_vec(),
+            kind: IssuerKind::Kubernetes,
+            fetch: FetchOptions {
+                ca_file: Some(args.k8s_ca_file.clone()),
+                bearer_token_file: Some(args.k8s_api_token_file.clone()),
+            },
+        });
+    }
+    let api_keys = match &args.api_keys_file {
+        Some(p) => Some(ApiKeys::load(p).map_err(|e| anyhow::anyhow!(e))?),
+        None => None,
+    };
+    if issuers.is_empty() && api_keys.is_none() {
+        if args.allow_anonymous {
+            anyhow::bail!(
+                "--allow-anonymous needs an identity source (--oidc-issuer, --k8s-token-audience, --api-keys-file)"
+            );
+        }
+        if args.resource_url.is_some() {
+            anyhow::bail!(
+                "--resource-url needs an identity source (--oidc-issuer, --k8s-token-audience, --api-keys-file)"
+            );
+        }
+        return Ok(None);
+    }
+    if let Some(keys) = &api_keys {
+        keys.spawn_reloader();
+    }
+    let resource = args
+        .resource_url
+        .as_ref()
+        .map(|url| ProtectedResource::new(url.clone(), args.oidc_issuers.clone(), Vec::new()));
+    let authenticator = Authenticator::new(AuthConfig { issuers, api_keys, allow_anonymous: args.allow_anonymous })
+        .map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(
+        oidc_issuers = args.oidc_issuers.len(),
+        kubernetes = args.k8s_token_audience.is_some(),
+        api_keys = args.api_keys_file.is_some(),
+        anonymous = args.allow_anonymous,
+        "callers are authenticated; their Authorization is never forwarded upstream"
+    );
+    Ok(Some(Arc::new(crate::gate::authn::Authn::new(authenticator, resource, args.allow_anonymous))))
+}
+
+/// What happens to credentials on the way upstream.
+fn custody(args: &Args, authenticated: bool) -> anyhow::Result<crate::transport::upstream::Custody> {
+    let secret = match (&args.upstream_credential_file, &args.upstream_credential_env) {
+        (Some(p), _) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--upstream-credential-file {}", p.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, Some(var)) => Some(
+            std::env::var(var).with_context(|| format!("--upstream-credential-env {var}: not set"))?.trim().to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let set = match secret {
+        None => None,
+        Some(s) if s.is_empty() => anyhow::bail!("the upstream credential is empty"),
+        Some(s) => {
+            let value = if args.upstream_credential_scheme.is_empty() {
+                s
+            } else {
+                format!("{} {s}", args.upstream_credential_scheme)
+            };
+            let mut v = hyper::header::HeaderValue::from_str(&value)
+                .map_err(|_| anyhow::anyhow!("the upstream credential is not a valid header value"))?;
+            v.set_sensitive(true);
+            Some((args.upstream_credential_header.clone(), v))
+        }
+    };
+    // Whoever sets the upstream's credential, the caller's own never goes along with it.
+    let strip_caller = authenticated || set.as_ref().is_some_and(|(n, _)| *n == hyper::header::AUTHORIZATION);
+    Ok(crate::transport::upstream::Custody { strip_caller, set })
 }

@@ -25,6 +25,7 @@
 mod certs;
 mod cluster;
 pub mod mcp;
+pub mod oidc;
 mod process;
 mod prometheus;
 mod serve;

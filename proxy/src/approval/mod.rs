@@ -661,7 +661,7 @@ mod tests {
         let caller = |identity: &str, session: &str| Caller {
             identity: identity.into(),
             session: Some(session.into()),
-            headers: Vec::new(),
+            ..Caller::default()
         };
         a.cancel_request(&caller("sha256:b", "s1"), "7");
         a.cancel_request(&caller("sha256:a", "s2"), "7");

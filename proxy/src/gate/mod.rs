@@ -29,6 +29,7 @@ use crate::mcp::jsonrpc::{self, Body, Kind, code, id_key};
 use crate::telemetry::decision::would;
 use crate::telemetry::{DecisionEvent, Telemetry, audit};
 
+pub mod authn;
 mod hold;
 #[cfg(test)]
 mod proptests;
@@ -48,6 +49,9 @@ pub enum IdentitySource {
     /// the caller's `Authorization`): every caller is one identity, so a limit holds for
     /// the whole server instead of per header value a client picks.
     Shared,
+    /// Callers prove who they are (a verified bearer token or API key): the identity is
+    /// the principal's stable key, and grants can match it.
+    Authenticated(Arc<authn::Authn>),
 }
 
 /// Quota held for one forwarded call: the enforcing documents' and, if any, the dry-run
@@ -135,7 +139,17 @@ impl Gate {
             Ok(first)
         };
         let authorization = single(hyper::header::AUTHORIZATION.as_str())?;
+        let mut principal = None;
         let identity = match &self.identity {
+            IdentitySource::Authenticated(authn) => match authn.principal(authorization.map(|v| v.as_bytes())) {
+                Ok(Some(p)) => {
+                    let key = p.key();
+                    principal = Some(p);
+                    key
+                }
+                Ok(None) => String::new(),
+                Err(e) => return Err(CallerError(format!("{e}: send the request again"))),
+            },
             IdentitySource::Authorization => {
                 authorization.map(|v| canonical::fingerprint_bytes(v.as_bytes())).unwrap_or_default()
             }
@@ -165,7 +179,7 @@ impl Gate {
                 matched.push((n.clone(), v.to_owned()));
             }
         }
-        Ok(Caller { identity, session, headers: matched })
+        Ok(Caller { identity, session, headers: matched, principal })
     }
 }
 
@@ -942,7 +956,7 @@ pub(crate) mod tests {
     #[test]
     fn an_approved_call_is_decided_again_under_the_policy_in_force() {
         let (g, p, _approvals, tx) = live_operator_gate(NEEDS_APPROVAL);
-        let caller = Caller { identity: "sha256:a".into(), session: None, headers: Vec::new() };
+        let caller = Caller { identity: "sha256:a".into(), session: None, ..Caller::default() };
         let hold = |id| {
             let b = parse_body(call(id, "start-pod").as_bytes()).expect("parses");
             let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
@@ -980,7 +994,7 @@ pub(crate) mod tests {
     #[test]
     fn with_an_operator_a_lone_call_is_held_and_a_batched_one_refused() {
         let (g, p, _) = operator_gate(NEEDS_APPROVAL);
-        let caller = Caller { identity: "sha256:a".into(), session: Some("s".into()), headers: Vec::new() };
+        let caller = Caller { identity: "sha256:a".into(), session: Some("s".into()), ..Caller::default() };
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
         let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
         assert_eq!((h.id.clone(), h.call.tool.as_str()), (json!(1), "start-pod"));
@@ -1000,7 +1014,7 @@ pub(crate) mod tests {
     #[test]
     fn an_approval_reused_for_an_identical_call_still_obeys_limits() {
         let (g, p, approvals) = operator_gate(NEEDS_APPROVAL);
-        let caller = Caller { identity: "sha256:a".into(), session: None, headers: Vec::new() };
+        let caller = Caller { identity: "sha256:a".into(), session: None, ..Caller::default() };
         let b = parse_body(call(1, "start-pod").as_bytes()).expect("parses");
         let Checked::Hold(h) = g.check(&b, &caller, &p, None, None) else { panic!("held") };
         // Approved: the limit (1 per minute) is reserved now, and the approval remembered.
@@ -1013,7 +1027,7 @@ pub(crate) mod tests {
         assert!(text.contains(r#"decision="allow",policy="test",rule="tools.start-pod"} 1"#), "{text}");
         assert!(text.contains(r#"decision="rate_limited""#), "{text}");
         // Another caller is not covered by alice's approval of this caller's call.
-        let other = Caller { identity: "sha256:b".into(), session: None, headers: Vec::new() };
+        let other = Caller { identity: "sha256:b".into(), session: None, ..Caller::default() };
         assert!(matches!(g.check(&b, &other, &p, None, None), Checked::Hold(_)));
         drop(approvals);
     }

@@ -106,6 +106,8 @@ pub struct Metrics {
     upstream_errors: Family<KindLabels, Counter>,
     /// Requests refused before any decision because of who or which session they name.
     caller_refusals: Family<ReasonLabels, Counter>,
+    /// Requests refused at the door because their credential did not authenticate.
+    auth_refusals: Family<ReasonLabels, Counter>,
     policy_loaded: Gauge,
     policy_info: Family<RevisionLabels, Gauge>,
     reload_errors: Counter,
@@ -157,6 +159,12 @@ impl Metrics {
             "toolgate_caller_refusals",
             "Requests refused before any decision: a repeated identity or session header (ambiguous_caller), a session that is unknown or another caller's (session), a request id already waiting in its session (duplicate_id)",
             caller_refusals.clone(),
+        );
+        let auth_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "toolgate_auth_refusals",
+            "Requests refused (401, or 503 when an issuer's keys cannot be fetched) because the caller's credential did not authenticate, by reason: missing, malformed, unknown_api_key, unknown_issuer, unknown_key_id, algorithm_not_allowed, bad_signature, expired, not_yet_valid, wrong_audience, invalid_claims, keys_unavailable",
+            auth_refusals.clone(),
         );
         let policy_loaded = Gauge::default();
         registry.register(
@@ -219,6 +227,7 @@ impl Metrics {
             duration,
             upstream_errors,
             caller_refusals,
+            auth_refusals,
             policy_loaded,
             policy_info,
             reload_errors,
@@ -273,6 +282,11 @@ impl Metrics {
     /// A request refused before any decision; `reason` is one of the documented labels.
     pub fn caller_refused(&self, reason: &'static str) {
         self.caller_refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A request refused at the door; `reason` is an `AuthError::reason` label.
+    pub fn auth_refused(&self, reason: &'static str) {
+        self.auth_refusals.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn upstream_error(&self, kind: &'static str) {

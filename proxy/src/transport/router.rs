@@ -9,9 +9,10 @@ use std::time::Instant;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
+use crate::gate::IdentitySource;
 use crate::mcp::jsonrpc::code;
 use crate::telemetry::metrics::Metrics;
-use crate::transport::http::{ReqBody, RespBody, not_allowed, rpc_error};
+use crate::transport::http::{ReqBody, RespBody, json_response, not_allowed, rpc_error};
 use crate::transport::legacy::{self, LegacyClients};
 use crate::transport::listener::Conn;
 use crate::transport::mcp_http::{App, forward_stream, post};
@@ -40,6 +41,34 @@ pub async fn handle(router: Arc<Router>, conn: Conn, req: Request<ReqBody>) -> R
             started.elapsed().as_secs_f64(),
         );
         return Ok(resp);
+    }
+    if let IdentitySource::Authenticated(authn) = &app.gate.identity {
+        let path = req.uri().path();
+        if let Some(r) = authn.resource.as_ref().filter(|r| r.metadata_path() == path) {
+            let resp = match *req.method() {
+                Method::GET => json_response(StatusCode::OK, &serde_json::to_value(r).unwrap_or_default()),
+                _ => not_allowed("GET"),
+            };
+            app.gate.telemetry.metrics.request(
+                Metrics::method_label(""),
+                resp.status().as_u16(),
+                started.elapsed().as_secs_f64(),
+            );
+            return Ok(resp);
+        }
+        if let Err(refusal) = authn.verify(req.headers()).await {
+            app.gate.telemetry.metrics.auth_refused(refusal.error.reason());
+            let mut resp = rpc_error(refusal.status(), code::INVALID_REQUEST, format!("toolgate: {}", refusal.error));
+            if let Some(v) = refusal.www_authenticate.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            app.gate.telemetry.metrics.request(
+                Metrics::method_label(""),
+                resp.status().as_u16(),
+                started.elapsed().as_secs_f64(),
+            );
+            return Ok(resp);
+        }
     }
     let body_timed_out = req.body().timed_out();
     let (mut resp, method) = match (req.uri().path(), req.method()) {

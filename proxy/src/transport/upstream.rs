@@ -76,6 +76,37 @@ pub struct HttpUpstream {
     legacy: Arc<Sessions>,
     /// Each session's GET that is on its way upstream, which that session's POSTs wait for.
     order: Arc<Order>,
+    /// What the proxy does to the caller's credential on the way upstream.
+    custody: Custody,
+}
+
+/// Credential custody: the caller's own `Authorization` is removed before forwarding when
+/// the proxy authenticates callers (an agent's token never reaches the server), and the
+/// proxy can set the upstream's credential itself (a key only the sidecar holds).
+#[derive(Clone, Debug, Default)]
+pub struct Custody {
+    /// Remove the caller's `Authorization`.
+    pub strip_caller: bool,
+    /// A header the proxy sets on every request upstream (its value is secret: never logged).
+    pub set: Option<(header::HeaderName, HeaderValue)>,
+}
+
+impl Custody {
+    fn applies(&self) -> bool {
+        self.strip_caller || self.set.is_some()
+    }
+
+    fn outgoing(&self, headers: &HeaderMap) -> HeaderMap {
+        let mut h = headers.clone();
+        if self.strip_caller {
+            h.remove(header::AUTHORIZATION);
+        }
+        if let Some((name, value)) = &self.set {
+            h.remove(name);
+            h.insert(name.clone(), value.clone());
+        }
+        h
+    }
 }
 
 impl HttpUpstream {
@@ -95,7 +126,22 @@ impl HttpUpstream {
             Transport::Streamable => STREAMABLE,
             Transport::Sse => SSE,
         };
-        Self { uri, client, timeout, transport: AtomicU8::new(transport), legacy, order: Arc::default() }
+        Self {
+            uri,
+            client,
+            timeout,
+            transport: AtomicU8::new(transport),
+            legacy,
+            order: Arc::default(),
+            custody: Custody::default(),
+        }
+    }
+
+    /// Sets what happens to the caller's credential on the way upstream.
+    #[must_use]
+    pub fn with_custody(mut self, custody: Custody) -> Self {
+        self.custody = custody;
+        self
     }
 
     async fn send(
@@ -105,6 +151,13 @@ impl HttpUpstream {
         body: Bytes,
         owner: &str,
     ) -> Result<Response<RespBody>, UpstreamError> {
+        let replaced;
+        let headers = if self.custody.applies() {
+            replaced = self.custody.outgoing(headers);
+            &replaced
+        } else {
+            headers
+        };
         let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
         if sid.is_some_and(|id| self.legacy.contains(id)) {
             return self.legacy.send(method, headers, body, owner).await;

@@ -1,0 +1,235 @@
+//! Authenticated callers and credential custody, end to end: two agents with their own
+//! OIDC tokens (from a real HTTPS issuer on loopback) and a CI bot with an API key call the
+//! real RunPod MCP server 4.0.0 through the proxy, which alone holds the RunPod key. Grants
+//! are by subject and key name; every refused credential is a 401 that reaches nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use support::*;
+use toolgate_tests::oidc::{TestIssuer, now};
+
+const AUD: &str = "https://mcp.test/mcp";
+const SIDECAR_KEY: &str = "rp-key-only-the-sidecar-holds";
+
+const POLICY: &str = r#"
+version: "1"
+default: deny
+grants:
+  - name: agent-a
+    match: {subjects: [agent-a]}
+    tools:
+      list-pods: {}
+      pod-action:
+        require:
+          - {path: args.body.action, op: eq, value: start}
+        limits:
+          - {counter: starts, window: minute, max: 10, scope: identity}
+  - name: agent-b
+    match: {subjects: [agent-b]}
+    tools:
+      list-pods: {}
+  - name: ci
+    match: {apiKeys: [ci-bot]}
+    tools:
+      list-pods: {}
+"#;
+
+const JSON_HEADERS: [(&str, &str); 2] =
+    [("Content-Type", "application/json"), ("Accept", "application/json, text/event-stream")];
+
+fn messages(body: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(body);
+    let values: Vec<Value> = if text.trim_start().starts_with(['{', '[']) {
+        vec![serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))]
+    } else {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str(d.trim()).ok())
+            .collect()
+    };
+    values.into_iter().flat_map(|v| if let Value::Array(a) = v { a } else { vec![v] }).collect()
+}
+
+fn post(proxy: &Proxy, auth: Option<&str>, sid: Option<&str>, body: &Value) -> (u16, String, Vec<Value>) {
+    let bearer = auth.map(|t| format!("Bearer {t}"));
+    let mut headers: Vec<(&str, &str)> = JSON_HEADERS.to_vec();
+    if let Some(b) = &bearer {
+        headers.push(("Authorization", b));
+    }
+    if let Some(s) = sid {
+        headers.push(("Mcp-Session-Id", s));
+    }
+    let (status, head, body) = http(proxy.proc.port, "POST", "/mcp", &headers, body.to_string().as_bytes());
+    (status, head, messages(&body))
+}
+
+/// Initializes; RunPod MCP 4.0.0 over HTTP is stateless (no session id), which is fine:
+/// limits count by the caller's identity.
+fn initialize(proxy: &Proxy, token: &str) -> Option<String> {
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "agent", "version": "0"}}});
+    let (status, head, msgs) = post(proxy, Some(token), None, &init);
+    assert_eq!(status, 200, "initialize: {head} {msgs:?}");
+    assert!(msgs.iter().any(|m| m["result"]["serverInfo"].is_object()), "{msgs:?}");
+    let sid =
+        head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("mcp-session-id:").map(|v| v.trim().to_owned()));
+    let (status, _, _) =
+        post(proxy, Some(token), sid.as_deref(), &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    assert_eq!(status, 202);
+    sid
+}
+
+fn call(id: u64, tool: &str, args: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}})
+}
+
+fn start(id: u64) -> Value {
+    call(id, "pod-action", json!({"id": "pod-2", "body": {"action": "start"}}))
+}
+
+fn starts(fake: &Proc) -> usize {
+    fake_requests(fake)
+        .iter()
+        .filter(|(m, p, b)| m == "POST" && p.ends_with("/action") && b["action"] == "start")
+        .count()
+}
+
+fn fake_authorizations(fake: &Proc) -> Vec<String> {
+    let (_, _, body) = http(fake.port, "GET", "/__requests", &[], b"");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["headers"]["authorization"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn agents_prove_who_they_are_and_only_the_sidecar_holds_the_runpod_key() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let idp = rt.block_on(TestIssuer::start()).unwrap();
+    let fake = fake_runpod();
+    let server = runpod_http(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", POLICY);
+    let ca = write_policy(dir.path(), "idp-ca.pem", &idp.ca_pem());
+    let key = write_policy(dir.path(), "runpod-key", &format!("{SIDECAR_KEY}\n"));
+    let ci_key = "ci-bot-secret-key";
+    let digest: String = Sha256::digest(ci_key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let keys = write_policy(dir.path(), "api-keys", &format!("# CI\nci-bot sha256:{digest}\n"));
+    let tail: Vec<String> = [
+        "--oidc-issuer",
+        &idp.issuer(),
+        "--oidc-audience",
+        AUD,
+        "--oidc-ca-file",
+        &ca.display().to_string(),
+        "--api-keys-file",
+        &keys.display().to_string(),
+        "--resource-url",
+        AUD,
+        "--upstream-credential-file",
+        &key.display().to_string(),
+        "--upstream",
+        &format!("http://127.0.0.1:{}/mcp", server.port),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let proxy = proxy(&[&policy], &tail, &[]);
+
+    let token_a = idp.mint(&idp.claims("agent-a", AUD)).unwrap();
+    let token_b = idp.mint(&idp.claims("agent-b", AUD)).unwrap();
+
+    // Agent A: 10 starts a minute, by its subject.
+    let sid_a = initialize(&proxy, &token_a);
+    let mut allowed = 0;
+    for i in 1..=12 {
+        let (_, _, msgs) = post(&proxy, Some(&token_a), sid_a.as_deref(), &start(i));
+        if msgs.iter().any(|m| m.get("result").is_some() && m["result"]["isError"] != true) {
+            allowed += 1;
+        } else {
+            assert!(msgs.iter().any(|m| m["error"]["code"] == -32011), "refused as rate limited: {msgs:?}");
+        }
+    }
+    assert_eq!(allowed, 10);
+    // A fresh token for the same subject is the same caller: still limited.
+    let token_a2 =
+        idp.mint(&json!({"iss": idp.issuer(), "sub": "agent-a", "aud": AUD, "exp": now() + 300, "jti": "2"})).unwrap();
+    let sid_a2 = initialize(&proxy, &token_a2);
+    let (_, _, msgs) = post(&proxy, Some(&token_a2), sid_a2.as_deref(), &start(20));
+    assert!(msgs.iter().any(|m| m["error"]["code"] == -32011), "a new token is no new quota: {msgs:?}");
+
+    // Agent B: list-pods only.
+    let sid_b = initialize(&proxy, &token_b);
+    let (_, _, msgs) = post(&proxy, Some(&token_b), sid_b.as_deref(), &start(1));
+    assert!(msgs.iter().any(|m| m["error"]["code"] == -32010), "B may not start pods: {msgs:?}");
+    let (_, _, msgs) = post(&proxy, Some(&token_b), sid_b.as_deref(), &call(2, "list-pods", json!({})));
+    assert!(msgs.iter().any(|m| m.get("result").is_some()), "B lists pods: {msgs:?}");
+
+    // The CI bot: an API key, by name.
+    let sid_ci = initialize(&proxy, ci_key);
+    let (_, _, msgs) = post(&proxy, Some(ci_key), sid_ci.as_deref(), &call(1, "list-pods", json!({})));
+    assert!(msgs.iter().any(|m| m.get("result").is_some()), "the CI bot lists pods: {msgs:?}");
+    let (_, _, msgs) = post(&proxy, Some(ci_key), sid_ci.as_deref(), &start(2));
+    assert!(msgs.iter().any(|m| m["error"]["code"] == -32010), "{msgs:?}");
+
+    // RunPod saw exactly A's 10 starts, every request with the sidecar's key, never an
+    // agent's credential.
+    assert_eq!(starts(&fake), 10);
+    let auths = fake_authorizations(&fake);
+    assert!(!auths.is_empty());
+    for a in &auths {
+        assert_eq!(a, &format!("Bearer {SIDECAR_KEY}"), "the RunPod API saw only the sidecar's key");
+    }
+
+    // Refused credentials: 401 with where to log in, nothing forwarded.
+    let before = fake_requests(&fake).len();
+    let t = now();
+    let bad = [
+        (
+            "expired",
+            Some(idp.mint(&json!({"iss": idp.issuer(), "sub": "agent-a", "aud": AUD, "exp": t - 300})).unwrap()),
+        ),
+        ("wrong_audience", Some(idp.mint(&idp.claims("agent-a", "https://elsewhere")).unwrap())),
+        ("algorithm_not_allowed", Some(idp.forge_none(&idp.claims("agent-a", AUD)))),
+        ("bad_signature", Some(idp.tamper(&token_b, &idp.claims("agent-a", AUD)))),
+        ("unknown_api_key", Some("not-a-listed-key".to_owned())),
+        ("missing", None),
+    ];
+    for (reason, token) in &bad {
+        let (status, head, msgs) = post(&proxy, token.as_deref(), None, &start(99));
+        assert_eq!(status, 401, "{reason}: {head} {msgs:?}");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("www-authenticate: bearer resource_metadata=\"https://mcp.test/.well-known/oauth-protected-resource/mcp\""),
+            "{reason}: {head}"
+        );
+        assert!(msgs.iter().all(|m| m.get("result").is_none()), "{reason}: {msgs:?}");
+    }
+    assert_eq!(fake_requests(&fake).len(), before, "no refused credential reached RunPod");
+    let m = metrics(&proxy);
+    for (reason, _) in &bad {
+        assert!(m.contains(&format!("toolgate_auth_refusals_total{{reason=\"{reason}\"}} 1")), "{reason}:\n{m}");
+    }
+
+    // RFC 9728 metadata names the issuer.
+    let (status, _, body) = http(proxy.proc.port, "GET", "/.well-known/oauth-protected-resource/mcp", &[], b"");
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["resource"], AUD);
+    assert_eq!(doc["authorization_servers"], json!([idp.issuer()]));
+
+    // Audit lines carry the stable subject, never a token.
+    let audit = proxy.audit.lock().unwrap().clone();
+    let subject = format!("oidc:{}#agent-a", idp.issuer());
+    assert!(audit.iter().any(|l| l["identity"] == subject.as_str() && l["grant"] == "agent-a"), "{audit:?}");
+    let all = serde_json::to_string(&audit).unwrap();
+    for secret in [&token_a, &token_b, ci_key, SIDECAR_KEY] {
+        assert!(!all.contains(secret), "a credential in an audit line");
+    }
+    drop(server);
+}
