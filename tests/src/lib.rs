@@ -24,6 +24,7 @@
 
 mod certs;
 mod cluster;
+pub mod images;
 pub mod mcp;
 pub mod node;
 pub mod oci;
