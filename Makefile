@@ -47,7 +47,10 @@ test: lint testbin node
 
 # Tests on a real node (tests/tests/node.rs; ignored in a plain `cargo test`): kubelet,
 # containerd, kube-proxy, CoreDNS on this machine, one node per machine at a time.
+# The images the node runs are made from the release binaries (as the Dockerfile's build
+# stage makes them), so those are built first.
 test-node: testbin-node node
+	$(CARGO) build --release --locked -p toolgate-operator -p toolgate-proxy -p toolgate --bins
 	source "$(TESTBIN_CACHE)/env.sh" && $(CARGO) test -p toolgate-tests --locked --test node -- --ignored --test-threads=1
 
 bench:

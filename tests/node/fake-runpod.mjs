@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // fake-runpod.mjs — a fake RunPod API on 127.0.0.1 for tests. Node stdlib only.
 //
-//   node fake-runpod.mjs [--port N | N] [--api-key KEY] [--strict]
+//   node fake-runpod.mjs [--port N | N] [--host ADDR] [--api-key KEY] [--strict]
+//   (--host: the address to listen on, default 127.0.0.1; the node tests use the node's)
 //   env: FAKE_RUNPOD_PORT, FAKE_RUNPOD_API_KEY, FAKE_RUNPOD_STRICT=1
 //
 // Prints `LISTENING <port>` as the first (and only) line on stdout once it accepts
@@ -47,6 +48,7 @@ function parseArgs(argv) {
     const a = argv[i];
     if (a === '--port' || a === '-p') cfg.port = Number(argv[++i]);
     else if (a.startsWith('--port=')) cfg.port = Number(a.slice(7));
+    else if (a === '--host') cfg.host = argv[++i];
     else if (a === '--api-key') cfg.apiKey = argv[++i] ?? null;
     else if (a === '--strict') cfg.strict = true;
     else if (/^\d+$/.test(a)) cfg.port = Number(a);
@@ -657,7 +659,7 @@ server.on('error', (err) => {
   process.exit(1);
 });
 
-server.listen(cfg.port, '127.0.0.1', () => {
+server.listen(cfg.port, cfg.host ?? '127.0.0.1', () => {
   process.stdout.write(`LISTENING ${server.address().port}\n`);
 });
 

@@ -210,6 +210,27 @@ pub fn toolgate_image(dockerfile: &str, target: &str, name: &str, release_dir: &
     Ok(image)
 }
 
+/// The example RunPod MCP server's image (examples/runpod-mcp): Debian's `node` with its
+/// shared libraries, `examples/runpod-mcp/server.mjs` in `/app`, and as `/app/node_modules`
+/// tests/node's installed packages, where `@runpod/mcp-server` is the pinned 4.0.0 (what
+/// the example's `npm ci` init container would install from the npm registry, which the
+/// test node cannot reach). Runs `node server.mjs` in `/app`.
+pub fn runpod_example_image(name: &str, repo: &Path, node_modules: &Path) -> Result<OciImage> {
+    let node = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("node")).find(|p| p.is_file()))
+        .context("`node` is not on PATH")?;
+    let node = node.canonicalize().context("resolving node")?;
+    let mut image = OciImage::new(name);
+    image.add_binary_with_libraries("/usr/local/bin/node", &node)?;
+    image.add_file_from("/app/server.mjs", &repo.join("examples/runpod-mcp/server.mjs"), 0o644)?;
+    image.add_tree("/app/node_modules", node_modules)?;
+    image.add("/app/node_modules/@runpod/mcp-server", ImageEntry::Symlink { target: "../runpod-mcp-4".into() })?;
+    image.add("/tmp", ImageEntry::Dir { mode: 0o1777 })?;
+    image.working_dir = "/app".into();
+    image.cmd = vec!["node".into(), "server.mjs".into()];
+    Ok(image)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

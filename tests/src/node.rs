@@ -315,7 +315,7 @@ impl TestNode {
             self.check_running()?;
             let list =
                 pods.list(&ListParams::default().labels("k8s-app=kube-dns")).await.context("listing CoreDNS pods")?;
-            if list.items.iter().any(pod_ready) {
+            if list.items.iter().any(pod_is_ready) {
                 break;
             }
             if Instant::now() > deadline {
@@ -377,7 +377,7 @@ impl TestNode {
             let pods = pods.clone();
             async move {
                 let list = pods.list(&ListParams::default().labels(selector)).await.ok()?;
-                list.items.into_iter().find(pod_ready)
+                list.items.into_iter().find(pod_is_ready)
             }
         })
         .await
@@ -420,7 +420,8 @@ pub fn ctr() -> Command {
     cmd
 }
 
-fn pod_ready(pod: &Pod) -> bool {
+/// Whether the pod's Ready condition is True.
+pub fn pod_is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())

@@ -83,6 +83,33 @@ impl OciImage {
         Ok(())
     }
 
+    /// Adds the directory tree `source` at `path`: directories, regular files (their
+    /// permission bits kept) and symbolic links (kept as links), in a stable order.
+    pub fn add_tree(&mut self, path: &str, source: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::symlink_metadata(source).with_context(|| format!("reading {}", source.display()))?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(source).with_context(|| format!("reading link {}", source.display()))?;
+            let target = target.to_str().with_context(|| format!("non-UTF-8 link {}", source.display()))?;
+            return self.add(path, ImageEntry::Symlink { target: target.to_owned() });
+        }
+        if meta.is_file() {
+            return self.add_file_from(path, source, meta.permissions().mode() & 0o7777);
+        }
+        self.add(path, ImageEntry::Dir { mode: meta.permissions().mode() & 0o7777 })?;
+        let mut children: Vec<_> = std::fs::read_dir(source)
+            .with_context(|| format!("listing {}", source.display()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("listing {}", source.display()))?;
+        children.sort();
+        for name in children {
+            let name_str = name.to_str().with_context(|| format!("non-UTF-8 name in {}", source.display()))?;
+            self.add_tree(&format!("{}/{name_str}", path.trim_end_matches('/')), &source.join(&name))?;
+        }
+        Ok(())
+    }
+
     /// A dynamically linked binary at `path` plus every shared library it loads (and the
     /// dynamic loader), at the paths `ldd` reports, as in a distroless image.
     pub fn add_binary_with_libraries(&mut self, path: &str, binary: &Path) -> Result<()> {
