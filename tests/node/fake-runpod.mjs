@@ -3,6 +3,8 @@
 //
 //   node fake-runpod.mjs [--port N | N] [--host ADDR] [--api-key KEY] [--strict]
 //   (--host: the address to listen on, default 127.0.0.1; the node tests use the node's)
+//   --exit-with-stdin: exit when standard input reaches its end (the test process that
+//   holds the pipe has gone, however it ended)
 //   env: FAKE_RUNPOD_PORT, FAKE_RUNPOD_API_KEY, FAKE_RUNPOD_STRICT=1
 //
 // Prints `LISTENING <port>` as the first (and only) line on stdout once it accepts
@@ -51,6 +53,7 @@ function parseArgs(argv) {
     else if (a === '--host') cfg.host = argv[++i];
     else if (a === '--api-key') cfg.apiKey = argv[++i] ?? null;
     else if (a === '--strict') cfg.strict = true;
+    else if (a === '--exit-with-stdin') cfg.exitWithStdin = true;
     else if (/^\d+$/.test(a)) cfg.port = Number(a);
     else {
       process.stderr.write(`fake-runpod: unknown argument ${JSON.stringify(a)}\n`);
@@ -65,6 +68,11 @@ function parseArgs(argv) {
 }
 
 const cfg = parseArgs(process.argv.slice(2));
+if (cfg.exitWithStdin) {
+  process.stdin.on('end', () => process.exit(0));
+  process.stdin.on('error', () => process.exit(0));
+  process.stdin.resume();
+}
 
 // ---------------------------------------------------------------- helpers
 

@@ -57,10 +57,13 @@ pub fn fake_runpod() -> Proc {
 }
 
 /// The fake RunPod REST API listening on `host` (e.g. the test node's address, which its
-/// pods reach); `Proc::port` is its port there.
+/// pods reach); `Proc::port` is its port there. It exits when the test process does, even
+/// a killed one (its standard input is a pipe from the test process).
 pub fn fake_runpod_on(host: &str) -> Proc {
     let mut cmd = Command::new("node");
-    cmd.current_dir(node_dir()).args(["fake-runpod.mjs", "--port", "0", "--host", host]);
+    cmd.current_dir(node_dir())
+        .args(["fake-runpod.mjs", "--port", "0", "--host", host, "--exit-with-stdin"])
+        .stdin(Stdio::piped());
     spawn_listening("fake-runpod", cmd)
 }
 
