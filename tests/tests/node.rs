@@ -10,7 +10,7 @@ use kube::api::{Api, ListParams};
 use toolgate_tests::images::{runpod_example_image, toolgate_image};
 use toolgate_tests::mcp::{fake_requests_on, fake_runpod_on, mcp_client};
 use toolgate_tests::node::{CLUSTER_DNS, NODE_IP, PAUSE_IMAGE, pod_is_ready};
-use toolgate_tests::{TestNode, eventually, run_ok, run_output};
+use toolgate_tests::{Prometheus, TestNode, eventually, run_ok, run_output};
 
 /// An A query for `name` (recursion desired), id 0x7467.
 fn dns_query(name: &str) -> Vec<u8> {
@@ -348,7 +348,8 @@ async fn run_client(target: Vec<String>, script: Vec<serde_json::Value>) -> Vec<
 /// the harness with the pinned 4.0.0, since the node cannot run the npm-ci init container)
 /// gets its native sidecar → the seed McpPolicy → an MCP client (the official SDK) through
 /// the Service's ClusterIP sees 10 allowed, the 11th rate-limited, delete and stop refused,
-/// and the fake RunPod API (reached from the pod) sees exactly the 10 → the operator pods
+/// and the fake RunPod API (reached from the pod) sees exactly the 10 → Prometheus scrapes
+/// the sidecar's metrics on the pod IP → the operator pods
 /// are deleted: the sidecar keeps enforcing, the Deployment brings them back → `helm
 /// upgrade`, `helm uninstall`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,6 +471,25 @@ async fn the_readme_journey_on_real_pods() {
         assert_eq!((method.as_str(), path.as_str()), ("POST", "/v2/pods/pod-2/action"));
         assert_eq!(body, &serde_json::json!({"action": "start"}));
     }
+
+    // Prometheus on the host scrapes the sidecar's admin port on the pod IP (Debian's
+    // Prometheus has no Kubernetes discovery: the target is the pod's IP and the port the
+    // chart's scrape annotations name).
+    let scraped = pods.get(&name).await.expect("pod");
+    let annotations = scraped.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations.get("prometheus.io/port").map(String::as_str), Some("15090"), "{annotations:?}");
+    let ip = scraped.status.and_then(|s| s.pod_ip).expect("pod IP");
+    let target: std::net::SocketAddr = format!("{ip}:15090").parse().expect("pod address");
+    let prometheus = Prometheus::scraping(&[target]).await;
+    let query = r#"sum by (tool, decision) (toolgate_decisions_total{tool="pod-action",decision="allow"})"#;
+    let samples = eventually("Prometheus scraping 10 allowed pod-action calls", Duration::from_secs(120), || async {
+        let samples = prometheus.query(query).await.ok()?;
+        let value = samples.as_array()?.first()?["value"][1].as_str()?.to_owned();
+        (value == "10").then_some(value)
+    })
+    .await;
+    assert_eq!(samples, "10");
+    drop(prometheus);
 
     // 5. Without the operator the sidecar keeps enforcing; the Deployment brings it back.
     run_ok(node.kubectl().args([
