@@ -24,6 +24,24 @@ CGROUP="${TOOLGATE_NODE_CGROUP:-toolgate-node}"           # the kubelet's --cgro
 BRIDGE="${TOOLGATE_NODE_BRIDGE:-tgnode0}"
 BRIDGE_CIDR="${TOOLGATE_NODE_BRIDGE_CIDR:-10.244.0.1/24}"
 
+# The directories are removed recursively: refuse anything but a path of two or more
+# components (an empty or "/" value from the environment must not get that far).
+for dir in "$ROOT" "$RUN"; do
+  case "$dir" in
+    /*/*) ;;
+    *)
+      echo "node-host: refusing directory ${dir@Q}: give an absolute path below a top-level directory" >&2
+      exit 2
+      ;;
+  esac
+done
+case "$ROOT$RUN" in
+  *..*)
+    echo "node-host: refusing a directory with '..'" >&2
+    exit 2
+    ;;
+esac
+
 # What kubelet (setupKernelTunables), kube-proxy and this script change.
 SYSCTLS=(
   net.ipv4.ip_forward
