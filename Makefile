@@ -6,7 +6,7 @@ CARGO ?= cargo
 TESTBIN_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/toolgate-testbin
 export TESTBIN_CACHE
 
-.PHONY: all build test unit lint fmt clippy bench bench-proxy testbin node crds help
+.PHONY: all build test unit lint fmt clippy bench bench-proxy testbin testbin-node test-node node crds help
 
 all: build
 
@@ -14,6 +14,7 @@ help:
 	@echo "make build   - build every binary (release)"
 	@echo "make test    - fmt check, clippy -D warnings, every test (unit + real-cluster + e2e)"
 	@echo "make unit    - only the fast tests (no apiserver, no node)"
+	@echo "make test-node - the tests on a real kubelet + containerd node (root; part of make test when possible)"
 	@echo "make bench   - criterion benchmarks of the policy engine"
 
 build:
@@ -30,8 +31,27 @@ lint: fmt clippy
 unit:
 	$(CARGO) test --workspace --locked --lib --bins
 
+# The node tests run when tests/cluster/node-check.sh says this machine can (Linux, root,
+# Debian's containerd, runc, CNI plugins, iptables, conntrack, and Go or the cached node
+# binaries); TOOLGATE_NODE_TESTS=1 (.ci/run) makes them mandatory, =0 skips them.
+TOOLGATE_NODE_TESTS ?=
 test: lint testbin node
 	source "$(TESTBIN_CACHE)/env.sh" && $(CARGO) test --workspace --locked
+	@if [ "$(TOOLGATE_NODE_TESTS)" = 0 ]; then \
+	  echo "make test: node tests skipped (TOOLGATE_NODE_TESTS=0)" >&2; \
+	elif [ "$(TOOLGATE_NODE_TESTS)" = 1 ] || reason="$$(bash tests/cluster/node-check.sh)"; then \
+	  $(MAKE) --no-print-directory test-node; \
+	else \
+	  echo "make test: node tests skipped: $$reason (see docs/testing.md; make test-node runs them)" >&2; \
+	fi
+
+# Tests on a real node (tests/tests/node.rs; ignored in a plain `cargo test`): kubelet,
+# containerd, kube-proxy, CoreDNS on this machine, one node per machine at a time.
+# The images the node runs are made from the release binaries (as the Dockerfile's build
+# stage makes them), so those are built first.
+test-node: testbin-node node
+	$(CARGO) build --release --locked -p toolgate-operator -p toolgate-proxy -p toolgate --bins
+	source "$(TESTBIN_CACHE)/env.sh" && $(CARGO) test -p toolgate-tests --locked --test node -- --ignored --test-threads=1
 
 bench:
 	$(CARGO) bench -p toolgate-policy --bench decide
@@ -51,6 +71,10 @@ bench-push: testbin
 
 testbin:
 	bash tests/cluster/testbin.sh
+
+# testbin plus kubelet, kube-proxy, kube-controller-manager, kube-scheduler, CoreDNS, pause.
+testbin-node:
+	bash tests/cluster/testbin.sh node
 
 # Regenerates crds/ from the Rust types (policy/src/crd.rs); a test fails when it is stale.
 crds:

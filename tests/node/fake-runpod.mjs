@@ -1,7 +1,10 @@
 #!/usr/bin/env node
 // fake-runpod.mjs — a fake RunPod API on 127.0.0.1 for tests. Node stdlib only.
 //
-//   node fake-runpod.mjs [--port N | N] [--api-key KEY] [--strict]
+//   node fake-runpod.mjs [--port N | N] [--host ADDR] [--api-key KEY] [--strict]
+//   (--host: the address to listen on, default 127.0.0.1; the node tests use the node's)
+//   --exit-with-stdin: exit when standard input reaches its end (the test process that
+//   holds the pipe has gone, however it ended)
 //   env: FAKE_RUNPOD_PORT, FAKE_RUNPOD_API_KEY, FAKE_RUNPOD_STRICT=1
 //
 // Prints `LISTENING <port>` as the first (and only) line on stdout once it accepts
@@ -47,8 +50,10 @@ function parseArgs(argv) {
     const a = argv[i];
     if (a === '--port' || a === '-p') cfg.port = Number(argv[++i]);
     else if (a.startsWith('--port=')) cfg.port = Number(a.slice(7));
+    else if (a === '--host') cfg.host = argv[++i];
     else if (a === '--api-key') cfg.apiKey = argv[++i] ?? null;
     else if (a === '--strict') cfg.strict = true;
+    else if (a === '--exit-with-stdin') cfg.exitWithStdin = true;
     else if (/^\d+$/.test(a)) cfg.port = Number(a);
     else {
       process.stderr.write(`fake-runpod: unknown argument ${JSON.stringify(a)}\n`);
@@ -63,6 +68,11 @@ function parseArgs(argv) {
 }
 
 const cfg = parseArgs(process.argv.slice(2));
+if (cfg.exitWithStdin) {
+  process.stdin.on('end', () => process.exit(0));
+  process.stdin.on('error', () => process.exit(0));
+  process.stdin.resume();
+}
 
 // ---------------------------------------------------------------- helpers
 
@@ -657,7 +667,7 @@ server.on('error', (err) => {
   process.exit(1);
 });
 
-server.listen(cfg.port, '127.0.0.1', () => {
+server.listen(cfg.port, cfg.host ?? '127.0.0.1', () => {
   process.stdout.write(`LISTENING ${server.address().port}\n`);
 });
 

@@ -118,7 +118,7 @@ impl TestCluster {
         crate::install_crypto_provider();
         match std::env::var_os("TOOLGATE_TEST_KUBECONFIG").filter(|v| !v.is_empty()) {
             Some(path) => Self::existing(PathBuf::from(path)).await,
-            None => Self::start_local().await,
+            None => Self::start_local(None).await,
         }
     }
 
@@ -147,7 +147,15 @@ impl TestCluster {
         Ok(cluster)
     }
 
-    async fn start_local() -> Result<TestCluster> {
+    /// A cluster of its own for a test node (see [`crate::TestNode`]): the apiserver binds and
+    /// advertises `node.address` (the `kubernetes` Service's endpoint, reachable from pods),
+    /// and calls the kubelet with a client certificate. Stops when dropped.
+    pub(crate) async fn start_for_node(node: &NodeApiserver) -> Result<TestCluster> {
+        crate::install_crypto_provider();
+        Self::start_local(Some(node)).await
+    }
+
+    async fn start_local(node: Option<&NodeApiserver>) -> Result<TestCluster> {
         let started = Instant::now();
         let apiserver_bin = tool_path(Tool::KubeApiserver);
         let etcd_bin = tool_path(Tool::Etcd);
@@ -160,7 +168,7 @@ impl TestCluster {
 
         // Certificates and keys.
         let ca = TestCa::new("toolgate-test-ca")?;
-        let serving = ca.server_cert(&[
+        let mut names = vec![
             "127.0.0.1",
             "localhost",
             "10.0.0.1",
@@ -168,7 +176,11 @@ impl TestCluster {
             "kubernetes.default",
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
-        ])?;
+        ];
+        if let Some(node) = node {
+            names.push(&node.address);
+        }
+        let serving = ca.server_cert(&names)?;
         let admin = ca.client_cert("toolgate-admin", &["system:masters"])?;
         let sa_key = rcgen::KeyPair::generate().context("generating the SA signing key")?;
         let write = |name: &str, contents: &str| -> Result<PathBuf> {
@@ -185,12 +197,31 @@ impl TestCluster {
 
         let mut last_error = None;
         let mut ready = None;
+        let address = node.map_or("127.0.0.1", |n| n.address.as_str());
+        let mut node_args = Vec::new();
+        if node.is_some() {
+            // The apiserver's client certificate towards the kubelet (logs, exec,
+            // port-forward), which the kubelet accepts from this CA.
+            let kubelet_client = ca.client_cert("kube-apiserver-kubelet-client", &["system:masters"])?;
+            node_args.extend([
+                format!(
+                    "--kubelet-client-certificate={}",
+                    write("kubelet-client.crt", &kubelet_client.cert_pem)?.display()
+                ),
+                format!("--kubelet-client-key={}", write("kubelet-client.key", &kubelet_client.key_pem)?.display()),
+                "--kubelet-preferred-address-types=InternalIP,Hostname".to_owned(),
+            ]);
+        } else {
+            // No kube-controller-manager: nothing would serve the endpoints of the
+            // `kubernetes` Service at a loopback address anyway.
+            node_args.push("--endpoint-reconciler-type=none".to_owned());
+        }
         for _attempt in 0..3 {
             let port = free_port()?;
-            let args = vec![
+            let mut args = vec![
                 format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".to_owned(),
-                "--advertise-address=127.0.0.1".to_owned(),
+                format!("--bind-address={address}"),
+                format!("--advertise-address={address}"),
                 format!("--secure-port={port}"),
                 format!("--cert-dir={}", dir.join("apiserver-certs").display()),
                 format!("--tls-cert-file={}", serving_cert.display()),
@@ -204,12 +235,10 @@ impl TestCluster {
                 format!("--api-audiences={SERVICE_ACCOUNT_ISSUER}"),
                 "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
                 "--allow-privileged=true".to_owned(),
-                // No kube-controller-manager: nothing would serve the endpoints of the
-                // `kubernetes` Service at a loopback address anyway.
-                "--endpoint-reconciler-type=none".to_owned(),
                 "--profiling=false".to_owned(),
                 "--v=0".to_owned(),
             ];
+            args.extend(node_args.iter().cloned());
             // Without the proxy variables of the machine: the apiserver calls webhooks,
             // aggregated APIs and etcd directly, as in a cluster (a Service-based webhook
             // otherwise goes to the proxy, which cannot resolve `<svc>.<ns>.svc`).
@@ -221,7 +250,7 @@ impl TestCluster {
                 None,
                 PROXY_ENV,
             )?;
-            let url = format!("https://127.0.0.1:{port}");
+            let url = format!("https://{address}:{port}");
             let kubeconfig = kubeconfig_yaml(&url, ca.cert_pem(), Credentials::Cert(&admin));
             let config = config_from_yaml(&kubeconfig).await?;
             match wait_apiserver_ready(&mut apiserver, &config).await {
@@ -536,12 +565,19 @@ impl TestCluster {
     }
 }
 
-enum Credentials<'a> {
+/// How [`TestCluster::start_for_node`] differs from the default local cluster.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeApiserver {
+    /// The address the apiserver binds and advertises (the node's bridge address).
+    pub address: String,
+}
+
+pub(crate) enum Credentials<'a> {
     Cert(&'a crate::certs::CertPair),
     Token(&'a str),
 }
 
-fn kubeconfig_yaml(server: &str, ca_pem: &str, credentials: Credentials<'_>) -> String {
+pub(crate) fn kubeconfig_yaml(server: &str, ca_pem: &str, credentials: Credentials<'_>) -> String {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let user = match credentials {
         Credentials::Cert(pair) => format!(

@@ -24,7 +24,10 @@
 
 mod certs;
 mod cluster;
+pub mod images;
 pub mod mcp;
+pub mod node;
+pub mod oci;
 pub mod oidc;
 mod process;
 mod prometheus;
@@ -34,6 +37,7 @@ mod tools;
 
 pub use certs::{CertPair, TestCa, pem_blocks, to_pem};
 pub use cluster::{SERVICE_ACCOUNT_ISSUER, TEST_NAMESPACE_LABEL, TOOLGATE_AUDIENCE, TestCluster};
+pub use node::TestNode;
 pub use process::{PROXY_ENV, Supervised, free_port, log_tail};
 pub use prometheus::Prometheus;
 pub use serve::{TestServer, http_get, response, serve_http, serve_https, url_encode};

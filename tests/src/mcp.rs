@@ -56,6 +56,42 @@ pub fn fake_runpod() -> Proc {
     spawn_listening("fake-runpod", cmd)
 }
 
+/// The fake RunPod REST API listening on `host` (e.g. the test node's address, which its
+/// pods reach); `Proc::port` is its port there. It exits when the test process does, even
+/// a killed one (its standard input is a pipe from the test process).
+pub fn fake_runpod_on(host: &str) -> Proc {
+    let mut cmd = Command::new("node");
+    cmd.current_dir(node_dir())
+        .args(["fake-runpod.mjs", "--port", "0", "--host", host, "--exit-with-stdin"])
+        .stdin(Stdio::piped());
+    spawn_listening("fake-runpod", cmd)
+}
+
+/// What reached a fake RunPod API listening on `host` (see [`fake_requests`]).
+pub fn fake_requests_on(host: &str, fake: &Proc) -> Vec<(String, String, Value)> {
+    let Ok(mut s) = TcpStream::connect((host, fake.port)) else { return Vec::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = s.write_all(format!("GET /__requests HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").map_or(out.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") { dechunk(&out[split..]) } else { out[split..].to_vec() };
+    requests_from(&body)
+}
+
+fn requests_from(body: &[u8]) -> Vec<(String, String, Value)> {
+    let v: Value = serde_json::from_slice(body).expect("fake API answers JSON");
+    v.as_array()
+        .expect("a list of requests")
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (s("method"), s("path"), r["body"].clone())
+        })
+        .collect()
+}
+
 /// RunPod MCP 4.0.0 over Streamable HTTP (`/mcp`, bearer token required), talking to the
 /// fake API.
 pub fn runpod_http(fake: &Proc) -> Proc {
@@ -182,15 +218,7 @@ pub fn mcp_client(target: &[String], script: &Value) -> Vec<Value> {
 /// What reached the fake RunPod API: (method, path, body).
 pub fn fake_requests(fake: &Proc) -> Vec<(String, String, Value)> {
     let (_, _, body) = http(fake.port, "GET", "/__requests", &[], b"");
-    let v: Value = serde_json::from_slice(&body).expect("fake API answers JSON");
-    v.as_array()
-        .expect("a list of requests")
-        .iter()
-        .map(|r| {
-            let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
-            (s("method"), s("path"), r["body"].clone())
-        })
-        .collect()
+    requests_from(&body)
 }
 
 /// A binary of this workspace (`target/<profile>/<name>`), built with cargo if missing

@@ -19,9 +19,34 @@ pub enum Tool {
     Prometheus,
     /// `promtool` (Debian's package).
     Promtool,
+    /// `kubelet` (`make testbin-node`).
+    Kubelet,
+    /// `kube-proxy` (`make testbin-node`).
+    KubeProxy,
+    /// `kube-controller-manager` (`make testbin-node`).
+    KubeControllerManager,
+    /// `kube-scheduler` (`make testbin-node`).
+    KubeScheduler,
+    /// `coredns` with the plugins a test cluster needs (`make testbin-node`).
+    Coredns,
+    /// The pod sandbox process (`make testbin-node`).
+    Pause,
 }
 
 impl Tool {
+    /// The make target that provides it.
+    pub fn make_target(self) -> &'static str {
+        match self {
+            Tool::Kubelet
+            | Tool::KubeProxy
+            | Tool::KubeControllerManager
+            | Tool::KubeScheduler
+            | Tool::Coredns
+            | Tool::Pause => "make testbin-node",
+            _ => "make testbin",
+        }
+    }
+
     /// The environment variable that holds the binary's absolute path.
     pub fn env_var(self) -> &'static str {
         match self {
@@ -31,6 +56,12 @@ impl Tool {
             Tool::Helm => "TOOLGATE_HELM",
             Tool::Prometheus => "TOOLGATE_PROMETHEUS",
             Tool::Promtool => "TOOLGATE_PROMTOOL",
+            Tool::Kubelet => "TOOLGATE_KUBELET",
+            Tool::KubeProxy => "TOOLGATE_KUBE_PROXY",
+            Tool::KubeControllerManager => "TOOLGATE_KUBE_CONTROLLER_MANAGER",
+            Tool::KubeScheduler => "TOOLGATE_KUBE_SCHEDULER",
+            Tool::Coredns => "TOOLGATE_COREDNS",
+            Tool::Pause => "TOOLGATE_PAUSE",
         }
     }
 }
@@ -68,11 +99,11 @@ fn resolve(tool: Tool, from_env: Option<String>, env_sh: &Path, env_sh_text: Opt
                 Some(v) => (PathBuf::from(v), format!("{var} in {}", env_sh.display())),
                 None => {
                     return Err(format!(
-                        "{var} is not set and {} does not define it: run `make testbin` \
-                         (it builds or installs kube-apiserver, etcd, kubectl, helm and \
-                         prometheus once, into a cache), then rerun the tests with `make test` \
+                        "{var} is not set and {} does not define it: run `{}` \
+                         (it builds or installs the pinned binaries once, into a cache), then rerun the tests with `make test` \
                          or after `source {}`",
                         env_sh.display(),
+                        tool.make_target(),
                         env_sh.display()
                     ));
                 }
@@ -81,8 +112,9 @@ fn resolve(tool: Tool, from_env: Option<String>, env_sh: &Path, env_sh_text: Opt
     };
     if !path.is_absolute() || !path.is_file() {
         return Err(format!(
-            "{origin} = {} is not an existing absolute path to a file: run `make testbin` again",
-            path.display()
+            "{origin} = {} is not an existing absolute path to a file: run `{}` again",
+            path.display(),
+            tool.make_target()
         ));
     }
     Ok(path)
