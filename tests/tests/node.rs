@@ -506,6 +506,22 @@ async fn the_readme_journey_on_real_pods() {
         run_client(agent.clone(), vec![start_pod(), call("delete-pod", serde_json::json!({"id": "pod-1"}))]).await;
     assert_eq!(codes(&out), [Some(-32011), Some(-32010)], "still limited and refused: {out:#?}");
     wait_operator_rollout(&node).await;
+    // The new operator pods take the sidecar's stream back: status returns to ENFORCING 1.
+    eventually("ENFORCING 1 again after the operator pods came back", Duration::from_secs(180), || async {
+        let out = run_output(node.kubectl().args([
+            "-n",
+            "runpod-mcp",
+            "get",
+            "mcpp",
+            "seed-v4",
+            "-o",
+            "jsonpath={.status.enforcing}",
+        ]))
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (text == "1").then_some(text)
+    })
+    .await;
     let reached = fake_requests_on(NODE_IP, &fake).into_iter().filter(|(_, path, _)| path != "/graphql").count();
     assert_eq!(reached, 10, "nothing more reached RunPod");
 
