@@ -303,7 +303,7 @@ mod tests {
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
         let columns: Vec<&str> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Mode", "Accepted", "Targets", "Enforcing", "Age"]);
+        assert_eq!(columns, ["Mode", "Accepted", "Ready", "Targets", "Enforcing", "Unprotected", "Age"]);
         let schema = serde_json::to_value(&version.schema).expect("schema");
         let text = schema.to_string();
         assert!(text.contains("self.spec.version == '1'"), "{text}");

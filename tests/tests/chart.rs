@@ -560,6 +560,7 @@ async fn operator_deployment_is_hardened_and_wired() {
         ("sidecar-image", "ghcr.io/toolgate/toolgate-proxy:0.1.0"),
         ("sidecar-operator-url", "https://toolgate-operator.toolgate-system.svc:8443"),
         ("heartbeat-seconds", "10"),
+        ("decider-service-accounts", "other-namespaces"),
         ("lease-name", "toolgate-operator-leader"),
     ];
     assert_eq!(operator_args.len(), expected.len(), "{operator_args:?}");
