@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use hyper::HeaderMap;
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use toolgate_policy::{Call, Caller, Decision, DecisionKind, DenialStyle, Limiter, Policy, Reservation};
+use toolgate_policy::{Call, Caller, CounterStore, Decision, DecisionKind, DenialStyle, Limiter, Policy, Reservation};
 
 use crate::approval::{self, Approvals, ReuseKey};
 use crate::audit;
@@ -139,6 +139,7 @@ pub fn would(kind: DecisionKind) -> &'static str {
         DecisionKind::Allow => "allow",
         DecisionKind::Deny | DecisionKind::Hidden => "would_deny",
         DecisionKind::RateLimited => "would_rate_limit",
+        DecisionKind::StoreUnavailable => "would_store_unavailable",
         DecisionKind::Approval => "would_require_approval",
     }
 }
@@ -180,6 +181,8 @@ impl Held {
 pub struct Gate {
     pub policy: watch::Receiver<Arc<Effective>>,
     pub limiter: Limiter,
+    /// Where enforcing documents' limits are counted: `limiter`, or a shared store.
+    pub counters: Arc<dyn CounterStore>,
     /// Counters of dry-run documents, apart from the enforcing ones.
     pub dry_run_limiter: Limiter,
     pub metrics: Arc<Metrics>,
@@ -199,9 +202,11 @@ impl Gate {
         pod: Option<String>,
         approver: Approver,
     ) -> Self {
+        let limiter = Limiter::default();
         Self {
             policy,
-            limiter: Limiter::default(),
+            counters: Arc::new(limiter.clone()),
+            limiter,
             dry_run_limiter: Limiter::default(),
             metrics,
             identity,
@@ -210,6 +215,12 @@ impl Gate {
             approver,
             epoch: Instant::now(),
         }
+    }
+
+    /// Counts the enforcing documents' limits in `counters` (a shared store) instead.
+    pub fn with_counters(mut self, counters: Arc<dyn CounterStore>) -> Self {
+        self.counters = counters;
+        self
     }
 
     pub fn now(&self) -> Duration {
@@ -535,7 +546,7 @@ impl Gate {
             self.record(call, "allow", None, policy, started);
             Ok(Reservation::empty(&self.limiter))
         } else {
-            let d = policy.enforce.decide(&self.limiter, call, now);
+            let d = policy.enforce.decide(&*self.counters, call, now);
             let d = if d.kind == DecisionKind::Approval {
                 match self.route_approval(call, d, policy, alone, started, now) {
                     Ok(d) => Some(d),
@@ -610,7 +621,7 @@ impl Gate {
                 if d.approval_reuse.is_some() {
                     let key = reuse_key(&d, call, &digest);
                     if let Some(r) = a.reusable(&key) {
-                        let d = d.approved(&self.limiter, now);
+                        let d = d.approved(&*self.counters, now);
                         let mut fields = Fields::of(&d);
                         fields.approval = Some(audit::Approval {
                             approval: &r.name,
@@ -656,10 +667,10 @@ impl Gate {
         let policy = self.current();
         let now = self.now();
         let (mut d, revision) = if policy.revision == revision || policy.decides_nothing() {
-            (decision.approved(&self.limiter, now), revision)
+            (decision.approved(&*self.counters, now), revision)
         } else {
-            let fresh = policy.enforce.decide(&self.limiter, &call.as_call(), now);
-            let fresh = if fresh.kind == DecisionKind::Approval { fresh.approved(&self.limiter, now) } else { fresh };
+            let fresh = policy.enforce.decide(&*self.counters, &call.as_call(), now);
+            let fresh = if fresh.kind == DecisionKind::Approval { fresh.approved(&*self.counters, now) } else { fresh };
             (fresh, policy.revision.clone())
         };
         let mut fields = Fields::of(&d);
@@ -889,6 +900,7 @@ pub fn refusal(id: Value, d: &Decision, no_policy: bool) -> Value {
     }
     let (code, kind) = match d.kind {
         DecisionKind::RateLimited => (code::RATE_LIMITED, "rate limited"),
+        DecisionKind::StoreUnavailable => (code::STORE_UNAVAILABLE, "counter store unavailable"),
         DecisionKind::Approval => (code::APPROVAL_REQUIRED, "approval required"),
         _ if no_policy => (code::NO_POLICY, "no policy loaded"),
         _ => (code::DENIED, "denied"),

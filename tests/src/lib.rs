@@ -27,6 +27,7 @@ mod cluster;
 pub mod mcp;
 mod process;
 mod prometheus;
+pub mod redis;
 mod serve;
 pub mod sidecar;
 mod tools;
