@@ -26,6 +26,7 @@ mod server;
 mod sessions;
 mod sse;
 mod stdio;
+mod store;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -190,6 +191,10 @@ struct Args {
     /// The MCP server to run as a child process, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+
+    /// Where rate limits are counted (docs/proxy.md, Counter store).
+    #[command(flatten)]
+    store: store::StoreArgs,
 }
 
 /// Where the policy comes from, checked before the runtime starts.
@@ -342,14 +347,12 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
         None => Approver::Unavailable("no operator to ask"),
     };
     let shared_identity = matches!(identity, IdentitySource::Shared);
-    let gate = Arc::new(Gate::new(
-        policy_rx,
-        metrics.clone(),
-        identity,
-        args.audit_arguments,
-        args.pod_name.clone(),
-        approver,
-    ));
+    let mut gate =
+        Gate::new(policy_rx, metrics.clone(), identity, args.audit_arguments, args.pod_name.clone(), approver);
+    if let Some(shared) = store::build(&args.store)? {
+        gate = gate.with_counters(store::monitor(&shared, metrics.clone(), Duration::from_secs(2)));
+    }
+    let gate = Arc::new(gate);
     if args.stdio {
         audit::to_stderr();
     }

@@ -119,6 +119,8 @@ pub struct Metrics {
     known_tools: RwLock<HashSet<String>>,
     /// The listeners' connection and front-door metrics.
     pub connections: crate::connections::ConnMetrics,
+    /// The shared counter store's state.
+    pub store: crate::store::StoreMetrics,
 }
 
 impl Default for Metrics {
@@ -214,6 +216,7 @@ impl Metrics {
             approval_wait.clone(),
         );
         let connections = crate::connections::ConnMetrics::register(&mut registry);
+        let store = crate::store::StoreMetrics::register(&mut registry);
         Self {
             registry,
             decisions,
@@ -231,6 +234,7 @@ impl Metrics {
             approval_wait,
             known_tools: RwLock::default(),
             connections,
+            store,
         }
     }
 
