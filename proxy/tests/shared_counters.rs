@@ -96,6 +96,15 @@ fn three_proxies_share_one_redis_exactly_and_fail_closed_without_it() {
         let m = metrics(p);
         assert_eq!(sample(&m, "toolgate_counter_store_up "), 1.0, "{m}");
     }
+    // One script call per limited decision, none for the rest (the metric is refreshed
+    // every 2 s): 64 decisions, 64 calls over the three proxies.
+    let trips =
+        || -> f64 { proxies.iter().map(|p| sample(&metrics(p), "toolgate_counter_store_round_trips_total ")).sum() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while trips() < 64.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(trips(), 64.0, "one store round trip per limited call");
 
     // Redis killed mid-run: limited calls fail closed on every proxy, with the documented
     // error; calls without limits never needed the store and still pass.
