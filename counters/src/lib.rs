@@ -90,6 +90,8 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Bound on one operation (a decision or a rollback), connecting included.
     pub timeout: Duration,
+    /// PEM roots that sign a `rediss://` server's certificate, instead of the platform's.
+    pub ca_pem: Option<Vec<u8>>,
     /// Tests only: the script takes the time from the caller's `now` instead of `TIME`.
     #[doc(hidden)]
     pub test_clock: bool,
@@ -103,6 +105,7 @@ impl fmt::Debug for RedisConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
             .field("test_clock", &self.test_clock)
             .finish()
     }
@@ -117,6 +120,7 @@ impl RedisConfig {
             password: None,
             prefix: DEFAULT_PREFIX.into(),
             timeout: DEFAULT_TIMEOUT,
+            ca_pem: None,
             test_clock: false,
         }
     }
@@ -206,7 +210,17 @@ impl RedisCounters {
             settings = settings.set_password(p);
         }
         info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|e| ConfigError::Url(e.to_string()))?;
+        let client = match &config.ca_pem {
+            None => redis::Client::open(info),
+            Some(_) if !config.url.starts_with("rediss://") => {
+                return Err(ConfigError::Url("a CA file is only used with a rediss:// URL".into()));
+            }
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+            ),
+        }
+        .map_err(|e| ConfigError::Url(e.to_string()))?;
         let cm = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))

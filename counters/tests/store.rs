@@ -423,3 +423,24 @@ fn password_is_used_and_a_wrong_one_fails_closed() {
     mk("s3cret").reserve(&d, Duration::ZERO).expect("authenticated").commit();
     assert!(matches!(mk("wrong").reserve(&d, Duration::ZERO), Err(StoreRefusal::Unavailable(_))));
 }
+
+/// `rediss://` with the store's CA given: counts; with the platform's roots instead (which
+/// do not know the test CA): the TLS handshake fails, so limited calls fail closed.
+#[test]
+fn tls_with_a_private_ca_and_fail_closed_on_an_unknown_certificate() {
+    toolgate_tests::install_crypto_provider();
+    let ca = toolgate_tests::TestCa::new("toolgate test redis CA").unwrap();
+    let pair = ca.server_cert(&["localhost"]).unwrap();
+    let r = RedisServer::start_tls(&pair.cert_pem, &pair.key_pem).unwrap();
+    let url = r.tls_url().unwrap();
+    let mk = |ca_pem: Option<Vec<u8>>| {
+        let _g = runtime().enter();
+        let cfg = RedisConfig { ca_pem, prefix: prefix(), timeout: Duration::from_secs(5), ..RedisConfig::new(&url) };
+        SharedCounters::new(RedisCounters::new(&cfg).unwrap(), OnFailure::Closed).unwrap()
+    };
+    let d = [one(1, Duration::from_secs(60))];
+    let trusted = mk(Some(ca.cert_pem().as_bytes().to_vec()));
+    trusted.reserve(&d, Duration::ZERO).expect("TLS with the CA").commit();
+    assert!(matches!(trusted.reserve(&d, Duration::ZERO), Err(StoreRefusal::Limit(_))), "counted over TLS");
+    assert!(matches!(mk(None).reserve(&d, Duration::ZERO), Err(StoreRefusal::Unavailable(_))));
+}

@@ -37,6 +37,9 @@ pub struct StoreArgs {
     /// The environment variable TOOLGATE_COUNTER_STORE_PASSWORD is the alternative.
     #[arg(long = "counter-store-password-file", env = "TOOLGATE_COUNTER_STORE_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
+    /// PEM roots that sign a `rediss://` store's certificate (default: the platform's).
+    #[arg(long = "counter-store-ca-file", env = "TOOLGATE_COUNTER_STORE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// What a limited call gets when the store cannot decide: `closed` (refused,
     /// decision `store_unavailable`), `local` (counted in this process against
     /// max / --counter-store-replicas), `open` (admitted uncounted).
@@ -127,6 +130,12 @@ pub fn build(args: &StoreArgs) -> anyhow::Result<Option<SharedCounters>> {
         password: password(args)?,
         prefix: args.prefix.clone(),
         timeout: Duration::from_millis(args.timeout_ms),
+        ca_pem: match &args.ca_file {
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("--counter-store-ca-file {}", path.display()))?)
+            }
+            None => None,
+        },
         ..RedisConfig::new(args.url.clone())
     };
     let redis = RedisCounters::new(&config)?;

@@ -16,6 +16,8 @@ use crate::{Supervised, free_port, log_tail};
 pub struct RedisServer {
     server: Option<Supervised>,
     port: u16,
+    /// With TLS: the TLS port (`port` stays plain, for readiness checks and [`Self::command`]).
+    tls: Option<(u16, PathBuf, PathBuf)>,
     password: Option<String>,
     dir: tempfile::TempDir,
     starts: u32,
@@ -46,7 +48,7 @@ impl RedisServer {
         let mut last = None;
         for _ in 0..5 {
             let port = free_port()?;
-            let mut r = Self { server: None, port, password: password.map(str::to_owned), dir, starts: 0 };
+            let mut r = Self { server: None, port, tls: None, password: password.map(str::to_owned), dir, starts: 0 };
             match r.restart() {
                 Ok(()) => return Ok(r),
                 Err(e) => {
@@ -56,6 +58,31 @@ impl RedisServer {
             }
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("redis did not start")))
+    }
+
+    /// Starts a server that also speaks TLS (on [`Self::tls_url`]) with this certificate
+    /// and key (PEM); clients need no certificate.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let dir = tempfile::tempdir().context("a scratch directory for redis")?;
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        std::fs::write(&cert, cert_pem)?;
+        std::fs::write(&key, key_pem)?;
+        let mut r = Self {
+            server: None,
+            port: free_port()?,
+            tls: Some((free_port()?, cert, key)),
+            password: None,
+            dir,
+            starts: 0,
+        };
+        r.restart()?;
+        Ok(r)
+    }
+
+    /// `rediss://localhost:<tls port>` (TLS servers only).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls.as_ref().map(|(p, _, _)| format!("rediss://localhost:{p}"))
     }
 
     /// The port it listens on (127.0.0.1).
@@ -103,6 +130,18 @@ impl RedisServer {
         .collect();
         if let Some(p) = &self.password {
             args.extend(["--requirepass".into(), p.clone()]);
+        }
+        if let Some((port, cert, key)) = &self.tls {
+            args.extend([
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-key-file".into(),
+                key.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]);
         }
         let log = self.dir.path().join(format!("redis-{}.log", self.starts));
         let mut server = Supervised::spawn("redis-server", &bin, &args, &log, None)?;
