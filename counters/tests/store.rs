@@ -444,3 +444,18 @@ fn tls_with_a_private_ca_and_fail_closed_on_an_unknown_certificate() {
     assert!(matches!(trusted.reserve(&d, Duration::ZERO), Err(StoreRefusal::Limit(_))), "counted over TLS");
     assert!(matches!(mk(None).reserve(&d, Duration::ZERO), Err(StoreRefusal::Unavailable(_))));
 }
+
+/// Inside a current-thread runtime the adapter cannot wait for Redis: it refuses
+/// (`Unavailable`), never panics and never admits.
+#[test]
+fn current_thread_runtime_fails_closed_without_panicking() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = shared_redis().url();
+    let outcome = rt.block_on(async move {
+        let cfg = RedisConfig { prefix: prefix(), ..RedisConfig::new(url) };
+        let s = SharedCounters::new(RedisCounters::new(&cfg).unwrap(), OnFailure::Closed).unwrap();
+        s.reserve(&[one(5, Duration::from_secs(60))], Duration::ZERO).map(Reservation::commit)
+    });
+    let Err(StoreRefusal::Unavailable(why)) = outcome else { panic!("must fail closed: {outcome:?}") };
+    assert!(why.contains("multi-thread"), "{why}");
+}
