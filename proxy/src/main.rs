@@ -481,3 +481,29 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Args;
+
+    /// Flag ids are unique across the flattened groups (the counter store's
+    /// `--counter-store-ca-file` once collided with the operator's `--ca-file`).
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+        let a = Args::try_parse_from([
+            "toolgate-proxy",
+            "--policy",
+            "p.yaml",
+            "--counter-store",
+            "rediss://r:6380",
+            "--counter-store-ca-file",
+            "/ca.pem",
+        ])
+        .expect("parses");
+        assert_eq!(a.store.store_ca_file.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(a.ca_file, None, "the operator's --ca-file is another flag");
+    }
+}

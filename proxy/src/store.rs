@@ -39,7 +39,7 @@ pub struct StoreArgs {
     pub password_file: Option<PathBuf>,
     /// PEM roots that sign a `rediss://` store's certificate (default: the platform's).
     #[arg(long = "counter-store-ca-file", env = "TOOLGATE_COUNTER_STORE_CA_FILE")]
-    pub ca_file: Option<PathBuf>,
+    pub store_ca_file: Option<PathBuf>,
     /// What a limited call gets when the store cannot decide: `closed` (refused,
     /// decision `store_unavailable`), `local` (counted in this process against
     /// max / --counter-store-replicas), `open` (admitted uncounted).
@@ -130,7 +130,7 @@ pub fn build(args: &StoreArgs) -> anyhow::Result<Option<SharedCounters>> {
         password: password(args)?,
         prefix: args.prefix.clone(),
         timeout: Duration::from_millis(args.timeout_ms),
-        ca_pem: match &args.ca_file {
+        ca_pem: match &args.store_ca_file {
             Some(path) => {
                 Some(std::fs::read(path).with_context(|| format!("--counter-store-ca-file {}", path.display()))?)
             }
