@@ -171,6 +171,22 @@ mod tests {
     }
 
     #[test]
+    fn a_limited_call_the_store_cannot_count_is_refused_with_its_own_code() {
+        let mut d = Decision::deny_without_policy("the shared counter store did not answer");
+        d.kind = DecisionKind::StoreUnavailable;
+        let r = Refusal::Policy { id: json!(3), decision: Box::new(d), no_policy: false, approval: None };
+        assert_eq!(r.http_status(), StatusCode::OK);
+        let a = r.into_answer();
+        assert_eq!(a["id"], 3);
+        assert_eq!(a["error"]["code"], code::STORE_UNAVAILABLE);
+        assert_eq!(
+            a["error"]["message"],
+            "toolgate: counter store unavailable: the shared counter store did not answer"
+        );
+        assert_eq!(a["error"]["data"]["decision"], "store_unavailable");
+    }
+
+    #[test]
     fn an_approval_refusal_names_the_approval_and_who_decided() {
         let r = Refusal::Approval(Box::new(ApprovalRefusal {
             id: json!(7),
