@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::compile::{CompiledCondition, CompiledDoc, CompiledOp, CompiledRule, Increment, RuleSet};
 use crate::document::{DenialStyle, Scope};
-use crate::limiter::{CounterKey, Demand, Limiter, Reservation};
+use crate::limiter::{CounterKey, Demand, Reservation};
+use crate::store::{CounterStore, StoreRefusal};
 
 /// Who is calling.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -133,6 +134,9 @@ pub enum DecisionKind {
     Approval,
     /// Refused because a limit has no room.
     RateLimited,
+    /// Refused because the counter store could not decide (unreachable or too slow):
+    /// limited calls fail closed.
+    StoreUnavailable,
 }
 
 impl DecisionKind {
@@ -144,6 +148,7 @@ impl DecisionKind {
             DecisionKind::Hidden => "hidden",
             DecisionKind::Approval => "approval",
             DecisionKind::RateLimited => "rate_limited",
+            DecisionKind::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -236,9 +241,9 @@ impl Decision {
 
     /// After a person approved an `Approval` decision: reserve its limits, giving
     /// `Allow` (with a reservation) or `RateLimited`.
-    pub fn approved(self, limiter: &Limiter, now: Duration) -> Decision {
+    pub fn approved(self, store: &dyn CounterStore, now: Duration) -> Decision {
         let grant = self.grant.clone();
-        reserve(limiter, self.policy, self.rule, grant, self.denial, self.pending, now)
+        reserve(store, self.policy, self.rule, grant, self.denial, self.pending, now)
     }
 }
 
@@ -254,7 +259,7 @@ static EMPTY_ARGS: Value = Value::Null;
 /// The first allowing document, its deciding rule path and the caller's grant there.
 type FirstAllow<'a> = (&'a CompiledDoc, Arc<str>, Option<&'a Arc<str>>);
 
-pub(crate) fn decide(docs: &[CompiledDoc], limiter: &Limiter, call: &Call<'_>, now: Duration) -> Decision {
+pub(crate) fn decide(docs: &[CompiledDoc], store: &dyn CounterStore, call: &Call<'_>, now: Duration) -> Decision {
     if docs.is_empty() {
         return Decision::deny_without_policy("no policy is loaded; every tool call is refused");
     }
@@ -313,11 +318,11 @@ pub(crate) fn decide(docs: &[CompiledDoc], limiter: &Limiter, call: &Call<'_>, n
     let Some((doc, rule_path, grant)) = first_allow else {
         return Decision::deny_without_policy("no policy is loaded; every tool call is refused");
     };
-    reserve(limiter, Some(doc.name.clone()), Some(rule_path), grant.cloned(), doc.denial, demands, now)
+    reserve(store, Some(doc.name.clone()), Some(rule_path), grant.cloned(), doc.denial, demands, now)
 }
 
 fn reserve(
-    limiter: &Limiter,
+    store: &dyn CounterStore,
     policy: Option<Arc<str>>,
     rule: Option<Arc<str>>,
     grant: Option<Arc<str>>,
@@ -325,8 +330,25 @@ fn reserve(
     demands: Vec<LimitDemand>,
     now: Duration,
 ) -> Decision {
+    if demands.iter().all(|d| d.demand.amount == 0) {
+        // No limit to count (or nothing to spend): the store is not asked.
+        return Decision {
+            kind: DecisionKind::Allow,
+            policy,
+            rule,
+            reason: None,
+            grant,
+            denial,
+            retry_after: None,
+            approval_timeout: None,
+            approval_show_arguments: false,
+            approval_reuse: None,
+            reservation: Some(Reservation::none()),
+            pending: Vec::new(),
+        };
+    }
     let plain: Vec<Demand> = demands.iter().map(|d| d.demand.clone()).collect();
-    match limiter.reserve(&plain, now) {
+    match store.reserve(&plain, now) {
         Ok(reservation) => Decision {
             kind: DecisionKind::Allow,
             policy,
@@ -341,7 +363,28 @@ fn reserve(
             reservation: Some(reservation),
             pending: Vec::new(),
         },
-        Err(refusal) => {
+        Err(StoreRefusal::Unavailable(why)) => {
+            // Fail closed: a limit that cannot be counted admits nothing. Named after the
+            // first limit of the call (every limit of it went uncounted).
+            let d = &demands[0];
+            Decision {
+                kind: DecisionKind::StoreUnavailable,
+                policy: Some(d.policy.clone()),
+                rule: Some(d.rule.clone()),
+                reason: Some(format!(
+                    "the rate-limit counter store is unavailable ({why}); limited calls are refused until it is back"
+                )),
+                grant: d.grant.clone(),
+                denial: d.denial,
+                retry_after: None,
+                approval_timeout: None,
+                approval_show_arguments: false,
+                approval_reuse: None,
+                reservation: None,
+                pending: Vec::new(),
+            }
+        }
+        Err(StoreRefusal::Limit(refusal)) => {
             let d = &demands[refusal.index];
             let reason = d.reason.as_deref().map_or_else(
                 || match refusal.retry_after {

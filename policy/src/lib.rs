@@ -35,6 +35,7 @@ mod eval;
 mod limiter;
 mod parse;
 pub mod push;
+mod store;
 mod strict;
 
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub use error::{Error, Problem, Result};
 pub use eval::{Call, Caller, Decision, DecisionKind, Principal};
 pub use limiter::{CounterKey, Demand, Limiter, Refusal, Reservation};
 pub use parse::{MAX_DOCUMENT_BYTES, SourceFormat, document_from_value, parse_document, parse_document_with_format};
+pub use store::{CounterStore, Hold, StoreRefusal};
 pub use strict::{StrictValue, from_slice_strict};
 
 /// A set of compiled documents that all apply together: a call passes only if every
@@ -133,9 +135,11 @@ impl Policy {
         &self.header_names
     }
 
-    /// Decides one call and, when allowed, reserves its limits at `now`.
-    pub fn decide(&self, limiter: &Limiter, call: &Call<'_>, now: Duration) -> Decision {
-        eval::decide(&self.docs, limiter, call, now)
+    /// Decides one call and, when allowed, reserves its limits at `now` in `store` (a
+    /// [`Limiter`], or any other [`CounterStore`]). A call without limits never reaches
+    /// the store.
+    pub fn decide(&self, store: &dyn CounterStore, call: &Call<'_>, now: Duration) -> Decision {
+        eval::decide(&self.docs, store, call, now)
     }
 
     /// Whether `tools/list` shows `tool` to `caller`.

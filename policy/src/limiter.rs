@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub use crate::store::{CounterStore, Hold, StoreRefusal};
+
 const SHARDS: usize = 32;
 /// Sweep a shard for idle keys every this many reservations on it.
 const SWEEP_EVERY: u32 = 4096;
@@ -176,7 +178,10 @@ impl Limiter {
                 }
             }
         }
-        Ok(Reservation { limiter: self.clone(), held })
+        if held.is_empty() {
+            return Ok(Reservation::none());
+        }
+        Ok(Reservation::new(Box::new(LocalHold { limiter: self.clone(), held })))
     }
 
     /// Ok(Some(id)) admitted with an entry; Ok(None) admitted, nothing to record (0 units).
@@ -256,29 +261,68 @@ impl Limiter {
     }
 }
 
-/// Units held for one admitted call. Dropping it keeps them spent (the safe default);
-/// [`Reservation::rollback`] gives them back when the upstream call failed.
+/// Units held for one admitted call, by whichever [`CounterStore`] admitted it. Dropping
+/// it keeps them spent (the safe default); [`Reservation::rollback`] gives them back when
+/// the upstream call failed.
 #[derive(Debug)]
 #[must_use = "a reservation should be rolled back if the call fails"]
 pub struct Reservation {
+    hold: Option<Box<dyn Hold>>,
+}
+
+impl Reservation {
+    /// A reservation holding nothing (no limits applied). The argument is kept for
+    /// compatibility; any store's empty reservation is the same.
+    pub fn empty(_limiter: &Limiter) -> Self {
+        Self::none()
+    }
+
+    /// A reservation holding nothing.
+    pub fn none() -> Self {
+        Self { hold: None }
+    }
+
+    /// A reservation whose units `hold` gives back on rollback (for [`CounterStore`]s
+    /// outside this crate).
+    pub fn new(hold: Box<dyn Hold>) -> Self {
+        Self { hold: Some(hold) }
+    }
+
+    /// Keeps the units spent.
+    pub fn commit(self) {
+        if let Some(h) = self.hold {
+            h.commit();
+        }
+    }
+
+    /// Gives the units back: the call did not complete upstream.
+    pub fn rollback(self) {
+        if let Some(h) = self.hold {
+            h.rollback();
+        }
+    }
+}
+
+/// What the local limiter holds for one reservation.
+#[derive(Debug)]
+struct LocalHold {
     limiter: Limiter,
     held: Vec<(CounterKey, u64)>,
 }
 
-impl Reservation {
-    /// A reservation holding nothing (no limits applied).
-    pub fn empty(limiter: &Limiter) -> Self {
-        Self { limiter: limiter.clone(), held: Vec::new() }
-    }
+impl Hold for LocalHold {
+    fn commit(self: Box<Self>) {}
 
-    /// Keeps the units spent.
-    pub fn commit(self) {}
-
-    /// Gives the units back: the call did not complete upstream.
-    pub fn rollback(self) {
+    fn rollback(self: Box<Self>) {
         for (key, id) in &self.held {
             self.limiter.release(key, *id);
         }
+    }
+}
+
+impl CounterStore for Limiter {
+    fn reserve(&self, demands: &[Demand], now: Duration) -> Result<Reservation, StoreRefusal> {
+        Limiter::reserve(self, demands, now).map_err(StoreRefusal::Limit)
     }
 }
 

@@ -469,7 +469,7 @@ fn kind_of(k: DecisionKind) -> Kind {
         DecisionKind::Deny => Kind::Deny,
         DecisionKind::Hidden => Kind::Hidden,
         DecisionKind::Approval => Kind::Approval,
-        DecisionKind::RateLimited => panic!("no limits are generated"),
+        DecisionKind::RateLimited | DecisionKind::StoreUnavailable => panic!("no limits are generated"),
     }
 }
 

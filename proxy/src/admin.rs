@@ -43,7 +43,12 @@ pub async fn admin(
         (&Method::GET, "/readyz") if policy.is_empty() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "no policy loaded: every tool call is refused\n".into(), "text/plain")
         }
-        (&Method::GET, "/readyz") => text(StatusCode::OK, format!("ok revision {}\n", policy.revision), "text/plain"),
+        (&Method::GET, "/readyz") => {
+            // The store's state is shown, not a reason to be taken out of the Service: calls
+            // without limits still work while it is down (limited ones fail closed).
+            let store = state.metrics.store.readiness().map(|s| format!("{s}\n")).unwrap_or_default();
+            text(StatusCode::OK, format!("ok revision {}\n{store}", policy.revision), "text/plain")
+        }
         (&Method::GET, "/policy") if !frontdoor::policy_visible(conn.peer, conn.front.admin_policy_public) => {
             state.metrics.connections.request_refused("admin_policy");
             text(

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{ArgGroup, Parser};
+
+use toolgate_counters::{OnFailure, RedisConfig, RedisCounters, SharedCounters, redact};
 
 use crate::admin::{self, AdminState};
 use crate::approval::Approvals;
@@ -270,6 +272,47 @@ pub struct Args {
     /// The MCP server to run as a child process, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+
+    /// Where rate limits are counted (docs/proxy.md, Counter store).
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// The counter-store flags of `toolgate-proxy`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Where rate limits are counted: `local` (this process) or a Redis/Valkey URL shared by
+    /// every replica: `redis://host:6379[/db]`, `rediss://…` (TLS), `redis+unix:///path`.
+    /// Put the password in --counter-store-password-file or TOOLGATE_COUNTER_STORE_PASSWORD,
+    /// not in the URL.
+    #[arg(long = "counter-store", env = "TOOLGATE_COUNTER_STORE", default_value = "local")]
+    pub url: String,
+    /// Prepended to every Redis key: a policy's counters are shared by the proxies that use
+    /// the same prefix (and policy document names).
+    #[arg(long = "counter-store-prefix", env = "TOOLGATE_COUNTER_STORE_PREFIX", default_value = toolgate_counters::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// Bound on one store operation (a decision, a rollback), connecting included; past it
+    /// the limited call is handled as --counter-store-on-failure says.
+    #[arg(long = "counter-store-timeout-ms", env = "TOOLGATE_COUNTER_STORE_TIMEOUT_MS", default_value_t = 250)]
+    pub timeout_ms: u64,
+    /// Redis ACL user (overrides the URL's).
+    #[arg(long = "counter-store-username", env = "TOOLGATE_COUNTER_STORE_USERNAME")]
+    pub username: Option<String>,
+    /// File holding the Redis password (a mounted Secret); trailing newlines are dropped.
+    /// The environment variable TOOLGATE_COUNTER_STORE_PASSWORD is the alternative.
+    #[arg(long = "counter-store-password-file", env = "TOOLGATE_COUNTER_STORE_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// PEM roots that sign a `rediss://` store's certificate (default: the platform's).
+    #[arg(long = "counter-store-ca-file", env = "TOOLGATE_COUNTER_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
+    /// What a limited call gets when the store cannot decide: `closed` (refused,
+    /// decision `store_unavailable`), `local` (counted in this process against
+    /// max / --counter-store-replicas), `open` (admitted uncounted).
+    #[arg(long = "counter-store-on-failure", env = "TOOLGATE_COUNTER_STORE_ON_FAILURE", default_value = "closed")]
+    pub on_failure: String,
+    /// How many replicas share the limits (for `--counter-store-on-failure local`).
+    #[arg(long = "counter-store-replicas", env = "TOOLGATE_COUNTER_STORE_REPLICAS", default_value_t = 1)]
+    pub replicas: u64,
 }
 
 /// Where the policy comes from, checked before the runtime starts.
@@ -428,7 +471,11 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
         None => Approvers::Unavailable("no operator to ask"),
     };
     let shared_identity = matches!(identity, IdentitySource::Shared);
-    let gate = Arc::new(Gate::new(policy_rx, telemetry, identity, approver));
+    let mut gate = Gate::new(policy_rx, telemetry, identity, approver);
+    if let Some(shared) = counter_store(&args.store)? {
+        gate = gate.with_counters(metrics.store.monitor(&shared, Duration::from_secs(2)));
+    }
+    let gate = Arc::new(gate);
 
     let (max_connections, note) = connections::connection_cap(
         args.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
@@ -653,4 +700,80 @@ fn custody(args: &Args, authenticated: bool) -> anyhow::Result<crate::transport:
     // Whoever sets the upstream's credential, the caller's own never goes along with it.
     let strip_caller = authenticated || set.as_ref().is_some_and(|(n, _)| *n == hyper::header::AUTHORIZATION);
     Ok(crate::transport::upstream::Custody { strip_caller, set })
+}
+
+fn store_password(args: &StoreArgs) -> anyhow::Result<Option<String>> {
+    if let Some(path) = &args.password_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--counter-store-password-file {}", path.display()))?;
+        return Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()));
+    }
+    Ok(std::env::var("TOOLGATE_COUNTER_STORE_PASSWORD").ok().filter(|p| !p.is_empty()))
+}
+
+/// The counter store the flags ask for: `None` for `local`. Call it inside the runtime.
+fn counter_store(args: &StoreArgs) -> anyhow::Result<Option<SharedCounters>> {
+    if args.url == "local" {
+        return Ok(None);
+    }
+    if !(args.url.starts_with("redis://") || args.url.starts_with("rediss://") || args.url.starts_with("redis+unix://"))
+    {
+        bail!("--counter-store {}: use `local` or a redis://, rediss:// or redis+unix:// URL", redact(&args.url));
+    }
+    if args.timeout_ms == 0 || args.timeout_ms > 60_000 {
+        bail!("--counter-store-timeout-ms {}: from 1 to 60000", args.timeout_ms);
+    }
+    let on_failure =
+        match args.on_failure.parse::<OnFailure>().map_err(|e| anyhow::anyhow!("--counter-store-on-failure {e}"))? {
+            OnFailure::Local { .. } if args.replicas == 0 => bail!("--counter-store-replicas must be at least 1"),
+            OnFailure::Local { .. } => OnFailure::Local { replicas: args.replicas },
+            other => other,
+        };
+    if redact(&args.url) != args.url {
+        tracing::warn!(
+            "the --counter-store URL holds a password: processes on this host can read it; use --counter-store-password-file"
+        );
+    }
+    let config = RedisConfig {
+        username: args.username.clone(),
+        password: store_password(args)?,
+        prefix: args.prefix.clone(),
+        timeout: Duration::from_millis(args.timeout_ms),
+        ca_pem: match &args.store_ca_file {
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("--counter-store-ca-file {}", path.display()))?)
+            }
+            None => None,
+        },
+        ..RedisConfig::new(args.url.clone())
+    };
+    let redis = RedisCounters::new(&config)?;
+    tracing::info!(store = %redact(&args.url), prefix = %args.prefix, ?on_failure, "rate limits are counted in the shared store");
+    Ok(Some(SharedCounters::new(redis, on_failure)?))
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Args;
+
+    /// Flag ids are unique across the flattened groups (the counter store's
+    /// `--counter-store-ca-file` once collided with the operator's `--ca-file`).
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+        let a = Args::try_parse_from([
+            "toolgate-proxy",
+            "--policy",
+            "p.yaml",
+            "--counter-store",
+            "rediss://r:6380",
+            "--counter-store-ca-file",
+            "/ca.pem",
+        ])
+        .expect("parses");
+        assert_eq!(a.store.store_ca_file.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(a.ca_file, None, "the operator's --ca-file is another flag");
+    }
 }

@@ -31,6 +31,7 @@ pub mod oci;
 pub mod oidc;
 mod process;
 mod prometheus;
+pub mod redis;
 mod serve;
 pub mod sidecar;
 mod tools;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use hyper::HeaderMap;
 use serde_json::Value;
 use tokio::sync::watch;
-use toolgate_policy::{Call, Caller, Decision, DecisionKind, Limiter, Reservation};
+use toolgate_policy::{Call, Caller, CounterStore, Decision, DecisionKind, Limiter, Reservation};
 
 use crate::live::Effective;
 use crate::mcp::canonical;
@@ -91,6 +91,8 @@ impl Held {
 pub struct Gate {
     pub policy: watch::Receiver<Arc<Effective>>,
     pub limiter: Limiter,
+    /// Where enforcing documents' limits are counted: `limiter`, or a shared store.
+    pub counters: Arc<dyn CounterStore>,
     /// Counters of dry-run documents, apart from the enforcing ones.
     pub dry_run_limiter: Limiter,
     pub telemetry: Arc<Telemetry>,
@@ -106,15 +108,23 @@ impl Gate {
         identity: IdentitySource,
         approver: Approvers,
     ) -> Self {
+        let limiter = Limiter::default();
         Self {
             policy,
-            limiter: Limiter::default(),
+            counters: Arc::new(limiter.clone()),
+            limiter,
             dry_run_limiter: Limiter::default(),
             telemetry,
             identity,
             approver,
             epoch: Instant::now(),
         }
+    }
+
+    /// Counts the enforcing documents' limits in `counters` (a shared store) instead.
+    pub fn with_counters(mut self, counters: Arc<dyn CounterStore>) -> Self {
+        self.counters = counters;
+        self
     }
 
     pub fn now(&self) -> Duration {
@@ -393,7 +403,7 @@ impl Gate {
             self.record(call, "allow", None, policy, started);
             Ok(Reservation::empty(&self.limiter))
         } else {
-            let d = policy.enforce.decide(&self.limiter, call, now);
+            let d = policy.enforce.decide(&*self.counters, call, now);
             let d = if d.kind == DecisionKind::Approval {
                 match self.route_approval(call, d, policy, alone, started, now) {
                     Ok(d) => Some(d),
@@ -473,7 +483,7 @@ impl Gate {
                 if d.approval_reuse.is_some() {
                     let key = reuse_key(&d, call, &digest);
                     if let Some(r) = a.reusable(&key) {
-                        let d = d.approved(&self.limiter, now);
+                        let d = d.approved(&*self.counters, now);
                         let mut event = DecisionEvent::of(d.kind.as_str(), &d);
                         event.approval = Some(audit::Approval {
                             approval: &r.name,
@@ -535,10 +545,10 @@ impl Gate {
         let policy = self.current();
         let now = self.now();
         let (mut d, revision) = if policy.revision == revision || policy.decides_nothing() {
-            (decision.approved(&self.limiter, now), revision)
+            (decision.approved(&*self.counters, now), revision)
         } else {
-            let fresh = policy.enforce.decide(&self.limiter, &call.as_call(), now);
-            let fresh = if fresh.kind == DecisionKind::Approval { fresh.approved(&self.limiter, now) } else { fresh };
+            let fresh = policy.enforce.decide(&*self.counters, &call.as_call(), now);
+            let fresh = if fresh.kind == DecisionKind::Approval { fresh.approved(&*self.counters, now) } else { fresh };
             (fresh, policy.revision.clone())
         };
         let mut event = DecisionEvent::of(d.kind.as_str(), &d);

@@ -16,8 +16,9 @@ use crate::telemetry::decision::retry_secs;
 pub enum Refusal {
     /// Not a request the proxy can check: JSON-RPC `code` (-32600 or -32602).
     Invalid { id: Value, code: i64, message: String },
-    /// Refused by the policy (deny, hidden, a full limit, approval required, or no policy
-    /// loaded); `approval`: the McpApproval a person approved before the policy in force
+    /// Refused by the policy (deny, hidden, a full limit, the shared counter store unable
+    /// to count a limited call, approval required, or no policy loaded); `approval`: the
+    /// McpApproval a person approved before the policy in force
     /// refused the call.
     Policy { id: Value, decision: Box<Decision>, no_policy: bool, approval: Option<String> },
     /// Refused while waiting for a person, or by one.
@@ -117,6 +118,7 @@ fn policy_refusal(id: Value, d: &Decision, no_policy: bool) -> Value {
     }
     let (code, kind) = match d.kind {
         DecisionKind::RateLimited => (code::RATE_LIMITED, "rate limited"),
+        DecisionKind::StoreUnavailable => (code::STORE_UNAVAILABLE, "counter store unavailable"),
         DecisionKind::Approval => (code::APPROVAL_REQUIRED, "approval required"),
         _ if no_policy => (code::NO_POLICY, "no policy loaded"),
         _ => (code::DENIED, "denied"),
@@ -166,6 +168,22 @@ mod tests {
         let batch = Refusal::Batch(vec![Refusal::invalid(json!(1), code::INVALID_REQUEST, "x")]);
         assert_eq!(batch.http_status(), StatusCode::OK);
         assert_eq!(Refusal::Sibling { id: json!(2) }.http_status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn a_limited_call_the_store_cannot_count_is_refused_with_its_own_code() {
+        let mut d = Decision::deny_without_policy("the shared counter store did not answer");
+        d.kind = DecisionKind::StoreUnavailable;
+        let r = Refusal::Policy { id: json!(3), decision: Box::new(d), no_policy: false, approval: None };
+        assert_eq!(r.http_status(), StatusCode::OK);
+        let a = r.into_answer();
+        assert_eq!(a["id"], 3);
+        assert_eq!(a["error"]["code"], code::STORE_UNAVAILABLE);
+        assert_eq!(
+            a["error"]["message"],
+            "toolgate: counter store unavailable: the shared counter store did not answer"
+        );
+        assert_eq!(a["error"]["data"]["decision"], "store_unavailable");
     }
 
     #[test]

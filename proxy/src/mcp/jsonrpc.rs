@@ -22,6 +22,9 @@ pub mod code {
     pub const NO_POLICY: i64 = -32013;
     /// The upstream server could not be reached or failed.
     pub const UPSTREAM: i64 = -32014;
+    /// A limited call was refused because the shared counter store (Redis) could not
+    /// count it: fail closed (`data.decision` is `store_unavailable`).
+    pub const STORE_UNAVAILABLE: i64 = -32015;
 }
 
 /// One message of a POST body.

@@ -50,6 +50,7 @@ pub fn would(kind: DecisionKind) -> &'static str {
         DecisionKind::Allow => "allow",
         DecisionKind::Deny | DecisionKind::Hidden => "would_deny",
         DecisionKind::RateLimited => "would_rate_limit",
+        DecisionKind::StoreUnavailable => "would_store_unavailable",
         DecisionKind::Approval => "would_require_approval",
     }
 }

@@ -119,6 +119,8 @@ pub struct Metrics {
     known_tools: RwLock<HashSet<String>>,
     /// The listeners' connection and front-door metrics.
     pub connections: crate::telemetry::connections::ConnMetrics,
+    /// The shared counter store's state.
+    pub store: crate::telemetry::store::StoreMetrics,
 }
 
 impl Default for Metrics {
@@ -220,6 +222,7 @@ impl Metrics {
             approval_wait.clone(),
         );
         let connections = crate::telemetry::connections::ConnMetrics::register(&mut registry);
+        let store = crate::telemetry::store::StoreMetrics::register(&mut registry);
         Self {
             registry,
             decisions,
@@ -238,6 +241,7 @@ impl Metrics {
             approval_wait,
             known_tools: RwLock::default(),
             connections,
+            store,
         }
     }
 

@@ -4,5 +4,6 @@ pub mod audit;
 pub mod connections;
 pub mod decision;
 pub mod metrics;
+pub mod store;
 
 pub use decision::{DecisionEvent, Telemetry};

@@ -1,0 +1,492 @@
+//! toolgate's shared rate-limit counters: the policy crate's [`CounterStore`] kept in
+//! Redis or Valkey, so that every replica of a sidecar enforcing the same policy shares
+//! one count.
+//!
+//! - **One round trip per decision.** Every limit of a call is reserved by one atomic Lua
+//!   script (`EVALSHA`, loaded again with `SCRIPT LOAD` if the server lost it): all or
+//!   none, no check-then-act race between replicas.
+//! - **The server's clock.** The script reads Redis `TIME`; the sidecars' clocks are never
+//!   used, so a skewed node cannot over-admit. (Tests inject the time through
+//!   [`RedisConfig::test_clock`]; the proxy never sets it.)
+//! - **Exact sliding window.** Per counter key a sorted set holds the admissions of the
+//!   last `window` (score: admission time in µs; member: reservation id, limit index and
+//!   units) and a second key their sum. A call is admitted only if the units in
+//!   `(now − window, now]` plus its own stay within `max`, as the local limiter does;
+//!   `retry_after` is the exact time at which enough units leave the window.
+//! - **Reserve → commit/rollback.** Entries count from the moment they are reserved;
+//!   commit keeps them; rollback removes them (a second script), so a failed upstream call
+//!   spends nothing.
+//! - **Keys**: `<prefix>{<tag>}:w` and `<prefix>{<tag>}:n`, where `tag` is 32 hex digits of
+//!   SHA-256 over (policy identity, counter, scope key): one limit's two keys share a
+//!   Redis Cluster slot, and no caller-chosen text (session ids, header values) ever
+//!   reaches a key name. Keys expire (`PEXPIRE`) one second after their last admission
+//!   leaves the window.
+//! - **Failure**: every operation is bounded by [`RedisConfig::timeout`]; past it, or on
+//!   any error, the store answers [`StoreRefusal::Unavailable`] (fail closed) unless
+//!   [`OnFailure`] says `local` or `open`. The connection manager reconnects with
+//!   exponential back-off.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, Script};
+use sha2::{Digest, Sha256};
+use tokio::runtime::{Handle, RuntimeFlavor};
+use toolgate_policy::{CounterKey, CounterStore, Demand, Hold, Limiter, Refusal, Reservation, StoreRefusal};
+
+const RESERVE_LUA: &str = include_str!("script.lua");
+const ROLLBACK_LUA: &str = include_str!("rollback.lua");
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "toolgate:";
+/// Default bound on one store operation.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+/// Largest `max` or amount the script counts exactly (Lua numbers are doubles).
+const MAX_EXACT: u64 = 1 << 53;
+
+/// Why the store could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The bound on one operation passed.
+    #[error("no answer from the counter store within {0:?}")]
+    Timeout(Duration),
+    /// The server or the connection failed.
+    #[error("counter store error: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The script answered something it never answers.
+    #[error("counter store answered unexpectedly: {0}")]
+    Protocol(String),
+    /// Called where it cannot wait (a current-thread async runtime).
+    #[error("{0}")]
+    Runtime(&'static str),
+}
+
+/// Bad store settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The URL is not a Redis URL the client understands.
+    #[error("--counter-store: {0}")]
+    Url(String),
+    /// The prefix would break the key layout.
+    #[error("--counter-store-prefix: {0}")]
+    Prefix(String),
+}
+
+/// How to reach the store.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis://[user[:password]@]host[:port][/db]`, `rediss://…` (TLS), or
+    /// `redis+unix:///path`.
+    pub url: String,
+    /// ACL user, overriding the URL's.
+    pub username: Option<String>,
+    /// Password, overriding the URL's (read from a file or the environment, never a flag).
+    pub password: Option<String>,
+    /// Prepended to every key: separates deployments sharing one Redis.
+    pub prefix: String,
+    /// Bound on one operation (a decision or a rollback), connecting included.
+    pub timeout: Duration,
+    /// PEM roots that sign a `rediss://` server's certificate, instead of the platform's.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Tests only: the script takes the time from the caller's `now` instead of `TIME`.
+    #[doc(hidden)]
+    pub test_clock: bool,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field("test_clock", &self.test_clock)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// Settings for `url` with the defaults.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            username: None,
+            password: None,
+            prefix: DEFAULT_PREFIX.into(),
+            timeout: DEFAULT_TIMEOUT,
+            ca_pem: None,
+            test_clock: false,
+        }
+    }
+}
+
+/// The URL with any password replaced, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:<redacted>{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The Redis keys of one counter: its admissions and their sum.
+pub fn keys_for(prefix: &str, key: &CounterKey) -> (String, String) {
+    let mut h = Sha256::new();
+    for part in [&*key.policy, &*key.counter, &*key.scope] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let tag: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    (format!("{prefix}{{{tag}}}:w"), format!("{prefix}{{{tag}}}:n"))
+}
+
+/// One reserved entry: where it is and its member name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    set: String,
+    sum: String,
+    member: String,
+}
+
+/// Counters in Redis/Valkey (async). Cheap to clone.
+#[derive(Clone)]
+pub struct RedisCounters {
+    inner: Arc<RedisInner>,
+}
+
+struct RedisInner {
+    conn: ConnectionManager,
+    reserve: Script,
+    rollback: Script,
+    prefix: String,
+    timeout: Duration,
+    test_clock: bool,
+    up: AtomicBool,
+    errors: AtomicU64,
+    round_trips: AtomicU64,
+}
+
+impl fmt::Debug for RedisCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCounters")
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+impl RedisCounters {
+    /// A store for `config`. Connects lazily (the first operation connects), so a proxy
+    /// starts while the store is down and refuses limited calls until it is up. Must be
+    /// called inside a Tokio runtime.
+    pub fn new(config: &RedisConfig) -> Result<Self, ConfigError> {
+        if config.prefix.contains(['{', '}']) || config.prefix.len() > 128 {
+            return Err(ConfigError::Prefix(format!(
+                "{:?}: at most 128 bytes, without `{{` or `}}` (the key's hash tag follows it)",
+                config.prefix
+            )));
+        }
+        let mut info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| ConfigError::Url(format!("{}: {e}", redact(&config.url))))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(u) = &config.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &config.password {
+            settings = settings.set_password(p);
+        }
+        info = info.set_redis_settings(settings);
+        let client = match &config.ca_pem {
+            None => redis::Client::open(info),
+            Some(_) if !config.url.starts_with("rediss://") => {
+                return Err(ConfigError::Url("a CA file is only used with a rediss:// URL".into()));
+            }
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+            ),
+        }
+        .map_err(|e| ConfigError::Url(e.to_string()))?;
+        let cm = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(3)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client, cm).map_err(|e| ConfigError::Url(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(RedisInner {
+                conn,
+                reserve: Script::new(RESERVE_LUA),
+                rollback: Script::new(ROLLBACK_LUA),
+                prefix: config.prefix.clone(),
+                timeout: config.timeout,
+                test_clock: config.test_clock,
+                up: AtomicBool::new(false),
+                errors: AtomicU64::new(0),
+                round_trips: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Whether the last operation reached the store.
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+
+    /// Operations that failed (timeouts and errors).
+    pub fn errors(&self) -> u64 {
+        self.inner.errors.load(Ordering::Relaxed)
+    }
+
+    /// Script invocations sent (one per decision with limits, one per rollback).
+    pub fn round_trips(&self) -> u64 {
+        self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    async fn bounded<T>(&self, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+        let r = match tokio::time::timeout(self.inner.timeout, f).await {
+            Err(_) => Err(StoreError::Timeout(self.inner.timeout)),
+            Ok(r) => r.map_err(StoreError::from),
+        };
+        self.inner.up.store(r.is_ok(), Ordering::Relaxed);
+        if r.is_err() {
+            self.inner.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// `PING`: refreshes [`Self::is_up`] (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.inner.conn.clone();
+        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ()) }).await
+    }
+
+    /// Reserves every demand or none, in one script run. `now` is used only with
+    /// [`RedisConfig::test_clock`]; otherwise the server's `TIME` decides.
+    pub async fn reserve(&self, demands: &[Demand], now: Duration) -> Result<Result<Vec<Ticket>, Refusal>, StoreError> {
+        let rid = reservation_id()?;
+        let mut inv = self.inner.reserve.prepare_invoke();
+        inv.arg(if self.inner.test_clock { now.as_micros().to_string() } else { String::new() });
+        inv.arg(&rid);
+        let mut tickets = Vec::new();
+        for (i, d) in demands.iter().enumerate() {
+            let (set, sum) = keys_for(&self.inner.prefix, &d.key);
+            let window = u64::try_from(d.window.as_micros()).unwrap_or(u64::MAX).max(1);
+            let max = d.max.min(MAX_EXACT);
+            // An amount beyond `max` is refused by the script before any arithmetic.
+            let amount = d.amount.min(MAX_EXACT + 1);
+            inv.key(&set).key(&sum).arg(window).arg(max).arg(amount);
+            if amount > 0 && amount <= max {
+                tickets.push(Ticket { set, sum, member: format!("{rid}:{i}:{amount}") });
+            }
+        }
+        let mut c = self.inner.conn.clone();
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        let answer: Vec<i64> = self.bounded(async move { inv.invoke_async(&mut c).await }).await?;
+        match answer.as_slice() {
+            [1] => Ok(Ok(tickets)),
+            [0, index, retry] if (*index as usize) < demands.len() && *index >= 0 => Ok(Err(Refusal {
+                index: *index as usize,
+                retry_after: u64::try_from(*retry).ok().map(Duration::from_micros),
+            })),
+            other => Err(StoreError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Gives back the units of a reservation.
+    pub async fn rollback(&self, tickets: &[Ticket]) -> Result<(), StoreError> {
+        if tickets.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.inner.rollback.prepare_invoke();
+        for t in tickets {
+            inv.key(&t.set).key(&t.sum).arg(&t.member);
+        }
+        let mut c = self.inner.conn.clone();
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.bounded(async move { inv.invoke_async::<i64>(&mut c).await.map(|_| ()) }).await
+    }
+}
+
+fn reservation_id() -> Result<String, StoreError> {
+    let mut b = [0u8; 12];
+    getrandom::fill(&mut b).map_err(|_| StoreError::Runtime("no randomness for a reservation id"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// What a limited call gets when the store cannot decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Refused (`store_unavailable`): the default.
+    Closed,
+    /// Counted in this process against `max / replicas` (rounded down): together the
+    /// replicas still admit at most `max`, as long as there are at most `replicas` of them.
+    Local {
+        /// How many replicas share the limits.
+        replicas: u64,
+    },
+    /// Admitted without counting.
+    Open,
+}
+
+impl std::str::FromStr for OnFailure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "closed" => Ok(Self::Closed),
+            "open" => Ok(Self::Open),
+            "local" => Ok(Self::Local { replicas: 1 }),
+            other => Err(format!("{other:?}: use closed, local or open")),
+        }
+    }
+}
+
+/// The proxy's store: Redis, with the failure behaviour chosen, behind the policy crate's
+/// synchronous [`CounterStore`].
+///
+/// The gate decides synchronously; this adapter waits for the bounded async Redis call
+/// with `block_in_place` on a multi-thread Tokio runtime (the worker's other tasks move to
+/// another thread meanwhile), or `block_on` its runtime handle when called outside one
+/// (tests). On a current-thread runtime it cannot wait, and answers `Unavailable`
+/// (never a panic, never an admission). Rollbacks run in the background there.
+#[derive(Clone, Debug)]
+pub struct SharedCounters {
+    redis: RedisCounters,
+    on_failure: OnFailure,
+    fallback: Limiter,
+    handle: Handle,
+}
+
+impl SharedCounters {
+    /// Wraps `redis`; call it inside the Tokio runtime that will drive it.
+    pub fn new(redis: RedisCounters, on_failure: OnFailure) -> Result<Self, StoreError> {
+        let handle =
+            Handle::try_current().map_err(|_| StoreError::Runtime("the counter store needs a Tokio runtime"))?;
+        Ok(Self { redis, on_failure, fallback: Limiter::default(), handle })
+    }
+
+    /// The Redis side (state, metrics).
+    pub fn redis(&self) -> &RedisCounters {
+        &self.redis
+    }
+
+    fn wait<F: Future>(&self, f: F) -> Result<F::Output, StoreError> {
+        match Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                Ok(tokio::task::block_in_place(|| h.block_on(f)))
+            }
+            Ok(_) => {
+                Err(StoreError::Runtime("the Redis counter store needs a multi-thread runtime to wait for its answer"))
+            }
+            Err(_) => Ok(self.handle.block_on(f)),
+        }
+    }
+
+    fn failed(&self, demands: &[Demand], now: Duration, e: StoreError) -> Result<Reservation, StoreRefusal> {
+        tracing::warn!(error = %e, "counter store unavailable");
+        match self.on_failure {
+            OnFailure::Closed => Err(StoreRefusal::Unavailable(e.to_string())),
+            OnFailure::Open => Ok(Reservation::none()),
+            OnFailure::Local { replicas } => {
+                let share: Vec<Demand> =
+                    demands.iter().map(|d| Demand { max: d.max / replicas.max(1), ..d.clone() }).collect();
+                self.fallback.reserve(&share, now).map_err(StoreRefusal::Limit)
+            }
+        }
+    }
+}
+
+impl CounterStore for SharedCounters {
+    fn reserve(&self, demands: &[Demand], now: Duration) -> Result<Reservation, StoreRefusal> {
+        if demands.iter().all(|d| d.amount == 0) {
+            return Ok(Reservation::none());
+        }
+        match self.wait(self.redis.reserve(demands, now)) {
+            Ok(Ok(Ok(tickets))) => Ok(Reservation::new(Box::new(RedisHold { store: self.clone(), tickets }))),
+            Ok(Ok(Err(refusal))) => Err(StoreRefusal::Limit(refusal)),
+            Ok(Err(e)) | Err(e) => self.failed(demands, now, e),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RedisHold {
+    store: SharedCounters,
+    tickets: Vec<Ticket>,
+}
+
+impl Hold for RedisHold {
+    fn commit(self: Box<Self>) {}
+
+    fn rollback(self: Box<Self>) {
+        let RedisHold { store, tickets } = *self;
+        let redis = store.redis.clone();
+        let undo = async move {
+            if let Err(e) = redis.rollback(&tickets).await {
+                // The units stay spent until they leave the window: stricter, never looser.
+                tracing::warn!(error = %e, "could not give back a failed call's units");
+            }
+        };
+        match Handle::try_current() {
+            Ok(h) => {
+                h.spawn(undo);
+            }
+            Err(_) => store.handle.block_on(undo),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_a_hash_tag_and_hide_caller_text() {
+        let k = CounterKey { policy: "ns/p".into(), counter: "c".into(), scope: "}{evil:*".into() };
+        let (w, n) = keys_for("tg:", &k);
+        assert!(w.starts_with("tg:{") && w.ends_with("}:w"), "{w}");
+        assert_eq!(w.trim_end_matches(":w"), n.trim_end_matches(":n"), "one slot for both keys");
+        assert!(!w.contains("evil"));
+        // Length-prefixed parts: moving text between fields changes the key.
+        let a = CounterKey { policy: "a".into(), counter: "bc".into(), scope: "".into() };
+        let b = CounterKey { policy: "ab".into(), counter: "c".into(), scope: "".into() };
+        assert_ne!(keys_for("", &a), keys_for("", &b));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("rediss://u:secret@h:6380/0"), "rediss://u:<redacted>@h:6380/0");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        let c = RedisConfig { password: Some("pw".into()), ..RedisConfig::new("redis://:pw@h") };
+        assert!(!format!("{c:?}").contains("pw@") && !format!("{c:?}").contains("\"pw\""));
+    }
+
+    #[test]
+    fn bad_prefix_is_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let _g = rt.enter();
+        let c = RedisConfig { prefix: "a{b".into(), ..RedisConfig::new("redis://127.0.0.1:1") };
+        assert!(matches!(RedisCounters::new(&c), Err(ConfigError::Prefix(_))));
+        assert!(matches!(RedisCounters::new(&RedisConfig::new("http://x")), Err(ConfigError::Url(_))));
+    }
+}

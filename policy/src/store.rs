@@ -1,0 +1,49 @@
+//! Where limits are counted: the [`CounterStore`] trait.
+//!
+//! A store reserves **all** of one call's limits at once, or none (an atomic decision);
+//! the [`Reservation`] it gives back is committed when the call succeeded upstream and
+//! rolled back when it failed, so failed calls spend nothing. The in-process
+//! [`Limiter`](crate::Limiter) is one store; `toolgate-counters` keeps the same counts in
+//! Redis/Valkey so that every replica of a sidecar shares them.
+//!
+//! The trait is synchronous on purpose: a decision is pure and synchronous (this crate does
+//! no I/O and has no async runtime), the local limiter answers in well under a microsecond
+//! without boxing a future, and the proxy's gate decides inline. A store that does I/O
+//! implements it with an adapter that waits for its own bounded-time async call (see
+//! `toolgate-counters`), and answers [`StoreRefusal::Unavailable`] when it cannot decide,
+//! which the policy turns into a `store_unavailable` refusal: never an admission.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::limiter::{Demand, Refusal, Reservation};
+
+/// Why a store did not admit a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreRefusal {
+    /// A limit has no room (as [`crate::Limiter::reserve`] refuses).
+    Limit(Refusal),
+    /// The store could not decide (unreachable, slow past its bound, bad answer): the
+    /// call is refused, with this text for the log and the agent.
+    Unavailable(String),
+}
+
+/// Counts admissions for limits: reserve every demand of one call atomically, or none.
+pub trait CounterStore: Send + Sync + fmt::Debug {
+    /// Reserves every demand or none, at `now` (the caller's clock, a [`Duration`] since an
+    /// arbitrary origin; stores with a clock of their own may ignore it). On success the
+    /// units count immediately; the caller commits or rolls back the [`Reservation`].
+    ///
+    /// Demands of amount 0 are admitted without being recorded; a demand larger than its
+    /// `max` is refused with no retry time. `retry_after` is exact: the earliest time at
+    /// which the same demand fits.
+    fn reserve(&self, demands: &[Demand], now: Duration) -> Result<Reservation, StoreRefusal>;
+}
+
+/// The units one reservation holds in some store.
+pub trait Hold: Send + Sync + fmt::Debug {
+    /// Keep the units spent.
+    fn commit(self: Box<Self>);
+    /// Give the units back.
+    fn rollback(self: Box<Self>);
+}
