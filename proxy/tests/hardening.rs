@@ -42,20 +42,6 @@ tools:
 const JSON_HEADERS: [(&str, &str); 2] =
     [("Content-Type", "application/json"), ("Accept", "application/json, text/event-stream")];
 
-/// The JSON-RPC messages of an answer body: JSON, or the `data:` lines of an SSE body.
-fn messages(body: &[u8]) -> Vec<Value> {
-    let text = String::from_utf8_lossy(body);
-    let values: Vec<Value> = if text.trim_start().starts_with(['{', '[']) {
-        vec![serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))]
-    } else {
-        text.lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .filter_map(|d| serde_json::from_str(d.trim()).ok())
-            .collect()
-    };
-    values.into_iter().flat_map(|v| if let Value::Array(a) = v { a } else { vec![v] }).collect()
-}
-
 /// POSTs `body` to the proxy's /mcp with `extra` headers.
 fn post(proxy: &Proxy, extra: &[(&str, &str)], body: &str) -> (u16, String, Vec<Value>) {
     let headers: Vec<(&str, &str)> = JSON_HEADERS.iter().copied().chain(extra.iter().copied()).collect();

@@ -40,19 +40,6 @@ grants:
 const JSON_HEADERS: [(&str, &str); 2] =
     [("Content-Type", "application/json"), ("Accept", "application/json, text/event-stream")];
 
-fn messages(body: &[u8]) -> Vec<Value> {
-    let text = String::from_utf8_lossy(body);
-    let values: Vec<Value> = if text.trim_start().starts_with(['{', '[']) {
-        vec![serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))]
-    } else {
-        text.lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .filter_map(|d| serde_json::from_str(d.trim()).ok())
-            .collect()
-    };
-    values.into_iter().flat_map(|v| if let Value::Array(a) = v { a } else { vec![v] }).collect()
-}
-
 fn post(proxy: &Proxy, auth: Option<&str>, sid: Option<&str>, body: &Value) -> (u16, String, Vec<Value>) {
     let bearer = auth.map(|t| format!("Bearer {t}"));
     let mut headers: Vec<(&str, &str)> = JSON_HEADERS.to_vec();

@@ -91,3 +91,18 @@ pub fn write_policy(dir: &Path, name: &str, text: &str) -> PathBuf {
 pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies").canonicalize().unwrap()
 }
+
+/// The JSON-RPC messages of an answer body: JSON, or the `data:` lines of an SSE body;
+/// batches are flattened.
+pub fn messages(body: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(body);
+    let values: Vec<Value> = if text.trim_start().starts_with(['{', '[']) {
+        vec![serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))]
+    } else {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str(d.trim()).ok())
+            .collect()
+    };
+    values.into_iter().flat_map(|v| if let Value::Array(a) = v { a } else { vec![v] }).collect()
+}
