@@ -330,39 +330,27 @@ fn reserve(
     demands: Vec<LimitDemand>,
     now: Duration,
 ) -> Decision {
+    let allow = |reservation: Reservation| Decision {
+        kind: DecisionKind::Allow,
+        policy,
+        rule,
+        reason: None,
+        grant,
+        denial,
+        retry_after: None,
+        approval_timeout: None,
+        approval_show_arguments: false,
+        approval_reuse: None,
+        reservation: Some(reservation),
+        pending: Vec::new(),
+    };
     if demands.iter().all(|d| d.demand.amount == 0) {
         // No limit to count (or nothing to spend): the store is not asked.
-        return Decision {
-            kind: DecisionKind::Allow,
-            policy,
-            rule,
-            reason: None,
-            grant,
-            denial,
-            retry_after: None,
-            approval_timeout: None,
-            approval_show_arguments: false,
-            approval_reuse: None,
-            reservation: Some(Reservation::none()),
-            pending: Vec::new(),
-        };
+        return allow(Reservation::none());
     }
     let plain: Vec<Demand> = demands.iter().map(|d| d.demand.clone()).collect();
     match store.reserve(&plain, now) {
-        Ok(reservation) => Decision {
-            kind: DecisionKind::Allow,
-            policy,
-            rule,
-            reason: None,
-            grant,
-            denial,
-            retry_after: None,
-            approval_timeout: None,
-            approval_show_arguments: false,
-            approval_reuse: None,
-            reservation: Some(reservation),
-            pending: Vec::new(),
-        },
+        Ok(reservation) => allow(reservation),
         Err(StoreRefusal::Unavailable(why)) => {
             // Fail closed: a limit that cannot be counted admits nothing. Named after the
             // first limit of the call (every limit of it went uncounted).
