@@ -254,7 +254,12 @@ spec:
         async move { pods.get(&name).await.ok().filter(|p| sidecar_status(p).is_some_and(|s| s.ready)) }
     })
     .await;
-    let enforcing = eventually("ENFORCING 1 on the seed policy", Duration::from_secs(120), || async {
+    wait_seed_enforcing(&node, "ENFORCING 1 on the seed policy", Duration::from_secs(120)).await;
+}
+
+/// Waits until the example's seed McpPolicy reports `status.enforcing` 1.
+async fn wait_seed_enforcing(node: &TestNode, what: &str, timeout: Duration) {
+    let enforcing = eventually(what, timeout, || async {
         let out = run_output(node.kubectl().args([
             "-n",
             "runpod-mcp",
@@ -507,21 +512,7 @@ async fn the_readme_journey_on_real_pods() {
     assert_eq!(codes(&out), [Some(-32011), Some(-32010)], "still limited and refused: {out:#?}");
     wait_operator_rollout(&node).await;
     // The new operator pods take the sidecar's stream back: status returns to ENFORCING 1.
-    eventually("ENFORCING 1 again after the operator pods came back", Duration::from_secs(180), || async {
-        let out = run_output(node.kubectl().args([
-            "-n",
-            "runpod-mcp",
-            "get",
-            "mcpp",
-            "seed-v4",
-            "-o",
-            "jsonpath={.status.enforcing}",
-        ]))
-        .await;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (text == "1").then_some(text)
-    })
-    .await;
+    wait_seed_enforcing(&node, "ENFORCING 1 again after the operator pods came back", Duration::from_secs(180)).await;
     let reached = fake_requests_on(NODE_IP, &fake).into_iter().filter(|(_, path, _)| path != "/graphql").count();
     assert_eq!(reached, 10, "nothing more reached RunPod");
 
