@@ -197,6 +197,16 @@ fn agents_prove_who_they_are_and_only_the_sidecar_holds_the_runpod_key() {
         );
         assert!(msgs.iter().all(|m| m.get("result").is_none()), "{reason}: {msgs:?}");
     }
+    // Two credentials at once (agent B's and agent A's): which one counts would be the
+    // caller's choice, so neither does.
+    let (bearer_a, bearer_b) = (format!("Bearer {token_a}"), format!("Bearer {token_b}"));
+    let headers: Vec<(&str, &str)> = JSON_HEADERS
+        .iter()
+        .copied()
+        .chain([("Authorization", bearer_b.as_str()), ("Authorization", bearer_a.as_str())])
+        .collect();
+    let (status, _, body) = http(proxy.proc.port, "POST", "/mcp", &headers, start(98).to_string().as_bytes());
+    assert_eq!(status, 400, "a repeated Authorization is refused: {}", String::from_utf8_lossy(&body));
     assert_eq!(fake_requests(&fake).len(), before, "no refused credential reached RunPod");
     let m = metrics(&proxy);
     for (reason, _) in &bad {
