@@ -36,7 +36,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Script};
 use sha2::{Digest, Sha256};
 use tokio::runtime::{Handle, RuntimeFlavor};
-use toolgate_policy::{CounterKey, CounterStore, Demand, Hold, Limiter, Refusal, Reservation, StoreRefusal};
+use toolgate_policy::{
+    CounterKey, CounterStore, Demand, Hold, Limiter, OnStoreFailure, Refusal, Reservation, StoreKind, StoreRefusal,
+};
 
 const RESERVE_LUA: &str = include_str!("script.lua");
 const ROLLBACK_LUA: &str = include_str!("rollback.lua");
@@ -364,6 +366,11 @@ impl std::str::FromStr for OnFailure {
 /// The proxy's store: Redis, with the failure behaviour chosen, behind the policy crate's
 /// synchronous [`CounterStore`].
 ///
+/// Each demand is routed by its document's `counters` settings: `store: local` counts in
+/// this process, anything else in Redis. When Redis cannot decide, each Redis demand gets
+/// its document's `on_store_failure`, or this store's [`OnFailure`] when the document says
+/// nothing; one `closed` demand refuses the whole call.
+///
 /// The gate decides synchronously; this adapter waits for the bounded async Redis call
 /// with `block_in_place` on a multi-thread Tokio runtime (the worker's other tasks move to
 /// another thread meanwhile), or `block_on` its runtime handle when called outside one
@@ -373,8 +380,22 @@ impl std::str::FromStr for OnFailure {
 pub struct SharedCounters {
     redis: RedisCounters,
     on_failure: OnFailure,
+    replicas: u64,
+    /// Documents that count locally (`counters.store: local`).
+    local: Limiter,
+    /// Redis demands counted here while the store is down (`local` on failure).
     fallback: Limiter,
+    fallbacks: Arc<Fallbacks>,
     handle: Handle,
+}
+
+/// Calls decided without the store while it was down, by how.
+#[derive(Debug, Default)]
+pub struct Fallbacks {
+    /// Counted in this process against `max / replicas`.
+    pub local: AtomicU64,
+    /// Admitted uncounted.
+    pub open: AtomicU64,
 }
 
 impl SharedCounters {
@@ -382,12 +403,40 @@ impl SharedCounters {
     pub fn new(redis: RedisCounters, on_failure: OnFailure) -> Result<Self, StoreError> {
         let handle =
             Handle::try_current().map_err(|_| StoreError::Runtime("the counter store needs a Tokio runtime"))?;
-        Ok(Self { redis, on_failure, fallback: Limiter::default(), handle })
+        let replicas = match on_failure {
+            OnFailure::Local { replicas } => replicas.max(1),
+            _ => 1,
+        };
+        Ok(Self {
+            redis,
+            on_failure,
+            replicas,
+            local: Limiter::default(),
+            fallback: Limiter::default(),
+            fallbacks: Arc::default(),
+            handle,
+        })
+    }
+
+    /// How many replicas share the limits: a `local` fallback counts `max / replicas`
+    /// (also when a policy, not the flag, asks for `local`).
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: u64) -> Self {
+        self.replicas = replicas.max(1);
+        if let OnFailure::Local { replicas } = &mut self.on_failure {
+            *replicas = self.replicas;
+        }
+        self
     }
 
     /// The Redis side (state, metrics).
     pub fn redis(&self) -> &RedisCounters {
         &self.redis
+    }
+
+    /// Calls decided without the store while it was down.
+    pub fn fallbacks(&self) -> &Fallbacks {
+        &self.fallbacks
     }
 
     fn wait<F: Future>(&self, f: F) -> Result<F::Output, StoreError> {
@@ -402,30 +451,104 @@ impl SharedCounters {
         }
     }
 
-    fn failed(&self, demands: &[Demand], now: Duration, e: StoreError) -> Result<Reservation, StoreRefusal> {
+    /// The failure behaviour of one Redis demand: its document's, else this store's.
+    fn failure_mode(&self, d: &Demand) -> OnFailure {
+        match d.counters.on_store_failure {
+            Some(OnStoreFailure::Closed) => OnFailure::Closed,
+            Some(OnStoreFailure::Local) => OnFailure::Local { replicas: self.replicas },
+            Some(OnStoreFailure::Open) => OnFailure::Open,
+            None => self.on_failure,
+        }
+    }
+
+    /// Redis could not decide `demands` (indices into the call's demands in `index`).
+    fn failed(
+        &self,
+        demands: &[Demand],
+        index: &[usize],
+        now: Duration,
+        e: StoreError,
+    ) -> Result<Reservation, StoreRefusal> {
         tracing::warn!(error = %e, "counter store unavailable");
-        match self.on_failure {
-            OnFailure::Closed => Err(StoreRefusal::Unavailable(e.to_string())),
-            OnFailure::Open => Ok(Reservation::none()),
-            OnFailure::Local { replicas } => {
-                let share: Vec<Demand> =
-                    demands.iter().map(|d| Demand { max: d.max / replicas.max(1), ..d.clone() }).collect();
-                self.fallback.reserve(&share, now).map_err(StoreRefusal::Limit)
+        let modes: Vec<OnFailure> = demands.iter().map(|d| self.failure_mode(d)).collect();
+        if modes.contains(&OnFailure::Closed) {
+            return Err(StoreRefusal::Unavailable(e.to_string()));
+        }
+        let mut share = Vec::new();
+        let mut at = Vec::new();
+        for ((d, m), i) in demands.iter().zip(&modes).zip(index) {
+            if let OnFailure::Local { replicas } = m {
+                share.push(Demand { max: d.max / replicas.max(&1), ..d.clone() });
+                at.push(*i);
             }
+        }
+        let r =
+            self.fallback.reserve(&share, now).map_err(|r| StoreRefusal::Limit(Refusal { index: at[r.index], ..r }))?;
+        if !share.is_empty() {
+            self.fallbacks.local.fetch_add(1, Ordering::Relaxed);
+        }
+        if share.len() < demands.len() {
+            self.fallbacks.open.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(r)
+    }
+
+    fn reserve_shared(&self, demands: &[Demand], index: &[usize], now: Duration) -> Result<Reservation, StoreRefusal> {
+        match self.wait(self.redis.reserve(demands, now)) {
+            Ok(Ok(Ok(tickets))) => Ok(Reservation::new(Box::new(RedisHold { store: self.clone(), tickets }))),
+            Ok(Ok(Err(refusal))) => Err(StoreRefusal::Limit(Refusal { index: index[refusal.index], ..refusal })),
+            Ok(Err(e)) | Err(e) => self.failed(demands, index, now, e),
         }
     }
 }
 
 impl CounterStore for SharedCounters {
     fn reserve(&self, demands: &[Demand], now: Duration) -> Result<Reservation, StoreRefusal> {
-        if demands.iter().all(|d| d.amount == 0) {
-            return Ok(Reservation::none());
+        let live = |d: &&Demand| d.amount > 0;
+        let is_local = |d: &Demand| d.counters.store == Some(StoreKind::Local);
+        if !demands.iter().filter(live).any(|d| !is_local(d)) {
+            // Nothing for Redis: calls without limits (or with local ones only) never touch it.
+            return self.local.reserve(demands, now).map_err(StoreRefusal::Limit);
         }
-        match self.wait(self.redis.reserve(demands, now)) {
-            Ok(Ok(Ok(tickets))) => Ok(Reservation::new(Box::new(RedisHold { store: self.clone(), tickets }))),
-            Ok(Ok(Err(refusal))) => Err(StoreRefusal::Limit(refusal)),
-            Ok(Err(e)) | Err(e) => self.failed(demands, now, e),
+        if !demands.iter().any(is_local) {
+            let index: Vec<usize> = (0..demands.len()).collect();
+            return self.reserve_shared(demands, &index, now);
         }
+        // Both kinds in one call: the local part first (no round trip when it refuses),
+        // given back if the shared part refuses.
+        let (mut local, mut shared) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        for (i, d) in demands.iter().enumerate() {
+            let part = if is_local(d) { &mut local } else { &mut shared };
+            part.0.push(d.clone());
+            part.1.push(i);
+        }
+        let here = self
+            .local
+            .reserve(&local.0, now)
+            .map_err(|r| StoreRefusal::Limit(Refusal { index: local.1[r.index], ..r }))?;
+        match self.reserve_shared(&shared.0, &shared.1, now) {
+            Ok(there) => Ok(Reservation::new(Box::new(Both(here, there)))),
+            Err(e) => {
+                here.rollback();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A call's local and shared reservations, settled together.
+#[derive(Debug)]
+struct Both(Reservation, Reservation);
+
+impl Hold for Both {
+    fn commit(self: Box<Self>) {
+        self.0.commit();
+        self.1.commit();
+    }
+
+    fn rollback(self: Box<Self>) {
+        self.0.rollback();
+        self.1.rollback();
     }
 }
 

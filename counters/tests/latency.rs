@@ -24,6 +24,7 @@ fn decision_latency_and_round_trips() {
         window: Duration::from_secs(1),
         max: 1_000_000,
         amount: 1,
+        counters: Default::default(),
     };
     let demands = [limit("tool"), limit("all")];
     let (warmup, n) = (200u32, 3000u32);

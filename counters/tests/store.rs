@@ -133,7 +133,7 @@ fn exact_window(store: &dyn CounterStore, max: u64, window_ms: u64, ops: Vec<Op>
             }
             Op::Reserve { advance_ms, amount, then } => {
                 now += Duration::from_millis(advance_ms);
-                let demand = Demand { key: key.clone(), window, max, amount };
+                let demand = Demand { key: key.clone(), window, max, amount, counters: Default::default() };
                 let expected = reference.admits(now, window, max, amount);
                 match store.reserve(std::slice::from_ref(&demand), now) {
                     Ok(r) => {
@@ -206,12 +206,14 @@ fn all_or_nothing(store: &dyn CounterStore) {
         window: Duration::from_secs(60),
         max: 2,
         amount: 1,
+        counters: Default::default(),
     };
     let hour = Demand {
         key: CounterKey { policy: "p".into(), counter: "hour".into(), scope: "".into() },
         window: Duration::from_secs(3600),
         max: 3,
         amount: 1,
+        counters: Default::default(),
     };
     let both = [minute.clone(), hour];
     let t0 = 1_700_000_000;
@@ -241,7 +243,13 @@ fn redis_all_or_nothing() {
 }
 
 fn one(max: u64, window: Duration) -> Demand {
-    Demand { key: CounterKey { policy: "p".into(), counter: "c".into(), scope: "".into() }, window, max, amount: 1 }
+    Demand {
+        key: CounterKey { policy: "p".into(), counter: "c".into(), scope: "".into() },
+        window,
+        max,
+        amount: 1,
+        counters: Default::default(),
+    }
 }
 
 /// Sidecars whose clocks are 30 s apart (more than the 20 s window) admit exactly `max`

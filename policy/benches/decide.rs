@@ -100,6 +100,7 @@ fn limiter(c: &mut Criterion) {
         window: Duration::from_secs(1),
         max: 10_000,
         amount: 1,
+        counters: Default::default(),
     }];
     let mut now = Duration::ZERO;
     g.bench_function("reserve_commit", |b| {

@@ -49,6 +49,11 @@ pub(crate) const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 pub(crate) struct CompiledDoc {
     pub name: Arc<str>,
+    /// The policy identity in counter keys: the name, or `<namespace>/<name>` for an
+    /// McpPolicy ([`crate::Policy::with_counter_namespace`]).
+    pub counter_id: Arc<str>,
+    /// `counters` of the document (store and failure behaviour), carried by its demands.
+    pub counters: crate::CounterSettings,
     pub denial: DenialStyle,
     /// Top-level rules; `None` when the document has grants and no top-level tools, in
     /// which case callers no grant matches are denied.
@@ -238,10 +243,26 @@ pub(crate) fn compile_document(name: &str, doc: &Document, problems: &mut Vec<Pr
             compile_grant(&mut cx, &gpath, g)
         })
         .collect();
+    let counters = doc.counters.unwrap_or_default();
+    if counters.store == Some(crate::StoreKind::Local) && counters.on_store_failure.is_some() {
+        cx.err(
+            "counters.on_store_failure",
+            "applies only to the shared store; this document counts locally (`store: local`)",
+        );
+    }
     if cx.problems.len() > before {
         return None;
     }
-    Some(CompiledDoc { name: name.into(), denial: doc.denial.unwrap_or_default(), top, grants, source: doc.clone() })
+    let name: Arc<str> = name.into();
+    Some(CompiledDoc {
+        counter_id: name.clone(),
+        name,
+        counters,
+        denial: doc.denial.unwrap_or_default(),
+        top,
+        grants,
+        source: doc.clone(),
+    })
 }
 
 fn compile_grant(cx: &mut Ctx<'_>, gpath: &str, g: &Grant) -> CompiledGrant {

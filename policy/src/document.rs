@@ -54,6 +54,52 @@ pub struct Document {
     /// rules when the document has any `tools`, and is denied otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<Grant>,
+
+    /// Where this document's limits are counted, and what a limited call gets when the
+    /// shared store cannot decide. Omitted: as the sidecar's `--counter-store` flags say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<CounterSettings>,
+}
+
+/// A document's choice of counter store (`counters`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CounterSettings {
+    /// `local`: counted in each sidecar's memory (every replica admits `max` on its own);
+    /// `shared`: counted in the store every replica shares (Redis/Valkey, the sidecar's
+    /// `--counter-store`), so `max` holds across replicas. Omitted: the sidecar's store.
+    /// A document asking for `shared` on a sidecar without a store has its limited calls
+    /// refused (`store_unavailable`), never counted locally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreKind>,
+    /// What a limited call gets when the shared store cannot decide (unreachable, slow
+    /// past its bound): `closed` (refused, `store_unavailable`), `local` (counted in this
+    /// sidecar against `max` divided by the sidecar's `--counter-store-replicas`) or
+    /// `open` (admitted uncounted). Omitted: the sidecar's `--counter-store-on-failure`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_store_failure: Option<OnStoreFailure>,
+}
+
+/// Where a document's limits are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In each sidecar's memory.
+    Local,
+    /// In the store shared by every replica.
+    Shared,
+}
+
+/// What a limited call gets when the shared store cannot decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreFailure {
+    /// Refused with `store_unavailable` (-32015).
+    Closed,
+    /// Counted in this sidecar against `max` divided by its `--counter-store-replicas`.
+    Local,
+    /// Admitted without being counted (`toolgate_counter_store_fallbacks_total{mode="open"}`).
+    Open,
 }
 
 /// The posture for tools no rule names.

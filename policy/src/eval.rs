@@ -688,13 +688,14 @@ fn collect_demands(
             out.push(LimitDemand {
                 demand: Demand {
                     key: CounterKey {
-                        policy: doc.name.clone(),
+                        policy: doc.counter_id.clone(),
                         counter: l.counter.clone(),
                         scope: scope_key(l.scope, grant, call.caller),
                     },
                     window: l.window,
                     max: l.max,
                     amount,
+                    counters: doc.counters,
                 },
                 policy: doc.name.clone(),
                 rule: l.path.clone(),

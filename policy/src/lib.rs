@@ -45,14 +45,14 @@ use sha2::{Digest, Sha256};
 
 pub use compile::{bounds, parse_duration};
 pub use document::{
-    Action, AllTools, ApprovalSettings, Condition, DefaultAction, DenialStyle, Document, Grant, GrantMatch,
-    HeaderMatch, Limit, Op, Scope, ToolRule, Window,
+    Action, AllTools, ApprovalSettings, Condition, CounterSettings, DefaultAction, DenialStyle, Document, Grant,
+    GrantMatch, HeaderMatch, Limit, OnStoreFailure, Op, Scope, StoreKind, ToolRule, Window,
 };
 pub use error::{Error, Problem, Result};
 pub use eval::{Call, Caller, Decision, DecisionKind, Principal};
 pub use limiter::{CounterKey, Demand, Limiter, Refusal, Reservation};
 pub use parse::{MAX_DOCUMENT_BYTES, SourceFormat, document_from_value, parse_document, parse_document_with_format};
-pub use store::{CounterStore, Hold, StoreRefusal};
+pub use store::{CounterStore, Hold, LocalOnly, StoreRefusal};
 pub use strict::{StrictValue, from_slice_strict};
 
 /// A set of compiled documents that all apply together: a call passes only if every
@@ -133,6 +133,30 @@ impl Policy {
     /// these (and only these) into [`Caller::headers`].
     pub fn header_names(&self) -> &[String] {
         &self.header_names
+    }
+
+    /// Names this set's documents `<namespace>/<name>` in counter keys (not in decisions
+    /// or metrics): the McpPolicies of a sidecar in `namespace`. Two namespaces with an
+    /// McpPolicy of the same name then never share a counter (or an approval reused
+    /// through the shared store).
+    #[must_use]
+    pub fn with_counter_namespace(mut self, namespace: &str) -> Self {
+        for d in &mut self.docs {
+            d.counter_id = format!("{namespace}/{}", d.name).into();
+        }
+        self
+    }
+
+    /// The identity of document `name` in shared keys (counters, remembered approvals):
+    /// its name, or `<namespace>/<name>` after [`Self::with_counter_namespace`].
+    pub fn counter_id(&self, name: &str) -> Option<&str> {
+        self.docs.iter().find(|d| &*d.name == name).map(|d| &*d.counter_id)
+    }
+
+    /// Names of the documents that ask for the shared counter store (`counters.store:
+    /// shared`) and have limits: on a sidecar without one, their limited calls are refused.
+    pub fn wanting_shared_store(&self) -> impl Iterator<Item = &str> {
+        self.docs.iter().filter(|d| d.counters.store == Some(StoreKind::Shared)).map(|d| &*d.name)
     }
 
     /// Decides one call and, when allowed, reserves its limits at `now` in `store` (a

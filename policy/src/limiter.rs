@@ -50,6 +50,9 @@ pub struct Demand {
     pub max: u64,
     /// Units this call spends.
     pub amount: u64,
+    /// The document's choice of store and failure behaviour (`counters`): stores that
+    /// count in one place ignore it; the proxy's shared store routes by it.
+    pub counters: crate::CounterSettings,
 }
 
 /// Why a reservation was refused.
@@ -336,7 +339,7 @@ mod tests {
     }
 
     fn demand(max: u64, window_s: u64) -> Demand {
-        Demand { key: key("k"), window: Duration::from_secs(window_s), max, amount: 1 }
+        Demand { key: key("k"), window: Duration::from_secs(window_s), max, amount: 1, counters: Default::default() }
     }
 
     const S: fn(u64) -> Duration = Duration::from_secs;

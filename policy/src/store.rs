@@ -16,7 +16,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::limiter::{Demand, Refusal, Reservation};
+use crate::StoreKind;
+use crate::limiter::{Demand, Limiter, Refusal, Reservation};
 
 /// Why a store did not admit a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,4 +47,24 @@ pub trait Hold: Send + Sync + fmt::Debug {
     fn commit(self: Box<Self>);
     /// Give the units back.
     fn rollback(self: Box<Self>);
+}
+
+/// The store of a sidecar without a shared one: every limit is counted in `0` (this
+/// process), except those of documents that ask for the shared store (`counters.store:
+/// shared`): such a call is refused as [`StoreRefusal::Unavailable`] (fail closed), since
+/// counting it here would let every replica admit `max` on its own.
+#[derive(Clone, Debug, Default)]
+pub struct LocalOnly(pub Limiter);
+
+impl CounterStore for LocalOnly {
+    fn reserve(&self, demands: &[Demand], now: Duration) -> Result<Reservation, StoreRefusal> {
+        if let Some(d) = demands.iter().find(|d| d.amount > 0 && d.counters.store == Some(StoreKind::Shared)) {
+            return Err(StoreRefusal::Unavailable(format!(
+                "policy {:?} counts its limits in the shared store (counters.store: shared), and this sidecar has \
+                 none: start it with --counter-store redis://…",
+                d.key.policy
+            )));
+        }
+        self.0.reserve(demands, now).map_err(StoreRefusal::Limit)
+    }
 }

@@ -110,7 +110,7 @@ proptest! {
                 }
                 Op::Reserve { advance_ms, amount, then } => {
                     now += Duration::from_millis(advance_ms);
-                    let demand = Demand { key: key.clone(), window, max, amount };
+                    let demand = Demand { key: key.clone(), window, max, amount, counters: Default::default() };
                     let expected = reference.admits(now, window, max, amount);
                     match limiter.reserve(std::slice::from_ref(&demand), now) {
                         Ok(r) => {
@@ -165,12 +165,14 @@ fn reserve_is_all_or_nothing() {
         window: Duration::from_secs(60),
         max: 2,
         amount: 1,
+        counters: Default::default(),
     };
     let hour = Demand {
         key: CounterKey { policy: "p".into(), counter: "hour".into(), scope: "".into() },
         window: Duration::from_secs(3600),
         max: 3,
         amount: 1,
+        counters: Default::default(),
     };
     let both = [minute.clone(), hour.clone()];
     for t in [0, 1, 61, 62] {

@@ -310,7 +310,8 @@ pub struct StoreArgs {
     /// max / --counter-store-replicas), `open` (admitted uncounted).
     #[arg(long = "counter-store-on-failure", env = "TOOLGATE_COUNTER_STORE_ON_FAILURE", default_value = "closed")]
     pub on_failure: String,
-    /// How many replicas share the limits (for `--counter-store-on-failure local`).
+    /// How many replicas share the limits: while the store is down, a `local` fallback (this
+    /// flag's or a policy's `counters.on_store_failure: local`) admits max / replicas here.
     #[arg(long = "counter-store-replicas", env = "TOOLGATE_COUNTER_STORE_REPLICAS", default_value_t = 1)]
     pub replicas: u64,
 }
@@ -414,6 +415,8 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
     // In `--stdio` mode stdout carries the protocol, so audit lines go to stderr.
     let sink = if args.stdio { AuditSink::Stderr } else { AuditSink::Stdout };
     let telemetry = Arc::new(Telemetry::new(metrics.clone(), args.pod_name.clone(), args.audit_arguments, sink));
+    // The store first: loading a policy checks whether it can count shared limits.
+    let counters = counter_store(&args.store)?.map(|shared| metrics.store.monitor(&shared, Duration::from_secs(2)));
     let mut approvals = None;
     let policy_rx = match start {
         Start::Files(policy) => {
@@ -472,8 +475,8 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
     };
     let shared_identity = matches!(identity, IdentitySource::Shared);
     let mut gate = Gate::new(policy_rx, telemetry, identity, approver);
-    if let Some(shared) = counter_store(&args.store)? {
-        gate = gate.with_counters(metrics.store.monitor(&shared, Duration::from_secs(2)));
+    if let Some(counters) = counters {
+        gate = gate.with_counters(counters);
     }
     let gate = Arc::new(gate);
 
@@ -723,9 +726,11 @@ fn counter_store(args: &StoreArgs) -> anyhow::Result<Option<SharedCounters>> {
     if args.timeout_ms == 0 || args.timeout_ms > 60_000 {
         bail!("--counter-store-timeout-ms {}: from 1 to 60000", args.timeout_ms);
     }
+    if args.replicas == 0 {
+        bail!("--counter-store-replicas must be at least 1");
+    }
     let on_failure =
         match args.on_failure.parse::<OnFailure>().map_err(|e| anyhow::anyhow!("--counter-store-on-failure {e}"))? {
-            OnFailure::Local { .. } if args.replicas == 0 => bail!("--counter-store-replicas must be at least 1"),
             OnFailure::Local { .. } => OnFailure::Local { replicas: args.replicas },
             other => other,
         };
@@ -749,7 +754,7 @@ fn counter_store(args: &StoreArgs) -> anyhow::Result<Option<SharedCounters>> {
     };
     let redis = RedisCounters::new(&config)?;
     tracing::info!(store = %redact(&args.url), prefix = %args.prefix, ?on_failure, "rate limits are counted in the shared store");
-    Ok(Some(SharedCounters::new(redis, on_failure)?))
+    Ok(Some(SharedCounters::new(redis, on_failure)?.with_replicas(args.replicas)))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use hyper::HeaderMap;
 use serde_json::Value;
 use tokio::sync::watch;
-use toolgate_policy::{Call, Caller, CounterStore, Decision, DecisionKind, Limiter, Reservation};
+use toolgate_policy::{Call, Caller, CounterStore, Decision, DecisionKind, Limiter, LocalOnly, Reservation};
 
 use crate::live::Effective;
 use crate::mcp::canonical;
@@ -91,7 +91,8 @@ impl Held {
 pub struct Gate {
     pub policy: watch::Receiver<Arc<Effective>>,
     pub limiter: Limiter,
-    /// Where enforcing documents' limits are counted: `limiter`, or a shared store.
+    /// Where enforcing documents' limits are counted: `limiter` (refusing documents that
+    /// ask for the shared store), or a shared store.
     pub counters: Arc<dyn CounterStore>,
     /// Counters of dry-run documents, apart from the enforcing ones.
     pub dry_run_limiter: Limiter,
@@ -111,7 +112,7 @@ impl Gate {
         let limiter = Limiter::default();
         Self {
             policy,
-            counters: Arc::new(limiter.clone()),
+            counters: Arc::new(LocalOnly(limiter.clone())),
             limiter,
             dry_run_limiter: Limiter::default(),
             telemetry,

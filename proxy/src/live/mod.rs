@@ -102,7 +102,20 @@ impl Effective {
 
 /// Records `policy` as the one now enforced in the metrics (`toolgate_policy_info`,
 /// `toolgate_policy_loaded`, and the tool names its documents name as label values).
+///
+/// Warns when a document asks for the shared counter store (`counters.store: shared`) and
+/// this sidecar has none: its limited calls are refused (`store_unavailable`).
 pub fn enforced(metrics: &Metrics, policy: &Effective) {
+    if !metrics.store.is_shared() {
+        let wanting: Vec<&str> = policy.enforce.wanting_shared_store().collect();
+        if !wanting.is_empty() {
+            tracing::warn!(
+                policies = ?wanting,
+                "these policies count their limits in the shared store (counters.store: shared) and this sidecar \
+                 has none (--counter-store local): their limited calls are refused as store_unavailable"
+            );
+        }
+    }
     metrics.policy_enforced(
         &policy.revision,
         !policy.is_empty(),

@@ -30,8 +30,10 @@ pub fn compile_set(set: &PolicySet) -> Result<Effective, String> {
     if !problems.is_empty() {
         return Err(problems.join("\n"));
     }
-    let enforce = compile_group(enforce)?;
-    let dry_run = compile_group(dry_run)?;
+    // Counter keys (and approvals remembered in a shared store) name the pod's namespace:
+    // McpPolicies of the same name in two namespaces never share them.
+    let enforce = compile_group(enforce)?.with_counter_namespace(&set.pod.namespace);
+    let dry_run = compile_group(dry_run)?.with_counter_namespace(&set.pod.namespace);
     Ok(Effective::new(enforce, dry_run, set.revision.clone(), Source::Operator))
 }
 
@@ -125,6 +127,9 @@ mod tests {
         assert_eq!(e.enforce.names().collect::<Vec<_>>(), ["a"]);
         assert_eq!(e.dry_run.names().collect::<Vec<_>>(), ["b"]);
         assert_eq!(e.revision, s.revision);
+        // Shared keys name the pod's namespace, decisions the McpPolicy.
+        assert_eq!(e.enforce.counter_id("a"), Some("ns/a"));
+        assert_eq!(e.dry_run.counter_id("b"), Some("ns/b"));
         assert!(compile_set(&set(vec![])).expect("empty").is_empty());
         let bad = set(vec![pushed(
             "limits",

@@ -3,10 +3,13 @@
 //! itself is built from the flags in `config` (`--counter-store …`) and used by the gate
 //! for enforcing limits.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use toolgate_counters::{RedisCounters, SharedCounters};
@@ -18,7 +21,13 @@ pub struct StoreMetrics {
     up: Gauge,
     errors: Counter,
     round_trips: Counter,
+    fallbacks: Family<FallbackLabels, Counter>,
     redis: OnceLock<RedisCounters>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    mode: &'static str,
 }
 
 impl StoreMetrics {
@@ -40,8 +49,18 @@ impl StoreMetrics {
             "Counter store round trips (one per decision with limits, one per rollback)",
             m.round_trips.clone(),
         );
+        registry.register(
+            "toolgate_counter_store_fallbacks",
+            "Limited calls decided without the unreachable store: mode=local (counted here against max / replicas), mode=open (admitted uncounted)",
+            m.fallbacks.clone(),
+        );
         m.up.set(-1);
         m
+    }
+
+    /// Whether limits can be counted in a shared store (the flags named one).
+    pub fn is_shared(&self) -> bool {
+        self.redis.get().is_some()
     }
 
     /// One line for `/readyz`: the store's state (`None` for the local store).
@@ -61,8 +80,12 @@ impl StoreMetrics {
         let _ = self.redis.set(redis.clone());
         // The series' handles share their values with the registered ones.
         let (up_gauge, failed, round_trips) = (self.up.clone(), self.errors.clone(), self.round_trips.clone());
+        let local = self.fallbacks.get_or_create(&FallbackLabels { mode: "local" }).clone();
+        let open = self.fallbacks.get_or_create(&FallbackLabels { mode: "open" }).clone();
+        let shared = store.clone();
         tokio::spawn(async move {
             let (mut errors, mut trips) = (0u64, 0u64);
+            let (mut locals, mut opens) = (0u64, 0u64);
             let mut was_up = None;
             loop {
                 let _ = redis.ping().await;
@@ -84,6 +107,11 @@ impl StoreMetrics {
                 let t = redis.round_trips();
                 round_trips.inc_by(t.saturating_sub(trips));
                 trips = t;
+                let f = shared.fallbacks();
+                let (l, o) = (f.local.load(Ordering::Relaxed), f.open.load(Ordering::Relaxed));
+                local.inc_by(l.saturating_sub(locals));
+                open.inc_by(o.saturating_sub(opens));
+                (locals, opens) = (l, o);
                 tokio::time::sleep(every).await;
             }
         });
