@@ -37,7 +37,8 @@ use redis::{IntoConnectionInfo, Script};
 use sha2::{Digest, Sha256};
 use tokio::runtime::{Handle, RuntimeFlavor};
 use toolgate_policy::{
-    CounterKey, CounterStore, Demand, Hold, Limiter, OnStoreFailure, Refusal, Reservation, StoreKind, StoreRefusal,
+    ApprovalMemory, CounterKey, CounterStore, Demand, Hold, Limiter, OnStoreFailure, Refusal, RememberedApproval,
+    Reservation, StoreKind, StoreRefusal,
 };
 
 const RESERVE_LUA: &str = include_str!("script.lua");
@@ -330,6 +331,88 @@ impl RedisCounters {
     }
 }
 
+/// The Redis key of an approval remembered for `key` (see [`ApprovalMemory`]): hashed, so
+/// no caller-chosen text reaches a key name.
+pub fn approval_key(prefix: &str, key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let tag: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{{{tag}}}:a")
+}
+
+/// `<name length>:<name><0|1><decided_by>`: any text round-trips.
+fn encode_approval(a: &RememberedApproval) -> String {
+    let (flag, by) = match &a.decided_by {
+        Some(b) => ('1', b.as_str()),
+        None => ('0', ""),
+    };
+    format!("{}:{}{flag}{by}", a.name.len(), a.name)
+}
+
+fn decode_approval(v: &str) -> Option<RememberedApproval> {
+    let (len, rest) = v.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    let name = rest.get(..len)?;
+    let tail = rest.get(len..)?;
+    let decided_by = match tail.strip_prefix('1') {
+        Some(by) => Some(by.to_owned()),
+        None if tail == "0" => None,
+        None => return None,
+    };
+    Some(RememberedApproval { name: name.to_owned(), decided_by })
+}
+
+impl RedisCounters {
+    /// `SET key value PX window`: an approval remembered for `window`.
+    pub async fn remember_approval(
+        &self,
+        key: &str,
+        a: &RememberedApproval,
+        window: Duration,
+    ) -> Result<(), StoreError> {
+        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(approval_key(&self.inner.prefix, key)).arg(encode_approval(a)).arg("PX").arg(ms);
+        let mut c = self.inner.conn.clone();
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.bounded(async move { cmd.query_async::<()>(&mut c).await }).await
+    }
+
+    /// The approval remembered under `key`, if its window has not passed.
+    pub async fn recall_approval(&self, key: &str) -> Result<Option<RememberedApproval>, StoreError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(approval_key(&self.inner.prefix, key));
+        let mut c = self.inner.conn.clone();
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        let v: Option<String> = self.bounded(async move { cmd.query_async(&mut c).await }).await?;
+        match v {
+            None => Ok(None),
+            Some(v) => decode_approval(&v).map(Some).ok_or_else(|| StoreError::Protocol(format!("approval {v:?}"))),
+        }
+    }
+}
+
+impl ApprovalMemory for SharedCounters {
+    fn remember(&self, key: &str, approval: &RememberedApproval, window: Duration) {
+        match self.wait(self.redis.remember_approval(key, approval, window)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(error = %e, "could not share an approval for reuse; other replicas will ask again");
+            }
+        }
+    }
+
+    fn recall(&self, key: &str) -> Option<RememberedApproval> {
+        match self.wait(self.redis.recall_approval(key)) {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) | Err(e) => {
+                // Fail closed: not reused, the call is asked about again.
+                tracing::warn!(error = %e, "could not look up a shared approval; asking again");
+                None
+            }
+        }
+    }
+}
+
 fn reservation_id() -> Result<String, StoreError> {
     let mut b = [0u8; 12];
     getrandom::fill(&mut b).map_err(|_| StoreError::Runtime("no randomness for a reservation id"))?;
@@ -594,6 +677,21 @@ mod tests {
         let a = CounterKey { policy: "a".into(), counter: "bc".into(), scope: "".into() };
         let b = CounterKey { policy: "ab".into(), counter: "c".into(), scope: "".into() };
         assert_ne!(keys_for("", &a), keys_for("", &b));
+    }
+
+    #[test]
+    fn approvals_round_trip_and_keys_hide_their_text() {
+        for a in [
+            RememberedApproval { name: "start-pod-1".into(), decided_by: Some("a:b\n1".into()) },
+            RememberedApproval { name: "x:1".into(), decided_by: None },
+            RememberedApproval { name: String::new(), decided_by: Some(String::new()) },
+        ] {
+            assert_eq!(decode_approval(&encode_approval(&a)), Some(a));
+        }
+        assert_eq!(decode_approval("9:abc0"), None);
+        assert_eq!(decode_approval("3:abc2"), None);
+        let k = approval_key("tg:", "}{evil");
+        assert!(k.starts_with("tg:{") && k.ends_with("}:a") && !k.contains("evil"), "{k}");
     }
 
     #[test]

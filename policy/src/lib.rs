@@ -52,7 +52,7 @@ pub use error::{Error, Problem, Result};
 pub use eval::{Call, Caller, Decision, DecisionKind, Principal};
 pub use limiter::{CounterKey, Demand, Limiter, Refusal, Reservation};
 pub use parse::{MAX_DOCUMENT_BYTES, SourceFormat, document_from_value, parse_document, parse_document_with_format};
-pub use store::{CounterStore, Hold, LocalOnly, StoreRefusal};
+pub use store::{ApprovalMemory, CounterStore, Hold, LocalOnly, RememberedApproval, StoreRefusal};
 pub use strict::{StrictValue, from_slice_strict};
 
 /// A set of compiled documents that all apply together: a call passes only if every

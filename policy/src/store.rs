@@ -68,3 +68,25 @@ impl CounterStore for LocalOnly {
         self.0.reserve(demands, now).map_err(StoreRefusal::Limit)
     }
 }
+
+/// An approval given with `reuse_for`, as remembered for identical calls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RememberedApproval {
+    /// The McpApproval's name.
+    pub name: String,
+    /// Who approved it, when known.
+    pub decided_by: Option<String>,
+}
+
+/// Where approvals given with `reuse_for` are remembered so that every replica enforcing
+/// the same policy reuses them (the proxy keeps its own memory besides). `key` identifies
+/// what the approval covers (policy identity, rule, tool, grant, caller, argument digest);
+/// stores hash it and never put its text in a key name.
+pub trait ApprovalMemory: Send + Sync + fmt::Debug {
+    /// Remembers `approval` under `key` for `window` (best effort: a store that cannot
+    /// write it only means the call is asked about again elsewhere).
+    fn remember(&self, key: &str, approval: &RememberedApproval, window: Duration);
+    /// The approval remembered under `key` within its window. `None` when there is none
+    /// **or the store cannot answer**: the call is then asked about again (fail closed).
+    fn recall(&self, key: &str) -> Option<RememberedApproval>;
+}

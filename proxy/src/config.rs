@@ -416,7 +416,11 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
     let sink = if args.stdio { AuditSink::Stderr } else { AuditSink::Stdout };
     let telemetry = Arc::new(Telemetry::new(metrics.clone(), args.pod_name.clone(), args.audit_arguments, sink));
     // The store first: loading a policy checks whether it can count shared limits.
-    let counters = counter_store(&args.store)?.map(|shared| metrics.store.monitor(&shared, Duration::from_secs(2)));
+    // The same store remembers approvals given with `reuse_for` for every replica.
+    let counters = counter_store(&args.store)?.map(|shared| {
+        let memory: Arc<dyn toolgate_policy::ApprovalMemory> = Arc::new(shared.clone());
+        (metrics.store.monitor(&shared, Duration::from_secs(2)), memory)
+    });
     let mut approvals = None;
     let policy_rx = match start {
         Start::Files(policy) => {
@@ -475,8 +479,8 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
     };
     let shared_identity = matches!(identity, IdentitySource::Shared);
     let mut gate = Gate::new(policy_rx, telemetry, identity, approver);
-    if let Some(counters) = counters {
-        gate = gate.with_counters(counters);
+    if let Some((counters, memory)) = counters {
+        gate = gate.with_counters(counters).with_approval_memory(memory);
     }
     let gate = Arc::new(gate);
 

@@ -793,3 +793,81 @@ fn when_approval_cannot_be_requested_the_call_is_refused() {
     assert_eq!(h.mcp.called("start-pod"), 0);
     assert_eq!(sample(&metrics(&proxy), "toolgate_approvals_pending "), 0.0);
 }
+
+/// `reuse_for` across replicas: two proxies enforcing the same McpPolicy share one Redis
+/// (`--counter-store`). An approval given through one covers the identical call (same
+/// caller, tool and canonical arguments) on the other within the window; other arguments
+/// or another caller are asked about; with the store down the other replica asks again
+/// (fail closed) while the approving one still reuses its own memory.
+#[test]
+fn reuse_for_covers_the_identical_call_on_another_replica_through_the_shared_store() {
+    let h = Harness::new();
+    let mut redis = toolgate_tests::redis::RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let policy = approval_policy(json!({"timeout": "5m", "reuse_for": "10m"}));
+    let op = h.operator("tok-1", &policy);
+    let replica = |n: usize| {
+        let tail = vec![
+            format!("--operator={}", op.url()),
+            format!("--token-file={}", h.token_file().display()),
+            format!("--ca-file={}", h.dir.path().join("ca.crt").display()),
+            format!("--state-dir={}", h.dir.path().join(format!("state-{n}")).display()),
+            format!("--upstream={}", h.mcp.url()),
+            format!("--counter-store={}", redis.url()),
+            "--counter-store-prefix=reuse:".into(),
+            "--counter-store-timeout-ms=2000".into(),
+        ];
+        support::proxy(&[], &tail, &[("TOOLGATE_POD_NAME", format!("pod-{n}"))])
+    };
+    let (a, b) = (replica(0), replica(1));
+    eventually("both replicas acknowledge the policy", || {
+        (op.acks().iter().filter(|s| s.ack.revision == policy.revision && s.ack.error.is_none()).count() >= 2)
+            .then_some(())
+    });
+    let on_a = Client::initialize(a.proc.port, "agent");
+    let on_b = Client::initialize(b.proc.port, "agent");
+    let args = json!({"podId": "p-1", "gpuCount": 1});
+
+    let first = spawn_call(a.proc.port, &on_a.session, 1, "start-pod", args.clone());
+    let seen = wait_request(&op, 1);
+    op.decide(&seen.name, "Approved", Some("alice"), None);
+    assert!(first.join().unwrap()["result"].is_object());
+    assert_eq!(h.mcp.called("start-pod"), 1);
+
+    // The identical call (keys in another order) on the other replica: passes at once.
+    let again = call_args(b.proc.port, &on_b.session, 2, "start-pod", json!({"gpuCount": 1, "podId": "p-1"}));
+    assert!(again["result"].is_object(), "reused through the shared store: {again}");
+    assert_eq!(op.approvals().len(), 1, "no new approval request");
+    assert_eq!(h.mcp.called("start-pod"), 2);
+    let reused = audit_line(&b, "the reuse's audit line on replica b", |l| l["approvalReused"] == true);
+    assert_eq!((&reused["approval"], &reused["decidedBy"]), (&json!(seen.name), &json!("alice")));
+
+    // Other arguments, or another caller, on replica b: asked about.
+    let changed = spawn_call(b.proc.port, &on_b.session, 3, "start-pod", json!({"podId": "p-2", "gpuCount": 1}));
+    let second = wait_request(&op, 2);
+    op.decide(&second.name, "Denied", Some("bob"), None);
+    assert_eq!(error_code(&changed.join().unwrap()), Some(DENIED));
+    let other = Client::initialize(b.proc.port, "another-agent");
+    let port = b.proc.port;
+    let session = other.session.clone();
+    let body = call_body(4, "start-pod", &args);
+    let theirs = std::thread::spawn(move || post(port, "another-agent", &session, &body));
+    let third = wait_request(&op, 3);
+    assert_eq!(third.request.identity, toolgate_policy::fingerprint("Bearer another-agent"));
+    op.decide(&third.name, "Denied", Some("bob"), None);
+    assert_eq!(error_code(&theirs.join().unwrap().1), Some(DENIED));
+    assert_eq!(h.mcp.called("start-pod"), 2);
+
+    // Store down: replica b cannot see the shared approval and asks again (fail closed);
+    // replica a still has its own.
+    redis.kill();
+    let asked = spawn_call(b.proc.port, &on_b.session, 5, "start-pod", args.clone());
+    let fourth = wait_request(&op, 4);
+    assert_eq!(fourth.request.arguments_digest, seen.request.arguments_digest);
+    still_held(&asked, &h, "start-pod", 2);
+    op.decide(&fourth.name, "Denied", Some("bob"), None);
+    assert_eq!(error_code(&asked.join().unwrap()), Some(DENIED));
+    let own = call_args(a.proc.port, &on_a.session, 6, "start-pod", args);
+    assert!(own["result"].is_object(), "the approving replica's own memory: {own}");
+    assert_eq!(op.approvals().len(), 4);
+    assert_eq!(h.mcp.called("start-pod"), 3);
+}

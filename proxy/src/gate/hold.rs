@@ -107,6 +107,21 @@ impl ReuseKey {
     }
 }
 
+impl ReuseKey {
+    /// The key's identity in a store shared by replicas: SHA-256 (hex) over its
+    /// length-prefixed parts, so no field's text can run into another's.
+    pub fn shared_id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let grant = self.grant.as_deref().map_or_else(|| "0".to_owned(), |g| format!("1{g}"));
+        for part in [&self.policy, &self.rule, &self.tool, &grant, &self.identity, &self.digest] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// An approval that still covers identical calls.
 #[derive(Clone, Debug)]
 pub struct Reusable {

@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use hyper::HeaderMap;
 use serde_json::Value;
 use tokio::sync::watch;
-use toolgate_policy::{Call, Caller, CounterStore, Decision, DecisionKind, Limiter, LocalOnly, Reservation};
+use toolgate_policy::{
+    ApprovalMemory, Call, Caller, CounterStore, Decision, DecisionKind, Limiter, LocalOnly, RememberedApproval,
+    Reservation,
+};
 
 use crate::live::Effective;
 use crate::mcp::canonical;
@@ -99,6 +102,8 @@ pub struct Gate {
     pub telemetry: Arc<Telemetry>,
     pub identity: IdentitySource,
     pub approver: Approvers,
+    /// Approvals given with `reuse_for`, shared by the replicas (the counter store).
+    pub approval_memory: Option<Arc<dyn ApprovalMemory>>,
     epoch: Instant,
 }
 
@@ -118,6 +123,7 @@ impl Gate {
             telemetry,
             identity,
             approver,
+            approval_memory: None,
             epoch: Instant::now(),
         }
     }
@@ -126,6 +132,23 @@ impl Gate {
     pub fn with_counters(mut self, counters: Arc<dyn CounterStore>) -> Self {
         self.counters = counters;
         self
+    }
+
+    /// Remembers approvals given with `reuse_for` in `memory` too, so that other replicas
+    /// reuse them.
+    pub fn with_approval_memory(mut self, memory: Arc<dyn ApprovalMemory>) -> Self {
+        self.approval_memory = Some(memory);
+        self
+    }
+
+    /// An approval covering `key`: this proxy's own memory, else the shared one (which
+    /// answers `None` when it cannot: the call is asked about again).
+    fn reusable(&self, a: &dyn Approver, key: &ReuseKey) -> Option<(String, Option<String>)> {
+        if let Some(r) = a.reusable(key) {
+            return Some((r.name, r.decided_by));
+        }
+        let found = self.approval_memory.as_ref()?.recall(&key.shared_id())?;
+        Some((found.name, found.decided_by))
     }
 
     pub fn now(&self) -> Duration {
@@ -482,14 +505,14 @@ impl Gate {
             Approvers::Operator(a) if alone => {
                 let digest = canonical::arguments_sha256_hex(call.arguments);
                 if d.approval_reuse.is_some() {
-                    let key = reuse_key(&d, call, &digest);
-                    if let Some(r) = a.reusable(&key) {
+                    let key = reuse_key(&d, call, &digest, policy);
+                    if let Some((name, decided_by)) = self.reusable(&**a, &key) {
                         let d = d.approved(&*self.counters, now);
                         let mut event = DecisionEvent::of(d.kind.as_str(), &d);
                         event.approval = Some(audit::Approval {
-                            approval: &r.name,
+                            approval: &name,
                             approval_phase: "Approved",
-                            decided_by: r.decided_by.as_deref(),
+                            decided_by: decided_by.as_deref(),
                             approval_reused: true,
                         });
                         self.telemetry.decision(call, &event, &policy.revision, started, true);
@@ -542,8 +565,8 @@ impl Gate {
         reason: Option<&str>,
     ) -> Result<Tracker, Refusal> {
         let Hold { approvals, id, call, decision, dry_run, revision, digest, started } = hold;
-        let reuse = decision.approval_reuse.map(|w| (w, reuse_key(&decision, &call.as_call(), &digest)));
         let policy = self.current();
+        let reuse = decision.approval_reuse.map(|w| (w, reuse_key(&decision, &call.as_call(), &digest, &policy)));
         let now = self.now();
         let (mut d, revision) = if policy.revision == revision || policy.decides_nothing() {
             (decision.approved(&*self.counters, now), revision)
@@ -560,6 +583,10 @@ impl Gate {
             Some(audit::Approval { approval: name, approval_phase: "Approved", decided_by, approval_reused: false });
         self.telemetry.decision(&call.as_call(), &event, &revision, started, true);
         if let Some((window, key)) = reuse {
+            if let Some(m) = &self.approval_memory {
+                let shared = RememberedApproval { name: name.to_owned(), decided_by: decided_by.map(str::to_owned) };
+                m.remember(&key.shared_id(), &shared, window);
+            }
             approvals.remember(key, name, decided_by, window);
         }
         match d.reservation.take() {
@@ -721,9 +748,12 @@ fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&
     None
 }
 
-/// What an approval given for this call covers with `reuse_for`.
-fn reuse_key(d: &Decision, call: &Call<'_>, digest: &str) -> ReuseKey {
-    ReuseKey::new(d.policy.as_deref(), d.rule.as_deref(), call.tool, d.grant.as_deref(), &call.caller.identity, digest)
+/// What an approval given for this call covers with `reuse_for`. The policy is named by
+/// its identity in shared keys (`<namespace>/<name>` for McpPolicies), as counters are.
+fn reuse_key(d: &Decision, call: &Call<'_>, digest: &str, policy: &Effective) -> ReuseKey {
+    let name = d.policy.as_deref();
+    let id = name.map(|n| policy.enforce.counter_id(n).unwrap_or(n));
+    ReuseKey::new(id, d.rule.as_deref(), call.tool, d.grant.as_deref(), &call.caller.identity, digest)
 }
 
 #[cfg(test)]
