@@ -32,7 +32,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{IntoConnectionInfo, Script};
 use sha2::{Digest, Sha256};
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -141,16 +144,320 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// The Redis keys of one counter: its admissions and their sum.
+/// The Redis keys of one counter: its admissions and their sum,
+/// `<prefix>{<policy tag>}:<counter tag>:w` and `…:n`. The hash tag covers the policy
+/// identity only, so every key of one document lives in one Redis Cluster slot and one
+/// script can reserve all of its limits; the counter tag covers (policy, counter, scope).
 pub fn keys_for(prefix: &str, key: &CounterKey) -> (String, String) {
+    let tag = hex16(&[&key.policy]);
+    let id = hex16(&[&key.policy, &key.counter, &key.scope]);
+    (format!("{prefix}{{{tag}}}:{id}:w"), format!("{prefix}{{{tag}}}:{id}:n"))
+}
+
+/// 32 hex digits of SHA-256 over length-prefixed parts.
+fn hex16(parts: &[&str]) -> String {
     let mut h = Sha256::new();
-    for part in [&*key.policy, &*key.counter, &*key.scope] {
+    for part in parts {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
-    let digest = h.finalize();
-    let tag: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    (format!("{prefix}{{{tag}}}:w"), format!("{prefix}{{{tag}}}:n"))
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hash tag of a key (`{…}`), which decides its Cluster slot.
+fn slot_tag(key: &str) -> &str {
+    match (key.find('{'), key.find('}')) {
+        (Some(a), Some(b)) if b > a => &key[a..=b],
+        _ => key,
+    }
+}
+
+/// Where the store is, from the `--counter-store` URL.
+#[derive(Debug, PartialEq, Eq)]
+enum Endpoint {
+    /// `redis://`, `rediss://`, `redis+unix://`: one server (or a Service in front of one).
+    Single,
+    /// `redis+cluster://h1:p1,h2:p2` (`rediss+cluster://` for TLS): seed nodes of a
+    /// Redis Cluster; the client learns the rest.
+    Cluster { tls: bool, seeds: Vec<(String, u16)> },
+    /// `redis+sentinel://s1:26379,s2:26379/<master>[/<db>]`: Sentinels that name the
+    /// master; after a failover the next connection goes to the new one.
+    Sentinel { sentinels: Vec<(String, u16)>, master: String, db: i64 },
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Url(format!("{}: {why}", redact(url)));
+        let (rest, kind) = if let Some(r) = url.strip_prefix("redis+cluster://") {
+            (r, "cluster")
+        } else if let Some(r) = url.strip_prefix("rediss+cluster://") {
+            (r, "clusters")
+        } else if let Some(r) = url.strip_prefix("redis+sentinel://") {
+            (r, "sentinel")
+        } else {
+            return Ok(Self::Single);
+        };
+        if rest.contains('@') {
+            return Err(bad(
+                "no user or password in the URL: use --counter-store-username and --counter-store-password-file",
+            ));
+        }
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut nodes = Vec::new();
+        for h in hosts.split(',') {
+            let (host, port) = h.rsplit_once(':').ok_or_else(|| bad(&format!("{h:?}: host:port")))?;
+            let port: u16 = port.parse().map_err(|_| bad(&format!("{h:?}: host:port")))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() || port == 0 {
+                return Err(bad(&format!("{h:?}: host:port")));
+            }
+            nodes.push((host.to_owned(), port));
+        }
+        if nodes.len() > 64 {
+            return Err(bad("at most 64 nodes"));
+        }
+        match kind {
+            "sentinel" => {
+                let mut parts = path.split('/');
+                let master = parts.next().unwrap_or("").to_owned();
+                if master.is_empty() {
+                    return Err(bad("name the master: redis+sentinel://host:26379,…/<master>[/<db>]"));
+                }
+                let db = match parts.next() {
+                    None | Some("") => 0,
+                    Some(d) => d.parse().map_err(|_| bad(&format!("{d:?} is not a database number")))?,
+                };
+                if parts.next().is_some() {
+                    return Err(bad("redis+sentinel://host:26379,…/<master>[/<db>]"));
+                }
+                Ok(Self::Sentinel { sentinels: nodes, master, db })
+            }
+            _ if !path.is_empty() => Err(bad("a Redis Cluster has only database 0: no path")),
+            k => Ok(Self::Cluster { tls: k == "clusters", seeds: nodes }),
+        }
+    }
+}
+
+fn single(config: &RedisConfig) -> Result<ConnectionManager, ConfigError> {
+    let mut info = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| ConfigError::Url(format!("{}: {e}", redact(&config.url))))?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(u) = &config.username {
+        settings = settings.set_username(u);
+    }
+    if let Some(p) = &config.password {
+        settings = settings.set_password(p);
+    }
+    info = info.set_redis_settings(settings);
+    let client = match &config.ca_pem {
+        None => redis::Client::open(info),
+        Some(_) if !config.url.starts_with("rediss://") => {
+            return Err(ConfigError::Url("a CA file is only used with a rediss:// URL".into()));
+        }
+        Some(pem) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+        ),
+    }
+    .map_err(|e| ConfigError::Url(e.to_string()))?;
+    let cm = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.timeout))
+        .set_response_timeout(Some(config.timeout))
+        .set_number_of_retries(3)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_lazy_with_config(client, cm).map_err(|e| ConfigError::Url(e.to_string()))
+}
+
+fn cluster(config: &RedisConfig, tls: bool, seeds: &[(String, u16)]) -> Result<ClusterClient, ConfigError> {
+    let scheme = if tls { "rediss" } else { "redis" };
+    let urls: Vec<String> = seeds.iter().map(|(h, p)| format!("{scheme}://{h}:{p}")).collect();
+    let mut b = ClusterClient::builder(urls)
+        .connection_timeout(config.timeout)
+        .response_timeout(config.timeout)
+        .retries(2)
+        .min_retry_wait(50)
+        .max_retry_wait(2000);
+    if let Some(u) = &config.username {
+        b = b.username(u);
+    }
+    if let Some(p) = &config.password {
+        b = b.password(p);
+    }
+    match &config.ca_pem {
+        Some(_) if !tls => return Err(ConfigError::Url("a CA file is only used with rediss+cluster://".into())),
+        Some(pem) => b = b.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) }),
+        None => {}
+    }
+    b.build().map_err(|e| ConfigError::Url(e.to_string()))
+}
+
+fn sentinel(
+    config: &RedisConfig,
+    sentinels: Vec<(String, u16)>,
+    master: &str,
+    db: i64,
+) -> Result<SentinelClient, ConfigError> {
+    if config.ca_pem.is_some() {
+        return Err(ConfigError::Url("TLS is not supported with redis+sentinel:// (yet)".into()));
+    }
+    let addrs = sentinels.into_iter().map(|(h, p)| redis::ConnectionAddr::Tcp(h, p));
+    let mut b = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+        .map_err(|e| ConfigError::Url(e.to_string()))?
+        .set_client_to_redis_db(db);
+    if let Some(u) = &config.username {
+        b = b.set_client_to_redis_username(u);
+    }
+    if let Some(p) = &config.password {
+        b = b.set_client_to_redis_password(p);
+    }
+    b.build().map_err(|e| ConfigError::Url(e.to_string()))
+}
+
+/// A connection to the store, whatever its shape. Cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    /// One server: the connection manager reconnects with back-off.
+    Single(ConnectionManager),
+    /// Cluster or Sentinel: connected on first use, and again after a failure (for
+    /// Sentinel: asking the Sentinels for the master anew, so a failover is followed).
+    Lazy(Arc<Lazy>),
+}
+
+struct Lazy {
+    source: Source,
+    timeout: Duration,
+    cached: tokio::sync::Mutex<Option<Live>>,
+}
+
+enum Source {
+    Cluster(ClusterClient),
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+#[derive(Clone)]
+enum Live {
+    Cluster(ClusterConnection),
+    Node(MultiplexedConnection),
+}
+
+impl Conn {
+    fn lazy(source: Source, timeout: Duration) -> Self {
+        Self::Lazy(Arc::new(Lazy { source, timeout, cached: tokio::sync::Mutex::new(None) }))
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self, Self::Lazy(l) if matches!(l.source, Source::Cluster(_)))
+    }
+}
+
+impl Lazy {
+    async fn get(&self) -> redis::RedisResult<Live> {
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = &*cached {
+            return Ok(c.clone());
+        }
+        let live = match &self.source {
+            Source::Cluster(client) => Live::Cluster(client.get_async_connection().await?),
+            Source::Sentinel(client) => {
+                let t = self.timeout;
+                let cfg =
+                    redis::AsyncConnectionConfig::new().set_connection_timeout(Some(t)).set_response_timeout(Some(t));
+                Live::Node(client.lock().await.get_async_connection_with_config(&cfg).await?)
+            }
+        };
+        *cached = Some(live.clone());
+        Ok(live)
+    }
+
+    async fn forget(&self) {
+        *self.cached.lock().await = None;
+    }
+}
+
+impl redis::aio::ConnectionLike for Live {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Node(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Node(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Cluster(c) => c.get_db(),
+            Self::Node(c) => c.get_db(),
+        }
+    }
+}
+
+/// Whether a failed command means the connection should be made anew (not a script the
+/// server lost, which `EVALSHA` handles by loading it again).
+fn reconnect_after(e: &redis::RedisError) -> bool {
+    !matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Lazy(l) => {
+                let l = l.clone();
+                Box::pin(async move {
+                    let mut c = l.get().await?;
+                    let r = c.req_packed_command(cmd).await;
+                    if r.as_ref().is_err_and(reconnect_after) {
+                        l.forget().await;
+                    }
+                    r
+                })
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Lazy(l) => {
+                let l = l.clone();
+                Box::pin(async move {
+                    let mut c = l.get().await?;
+                    let r = c.req_packed_commands(pipeline, offset, count).await;
+                    if r.as_ref().is_err_and(reconnect_after) {
+                        l.forget().await;
+                    }
+                    r
+                })
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Lazy(_) => 0,
+        }
+    }
 }
 
 /// One reserved entry: where it is and its member name.
@@ -168,7 +475,7 @@ pub struct RedisCounters {
 }
 
 struct RedisInner {
-    conn: ConnectionManager,
+    conn: Conn,
     reserve: Script,
     rollback: Script,
     prefix: String,
@@ -200,37 +507,16 @@ impl RedisCounters {
                 config.prefix
             )));
         }
-        let mut info = config
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| ConfigError::Url(format!("{}: {e}", redact(&config.url))))?;
-        let mut settings = info.redis_settings().clone();
-        if let Some(u) = &config.username {
-            settings = settings.set_username(u);
-        }
-        if let Some(p) = &config.password {
-            settings = settings.set_password(p);
-        }
-        info = info.set_redis_settings(settings);
-        let client = match &config.ca_pem {
-            None => redis::Client::open(info),
-            Some(_) if !config.url.starts_with("rediss://") => {
-                return Err(ConfigError::Url("a CA file is only used with a rediss:// URL".into()));
+        let conn = match Endpoint::parse(&config.url)? {
+            Endpoint::Single => Conn::Single(single(config)?),
+            Endpoint::Cluster { tls, seeds } => {
+                Conn::lazy(Source::Cluster(cluster(config, tls, &seeds)?), config.timeout)
             }
-            Some(pem) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) },
+            Endpoint::Sentinel { sentinels, master, db } => Conn::lazy(
+                Source::Sentinel(tokio::sync::Mutex::new(sentinel(config, sentinels, &master, db)?)),
+                config.timeout,
             ),
-        }
-        .map_err(|e| ConfigError::Url(e.to_string()))?;
-        let cm = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(3)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, cm).map_err(|e| ConfigError::Url(e.to_string()))?;
+        };
         Ok(Self {
             inner: Arc::new(RedisInner {
                 conn,
@@ -244,6 +530,11 @@ impl RedisCounters {
                 round_trips: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Whether the store is a Redis Cluster (one script per slot).
+    pub fn is_cluster(&self) -> bool {
+        self.inner.conn.is_cluster()
     }
 
     /// The key prefix.
@@ -286,11 +577,52 @@ impl RedisCounters {
 
     /// Reserves every demand or none, in one script run. `now` is used only with
     /// [`RedisConfig::test_clock`]; otherwise the server's `TIME` decides.
+    ///
+    /// On a Redis Cluster one script covers one slot: the limits of each policy document
+    /// (one hash tag) are reserved by one script, documents one after another, and a
+    /// refusal gives back what the earlier ones reserved (a moment stricter, never looser).
     pub async fn reserve(&self, demands: &[Demand], now: Duration) -> Result<Result<Vec<Ticket>, Refusal>, StoreError> {
         let rid = reservation_id()?;
+        if !self.inner.conn.is_cluster() {
+            let index: Vec<usize> = (0..demands.len()).collect();
+            return self.reserve_group(&rid, demands, &index, now).await;
+        }
+        let mut groups: Vec<(&str, Vec<Demand>, Vec<usize>)> = Vec::new();
+        for (i, d) in demands.iter().enumerate() {
+            match groups.iter_mut().find(|g| g.0 == &*d.key.policy) {
+                Some(g) => {
+                    g.1.push(d.clone());
+                    g.2.push(i);
+                }
+                None => groups.push((&d.key.policy, vec![d.clone()], vec![i])),
+            }
+        }
+        let mut tickets = Vec::new();
+        for (_, group, index) in &groups {
+            match self.reserve_group(&rid, group, index, now).await {
+                Ok(Ok(mut t)) => tickets.append(&mut t),
+                other => {
+                    if let Err(e) = self.rollback(&tickets).await {
+                        tracing::warn!(error = %e, "could not give back a refused call's units");
+                    }
+                    return other;
+                }
+            }
+        }
+        Ok(Ok(tickets))
+    }
+
+    /// One script run for `demands` (at `index` in the call's demands).
+    async fn reserve_group(
+        &self,
+        rid: &str,
+        demands: &[Demand],
+        index: &[usize],
+        now: Duration,
+    ) -> Result<Result<Vec<Ticket>, Refusal>, StoreError> {
         let mut inv = self.inner.reserve.prepare_invoke();
         inv.arg(if self.inner.test_clock { now.as_micros().to_string() } else { String::new() });
-        inv.arg(&rid);
+        inv.arg(rid);
         let mut tickets = Vec::new();
         for (i, d) in demands.iter().enumerate() {
             let (set, sum) = keys_for(&self.inner.prefix, &d.key);
@@ -308,26 +640,34 @@ impl RedisCounters {
         let answer: Vec<i64> = self.bounded(async move { inv.invoke_async(&mut c).await }).await?;
         match answer.as_slice() {
             [1] => Ok(Ok(tickets)),
-            [0, index, retry] if (*index as usize) < demands.len() && *index >= 0 => Ok(Err(Refusal {
-                index: *index as usize,
+            [0, i, retry] if (*i as usize) < demands.len() && *i >= 0 => Ok(Err(Refusal {
+                index: index[*i as usize],
                 retry_after: u64::try_from(*retry).ok().map(Duration::from_micros),
             })),
             other => Err(StoreError::Protocol(format!("{other:?}"))),
         }
     }
 
-    /// Gives back the units of a reservation.
+    /// Gives back the units of a reservation (one script per Cluster slot).
     pub async fn rollback(&self, tickets: &[Ticket]) -> Result<(), StoreError> {
-        if tickets.is_empty() {
-            return Ok(());
-        }
-        let mut inv = self.inner.rollback.prepare_invoke();
+        let mut groups: Vec<(&str, Vec<&Ticket>)> = Vec::new();
         for t in tickets {
-            inv.key(&t.set).key(&t.sum).arg(&t.member);
+            let tag = if self.inner.conn.is_cluster() { slot_tag(&t.set) } else { "" };
+            match groups.iter_mut().find(|g| g.0 == tag) {
+                Some(g) => g.1.push(t),
+                None => groups.push((tag, vec![t])),
+            }
         }
-        let mut c = self.inner.conn.clone();
-        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.bounded(async move { inv.invoke_async::<i64>(&mut c).await.map(|_| ()) }).await
+        for (_, group) in groups {
+            let mut inv = self.inner.rollback.prepare_invoke();
+            for t in group {
+                inv.key(&t.set).key(&t.sum).arg(&t.member);
+            }
+            let mut c = self.inner.conn.clone();
+            self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+            self.bounded(async move { inv.invoke_async::<i64>(&mut c).await.map(|_| ()) }).await?;
+        }
+        Ok(())
     }
 }
 
@@ -670,8 +1010,9 @@ mod tests {
     fn keys_share_a_hash_tag_and_hide_caller_text() {
         let k = CounterKey { policy: "ns/p".into(), counter: "c".into(), scope: "}{evil:*".into() };
         let (w, n) = keys_for("tg:", &k);
-        assert!(w.starts_with("tg:{") && w.ends_with("}:w"), "{w}");
-        assert_eq!(w.trim_end_matches(":w"), n.trim_end_matches(":n"), "one slot for both keys");
+        assert!(w.starts_with("tg:{") && w.ends_with(":w"), "{w}");
+        assert_eq!(w.trim_end_matches(":w"), n.trim_end_matches(":n"), "one counter, two keys");
+        assert_eq!(slot_tag(&w), slot_tag(&n), "one slot for both keys");
         assert!(!w.contains("evil"));
         // Length-prefixed parts: moving text between fields changes the key.
         let a = CounterKey { policy: "a".into(), counter: "bc".into(), scope: "".into() };
@@ -692,6 +1033,54 @@ mod tests {
         assert_eq!(decode_approval("3:abc2"), None);
         let k = approval_key("tg:", "}{evil");
         assert!(k.starts_with("tg:{") && k.ends_with("}:a") && !k.contains("evil"), "{k}");
+    }
+
+    #[test]
+    fn endpoints_parse_and_bad_ones_are_refused() {
+        assert_eq!(Endpoint::parse("redis://h:6379/2").expect("parses"), Endpoint::Single);
+        assert_eq!(
+            Endpoint::parse("redis+cluster://a:7000,[::1]:7001").expect("parses"),
+            Endpoint::Cluster { tls: false, seeds: vec![("a".into(), 7000), ("::1".into(), 7001)] }
+        );
+        assert!(matches!(
+            Endpoint::parse("rediss+cluster://a:7000").expect("parses"),
+            Endpoint::Cluster { tls: true, .. }
+        ));
+        assert_eq!(
+            Endpoint::parse("redis+sentinel://s1:26379,s2:26379/main/3").expect("parses"),
+            Endpoint::Sentinel {
+                sentinels: vec![("s1".into(), 26379), ("s2".into(), 26379)],
+                master: "main".into(),
+                db: 3
+            }
+        );
+        for bad in [
+            "redis+cluster://a",
+            "redis+cluster://a:0",
+            "redis+cluster://a:7000/1",
+            "redis+cluster://u:pw@a:7000",
+            "redis+sentinel://s:26379",
+            "redis+sentinel://s:26379/m/x",
+            "redis+sentinel://s:26379/m/1/2",
+        ] {
+            let e = Endpoint::parse(bad).expect_err(bad);
+            assert!(!e.to_string().contains("pw@"), "{e}");
+        }
+    }
+
+    #[test]
+    fn one_documents_keys_share_a_slot() {
+        let k = |policy: &str, counter: &str| CounterKey {
+            policy: policy.into(),
+            counter: counter.into(),
+            scope: "s".into(),
+        };
+        let (a, _) = keys_for("tg:", &k("ns/p", "minute"));
+        let (b, _) = keys_for("tg:", &k("ns/p", "hour"));
+        let (c, _) = keys_for("tg:", &k("ns/q", "minute"));
+        assert_eq!(slot_tag(&a), slot_tag(&b), "one document, one slot: one script reserves all of its limits");
+        assert_ne!(slot_tag(&a), slot_tag(&c));
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use tokio::runtime::Runtime;
 use toolgate_counters::{OnFailure, RedisConfig, RedisCounters, SharedCounters, keys_for};
 use toolgate_policy::{CounterKey, CounterStore, Demand, Limiter, Reservation, StoreRefusal};
-use toolgate_tests::redis::RedisServer;
+use toolgate_tests::redis::{RedisCluster, RedisSentinel, RedisServer};
 
 /// One multi-thread runtime driving every store of this test binary.
 fn runtime() -> &'static Runtime {
@@ -466,4 +466,114 @@ fn current_thread_runtime_fails_closed_without_panicking() {
     });
     let Err(StoreRefusal::Unavailable(why)) = outcome else { panic!("must fail closed: {outcome:?}") };
     assert!(why.contains("multi-thread"), "{why}");
+}
+
+fn limit(policy: &str, counter: &str, max: u64) -> Demand {
+    Demand {
+        key: CounterKey { policy: policy.into(), counter: counter.into(), scope: "".into() },
+        window: Duration::from_secs(3600),
+        max,
+        amount: 1,
+        counters: Default::default(),
+    }
+}
+
+/// A real 3-master Redis Cluster (`redis+cluster://`): one document's limits share a slot
+/// (one script), two documents' limits live in different slots (one script each, the
+/// earlier given back when a later refuses); 16 threads over 2 handles admit exactly max.
+#[test]
+fn redis_cluster_counts_exactly_across_slots() {
+    let cluster = RedisCluster::start().expect("redis-server and redis-cli (apt-get install redis-server)");
+    let url = cluster.url();
+    let a = store(&url, false, OnFailure::Closed, Duration::from_secs(10));
+    let b = {
+        let _g = runtime().enter();
+        let cfg = RedisConfig {
+            prefix: a.redis().prefix().to_owned(),
+            timeout: Duration::from_secs(10),
+            ..RedisConfig::new(&url)
+        };
+        SharedCounters::new(RedisCounters::new(&cfg).unwrap(), OnFailure::Closed).unwrap()
+    };
+    assert!(a.redis().is_cluster());
+    let call = [limit("ns/a", "minute", 5), limit("ns/a", "hour", 7), limit("ns/b", "all", 4)];
+    let slot = |d: &Demand| {
+        let (k, _) = keys_for(a.redis().prefix(), &d.key);
+        cluster.command(0, &format!("CLUSTER KEYSLOT {k}")).unwrap().lines().next().unwrap().to_owned()
+    };
+    assert_eq!(slot(&call[0]), slot(&call[1]), "one document, one slot");
+    assert_ne!(slot(&call[0]), slot(&call[2]), "two documents, two slots (a single script would get CROSSSLOT)");
+
+    let mut admitted = 0;
+    for i in 0..10 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        match s.reserve(&call, Duration::ZERO) {
+            Ok(r) => {
+                r.commit();
+                admitted += 1;
+            }
+            Err(StoreRefusal::Limit(r)) => {
+                assert_eq!(r.index, 2, "ns/b's limit of 4 is the one without room");
+                assert!(r.retry_after.is_some());
+                break;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(admitted, 4);
+    // The refused call gave back what ns/a had reserved: 5 - 4 = 1 more fits there.
+    let only_a = [call[0].clone(), call[1].clone()];
+    a.reserve(&only_a, Duration::ZERO).expect("one unit left in ns/a's minute limit").commit();
+    assert!(matches!(b.reserve(&only_a, Duration::ZERO), Err(StoreRefusal::Limit(r)) if r.index == 0));
+
+    // Concurrent replicas on the cluster: exactly max.
+    let d = limit("ns/c", "burst", 11);
+    let ok = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..16usize {
+            let (replica, ok, d) = (if t % 2 == 0 { &a } else { &b }, &ok, &d);
+            s.spawn(move || {
+                for _ in 0..3 {
+                    if let Ok(r) = replica.reserve(std::slice::from_ref(d), Duration::ZERO) {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        r.commit();
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(ok.load(Ordering::Relaxed), 11, "exactly max over both handles");
+}
+
+/// One master and a Sentinel (`redis+sentinel://…/<master>`): the store is found through
+/// the Sentinel and counts there; the master down → fail closed; back → counting resumes.
+#[test]
+fn sentinel_finds_the_master_and_a_lost_master_fails_closed() {
+    let mut s = RedisSentinel::start().expect("redis-server (apt-get install redis-server)");
+    assert!(!s.url().contains(&s.master.port().to_string()), "the URL names only the Sentinel");
+    let st = store(&s.url(), false, OnFailure::Closed, Duration::from_secs(2));
+    let d = [limit("ns/p", "starts", 3)];
+    for _ in 0..3 {
+        st.reserve(&d, Duration::ZERO).expect("room").commit();
+    }
+    assert!(matches!(st.reserve(&d, Duration::ZERO), Err(StoreRefusal::Limit(_))));
+    let (_, sum) = keys_for(st.redis().prefix(), &d[0].key);
+    assert!(s.master.command(&format!("GET {sum}")).unwrap().contains("\r\n3\r\n"), "counted on the master");
+
+    s.master.kill();
+    assert!(matches!(st.reserve(&d, Duration::ZERO), Err(StoreRefusal::Unavailable(_))), "fail closed");
+    s.master.restart().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "never reconnected through the Sentinel");
+        match st.reserve(&d, Duration::ZERO) {
+            Ok(r) => {
+                r.commit();
+                break;
+            }
+            Err(StoreRefusal::Unavailable(_)) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    s.stop_sentinel();
 }

@@ -282,7 +282,9 @@ pub struct Args {
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
     /// Where rate limits are counted: `local` (this process) or a Redis/Valkey URL shared by
-    /// every replica: `redis://host:6379[/db]`, `rediss://…` (TLS), `redis+unix:///path`.
+    /// every replica: `redis://host:6379[/db]`, `rediss://…` (TLS), `redis+unix:///path`,
+    /// a Redis Cluster `redis+cluster://h1:6379,h2:6379` (`rediss+cluster://` for TLS), or
+    /// Sentinels naming the master `redis+sentinel://s1:26379,s2:26379/<master>[/db]`.
     /// Put the password in --counter-store-password-file or TOOLGATE_COUNTER_STORE_PASSWORD,
     /// not in the URL.
     #[arg(long = "counter-store", env = "TOOLGATE_COUNTER_STORE", default_value = "local")]
@@ -723,9 +725,14 @@ fn counter_store(args: &StoreArgs) -> anyhow::Result<Option<SharedCounters>> {
     if args.url == "local" {
         return Ok(None);
     }
-    if !(args.url.starts_with("redis://") || args.url.starts_with("rediss://") || args.url.starts_with("redis+unix://"))
-    {
-        bail!("--counter-store {}: use `local` or a redis://, rediss:// or redis+unix:// URL", redact(&args.url));
+    const SCHEMES: [&str; 6] =
+        ["redis://", "rediss://", "redis+unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://"];
+    if !SCHEMES.iter().any(|scheme| args.url.starts_with(scheme)) {
+        bail!(
+            "--counter-store {}: use `local` or a redis://, rediss://, redis+unix://, redis+cluster://, \
+             rediss+cluster:// or redis+sentinel:// URL",
+            redact(&args.url)
+        );
     }
     if args.timeout_ms == 0 || args.timeout_ms > 60_000 {
         bail!("--counter-store-timeout-ms {}: from 1 to 60000", args.timeout_ms);

@@ -179,3 +179,45 @@ fn a_policy_asking_for_the_shared_store_on_a_sidecar_without_one_is_refused() {
         "{page}"
     );
 }
+
+/// The proxy on a real 3-master Redis Cluster (`redis+cluster://`) and on a master found
+/// through a Sentinel (`redis+sentinel://`): two replicas loading two documents whose
+/// limits live in different slots admit exactly the smaller max between them.
+#[test]
+fn cluster_and_sentinel_endpoints_count_across_replicas() {
+    let rt = runtime();
+    let mock = MockMcp::start(&rt);
+    let cluster = toolgate_tests::redis::RedisCluster::start().expect("redis-server and redis-cli");
+    let sentinel = toolgate_tests::redis::RedisSentinel::start().expect("redis-server --sentinel");
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_policy(dir.path(), "doc-a.yaml", &policy(3, ""));
+    let b = write_policy(dir.path(), "doc-b.yaml", &policy(5, ""));
+    let replica = |url: &str| {
+        let tail: Vec<String> =
+            ["--upstream", &mock.url(), "--counter-store", url, "--counter-store-timeout-ms", "2000"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        proxy(&[&a, &b], &tail, &[])
+    };
+    for (url, what) in [(cluster.url(), "cluster"), (sentinel.url(), "sentinel")] {
+        let before = mock.called("start-pod");
+        let replicas = [replica(&url), replica(&url)];
+        let mut clients: Vec<Client> = replicas.iter().map(|p| Client::initialize(p.proc.port, "agent")).collect();
+        let mut ok = 0;
+        let mut codes = Vec::new();
+        for i in 0..8 {
+            let ans = clients[i % 2].call("start-pod");
+            match error_code(&ans) {
+                None => ok += 1,
+                Some(c) => codes.push(c),
+            }
+        }
+        assert_eq!(ok, 3, "{what}: the smaller max across both replicas: {codes:?}");
+        assert!(codes.iter().all(|c| *c == -32011), "{what}: {codes:?}");
+        assert_eq!(mock.called("start-pod") - before, 3, "{what}");
+        for p in &replicas {
+            assert_eq!(eventually_sample(p, "toolgate_counter_store_up ", 1.0), 1.0, "{what}");
+        }
+    }
+}

@@ -197,3 +197,211 @@ impl RedisServer {
         Ok(out)
     }
 }
+
+/// One `redis-server` process of a cluster or a Sentinel: started from arguments, checked
+/// with `PING` on its port.
+fn spawn_node(name: &str, args: Vec<String>, port: u16, dir: &std::path::Path) -> Result<Supervised> {
+    let bin = redis_server_binary()?;
+    let log = dir.join(format!("{name}.log"));
+    let mut server = Supervised::spawn(name, &bin, &args, &log, None)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        server.check_running()?;
+        if answers(port, "PING", "PONG") {
+            return Ok(server);
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not answer PING within 30 s; its log:\n{}", log_tail(&log, 20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether one inline command to 127.0.0.1:`port` gets a reply containing `want` (read
+/// until it does: a Sentinel does not close on `QUIT`).
+fn answers(port: u16, line: &str, want: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(format!("{line}\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    let mut got = String::new();
+    while !got.contains(want) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    true
+}
+
+/// One inline command to 127.0.0.1:`port`; the raw reply.
+fn raw_command(port: u16, line: &str) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).context("connecting to redis")?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{line}\r\nQUIT\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// `redis-cli` (Debian's `redis-tools`, a dependency of `redis-server`): `$REDIS_CLI`, else
+/// next to `redis-server`.
+pub fn redis_cli_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("REDIS_CLI") {
+        return Ok(PathBuf::from(p));
+    }
+    let server = redis_server_binary()?;
+    let cli = server.with_file_name("redis-cli");
+    if cli.is_file() { Ok(cli) } else { bail!("redis-cli is not installed: `apt-get install redis-tools`") }
+}
+
+/// A Redis Cluster of three masters (no replicas) on loopback, slots spread by
+/// `redis-cli --cluster create`; stopped with the test process.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<(Supervised, u16)>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled servers and joins them; waits for `cluster_state:ok`
+    /// on every node.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir().context("a scratch directory for redis")?;
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let (port, bus) = (free_port()?, free_port()?);
+            let node_dir = dir.path().join(format!("node-{i}"));
+            std::fs::create_dir_all(&node_dir)?;
+            let args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--cluster-port",
+                &bus.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &node_dir.join("nodes.conf").display().to_string(),
+                "--cluster-node-timeout",
+                "5000",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                &node_dir.display().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            nodes.push((spawn_node(&format!("redis-cluster-{i}"), args, port, dir.path())?, port));
+        }
+        let mut create = std::process::Command::new(redis_cli_binary()?);
+        create.arg("--cluster").arg("create");
+        for (_, port) in &nodes {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out =
+            create.args(["--cluster-replicas", "0", "--cluster-yes"]).output().context("redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let cluster = Self { nodes, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cluster
+            .ports()
+            .iter()
+            .all(|p| raw_command(*p, "CLUSTER INFO").is_ok_and(|r| r.contains("cluster_state:ok")))
+        {
+            if Instant::now() > deadline {
+                bail!("the cluster did not reach cluster_state:ok within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(cluster)
+    }
+
+    /// The nodes' ports.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|(_, p)| *p).collect()
+    }
+
+    /// `redis+cluster://127.0.0.1:<p1>,…` (every node as a seed).
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self.ports().iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// One inline command sent to node `i` (not redirected).
+    pub fn command(&self, i: usize, line: &str) -> Result<String> {
+        raw_command(self.nodes[i].1, line)
+    }
+}
+
+/// One Redis master watched by one Sentinel (`redis-server --sentinel`) on loopback.
+#[derive(Debug)]
+pub struct RedisSentinel {
+    /// The master.
+    pub master: RedisServer,
+    sentinel: Option<Supervised>,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    /// The master's name at the Sentinel.
+    pub const MASTER: &'static str = "toolgate";
+
+    /// Starts a master and a Sentinel monitoring it; waits until the Sentinel names it.
+    pub fn start() -> Result<Self> {
+        let master = RedisServer::start()?;
+        let dir = tempfile::tempdir().context("a scratch directory for the sentinel")?;
+        let port = free_port()?;
+        // Sentinel rewrites its configuration file: it must be a writable file.
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {} 127.0.0.1 {} 1\nsentinel down-after-milliseconds {} 5000\n",
+                dir.path().display(),
+                Self::MASTER,
+                master.port(),
+                Self::MASTER
+            ),
+        )?;
+        let args = vec![conf.display().to_string(), "--sentinel".to_owned()];
+        let sentinel = spawn_node("redis-sentinel", args, port, dir.path())?;
+        let s = Self { master, sentinel: Some(sentinel), port, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ask = format!("SENTINEL get-master-addr-by-name {}", Self::MASTER);
+        while !answers(port, &ask, &s.master.port().to_string()) {
+            if Instant::now() > deadline {
+                bail!("the sentinel did not name the master within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(s)
+    }
+
+    /// `redis+sentinel://127.0.0.1:<sentinel port>/<master>`.
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/{}", self.port, Self::MASTER)
+    }
+
+    /// Stops the Sentinel.
+    pub fn stop_sentinel(&mut self) {
+        if let Some(mut s) = self.sentinel.take() {
+            s.stop(Duration::from_secs(20));
+        }
+    }
+}
