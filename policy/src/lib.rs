@@ -154,7 +154,7 @@ impl Policy {
     }
 
     /// Names of the documents that ask for the shared counter store (`counters.store:
-    /// shared`) and have limits: on a sidecar without one, their limited calls are refused.
+    /// shared`): on a sidecar without one, their limited calls are refused.
     pub fn wanting_shared_store(&self) -> impl Iterator<Item = &str> {
         self.docs.iter().filter(|d| d.counters.store == Some(StoreKind::Shared)).map(|d| &*d.name)
     }
