@@ -221,6 +221,27 @@ mod tests {
     }
 
     #[test]
+    fn failures_map_to_a_status_and_a_label_and_keep_their_messages() {
+        let cases = [
+            (bad("tool", "must be 1..256 characters"), 400, "bad_request", "tool: must be 1..256 characters"),
+            (ApprovalError::NotFound("p-x1".into()), 404, "not_found", "no McpApproval p-x1"),
+            (ApprovalError::Forbidden, 403, "forbidden", "the McpApproval belongs to another pod"),
+            (
+                ApprovalError::Unavailable {
+                    context: "creating the McpApproval: ",
+                    source: kube::Error::Service("connection refused".into()),
+                },
+                503,
+                "unavailable",
+                "creating the McpApproval: ServiceError: connection refused",
+            ),
+        ];
+        for (e, status, label, message) in cases {
+            assert_eq!((e.status().as_u16(), e.metric_label(), e.to_string().as_str()), (status, label, message));
+        }
+    }
+
+    #[test]
     fn requests_are_checked_field_by_field() {
         assert!(check(&request()).is_ok());
         let mut r = request();

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use toolgate_policy::crd::{McpPolicy, McpPolicyStatus};
 use tracing::instrument;
 
+use crate::push::index::Invalid;
 use crate::push::streams::Hub;
 
 /// Field manager of every status write.
@@ -96,7 +97,7 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: i
 }
 
 /// The status `policy` should have now.
-pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option<String>) {
+pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option<Invalid>) {
     let view = hub.index.view(policy);
     let generation = policy.metadata.generation.unwrap_or(0);
     let uid = policy.uid().unwrap_or_default();
@@ -218,11 +219,12 @@ async fn reconcile(policy: Arc<McpPolicy>, ctx: Arc<Ctx>) -> Result<Action, Erro
     let key = (policy.uid().unwrap_or_default(), policy.metadata.generation.unwrap_or(0));
     let fresh = ctx.evented.lock().expect("evented lock").insert(key);
     if fresh {
-        tracing::warn!(policy = %format!("{namespace}/{}", policy.name_any()), %problem, "McpPolicy rejected");
+        tracing::warn!(policy = %format!("{namespace}/{}", policy.name_any()), %problem, kind = problem.metric_label(),
+            "McpPolicy rejected");
         let event = Event {
             type_: EventType::Warning,
             reason: "InvalidPolicy".into(),
-            note: Some(truncate(problem)),
+            note: Some(truncate(problem.to_string())),
             action: "Validate".into(),
             secondary: None,
         };

@@ -31,13 +31,42 @@ pub struct Accepted {
     pub document: Arc<Value>,
 }
 
+/// Why a policy generation is refused; the message names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("spec.selector: {0}")]
+    Selector(String),
+    #[error("spec: {0}")]
+    Spec(String),
+    /// The policy crate refused the document (`label` is its `metric_label()`).
+    #[error("{message}")]
+    Policy { label: &'static str, message: String },
+}
+
+impl Invalid {
+    /// A stable, low-cardinality label.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Selector(_) => "selector",
+            Self::Spec(_) => "spec",
+            Self::Policy { label, .. } => label,
+        }
+    }
+}
+
+impl From<toolgate_policy::Error> for Invalid {
+    fn from(e: toolgate_policy::Error) -> Self {
+        Self::Policy { label: e.metric_label(), message: e.to_string() }
+    }
+}
+
 /// Validates the `spec` of one generation with the policy crate.
-pub fn validate(policy: &McpPolicy) -> Result<Accepted, String> {
+pub fn validate(policy: &McpPolicy) -> Result<Accepted, Invalid> {
     let generation = policy.metadata.generation.unwrap_or(0);
-    let selector = Selector::try_from(policy.spec.selector.clone()).map_err(|e| format!("spec.selector: {e}"))?;
-    let value = serde_json::to_value(&policy.spec.policy).map_err(|e| format!("spec: {e}"))?;
-    let (doc, _) = toolgate_policy::document_from_value(value.clone()).map_err(|e| e.to_string())?;
-    toolgate_policy::Policy::compile(vec![(policy.name_any(), doc)]).map_err(|e| e.to_string())?;
+    let selector = Selector::try_from(policy.spec.selector.clone()).map_err(|e| Invalid::Selector(e.to_string()))?;
+    let value = serde_json::to_value(&policy.spec.policy).map_err(|e| Invalid::Spec(e.to_string()))?;
+    let (doc, _) = toolgate_policy::document_from_value(value.clone())?;
+    toolgate_policy::Policy::compile(vec![(policy.name_any(), doc)])?;
     Ok(Accepted { generation, selector, dry_run: policy.spec.mode == Mode::DryRun, document: Arc::new(value) })
 }
 
@@ -45,8 +74,8 @@ pub fn validate(policy: &McpPolicy) -> Result<Accepted, String> {
 #[derive(Clone, Debug)]
 struct Validation {
     generation: i64,
-    /// `Err(message naming the field)` when this generation is invalid.
-    current: Result<Accepted, String>,
+    /// `Err` when this generation is invalid.
+    current: Result<Accepted, Invalid>,
     /// The newest generation that was valid (what sidecars keep enforcing).
     last_good: Option<Accepted>,
 }
@@ -57,7 +86,7 @@ pub struct PolicyView {
     /// The generation the sidecars get (current if valid, else the last valid one).
     pub pushed: Option<Accepted>,
     /// Why the current generation is refused.
-    pub error: Option<String>,
+    pub error: Option<Invalid>,
     /// The selector used to pick targets: the pushed one, or the current one when the
     /// policy never was valid (its targets then get deny-all).
     pub selector: Option<Selector>,

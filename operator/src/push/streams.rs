@@ -430,7 +430,10 @@ mod tests {
         bad["tools"]["start-pod"]["limits"][0]["window"] = json!("fortnight");
         apply_policy(&mut w, policy("seed", "u1", 2, bad.clone()));
         let view = w.hub.index.view(&w.hub.index.policies.state()[0]);
-        assert!(view.error.as_deref().is_some_and(|e| e.contains("window")), "{view:?}");
+        assert!(
+            view.error.as_ref().is_some_and(|e| e.to_string().contains("window") && e.metric_label() == "invalid"),
+            "{view:?}"
+        );
         let second = w.hub.index.effective_set(&p);
         assert_eq!(second.policies[0].generation, 1, "sidecars keep the last valid generation");
         assert_eq!(second.revision, first.revision);
