@@ -178,49 +178,16 @@ impl Config {
             .clone()
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| format!("toolgate-operator-{}", std::process::id()));
-        let source = match args.cert_mode {
-            CertMode::Operator => CertSource::Operator { secret: args.tls_secret.clone() },
-            CertMode::Files => {
-                let file = |p: &Option<PathBuf>, flag: &str| {
-                    p.clone().ok_or_else(|| ConfigError(format!("{flag} is required with --cert-mode files")))
-                };
-                CertSource::Files {
-                    cert: file(&args.tls_cert_file, "--tls-cert-file")?,
-                    key: file(&args.tls_key_file, "--tls-key-file")?,
-                    ca: file(&args.tls_ca_file, "--tls-ca-file")?,
-                }
-            }
-        };
-        let certs = CertConfig {
-            namespace: args.namespace.clone(),
-            source,
-            names: serving_names(&args),
-            lifetimes: Lifetimes {
-                ca: Duration::from_secs(args.ca_cert_seconds.max(600)),
-                serving: Duration::from_secs(args.serving_cert_seconds.max(10)),
-            },
-        };
-        let operator_url = args
-            .sidecar_operator_url
-            .clone()
-            .unwrap_or_else(|| format!("https://{}.{}.svc:{}", args.service_name, args.namespace, args.listen.port()));
-        let trimmed = |items: &[String]| -> Vec<String> {
-            items.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect()
-        };
-        let inject = InjectConfig {
-            image: args.sidecar_image.clone(),
-            operator_url,
-            ca_config_map: Some(args.ca_config_map.clone()),
-            allowed_hosts: trimmed(&args.sidecar_allowed_hosts),
-            allowed_origins: trimmed(&args.sidecar_allowed_origins),
-            ..InjectConfig::default()
-        };
         Ok(Self {
             listen: args.listen,
             admin_listen: args.admin_listen,
             identity,
-            duties: Duties { certs, webhook_config: args.webhook_config, ca_config_map: args.ca_config_map },
-            inject,
+            duties: Duties {
+                certs: cert_config(&args)?,
+                webhook_config: args.webhook_config.clone(),
+                ca_config_map: args.ca_config_map.clone(),
+            },
+            inject: inject_config(&args),
             heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
             keepalive: Keepalive {
                 interval: Duration::from_secs(args.keepalive_seconds.max(1)),
@@ -236,6 +203,51 @@ impl Config {
             deciders,
             namespace: args.namespace,
         })
+    }
+}
+
+/// `--cert-mode` and its files, the certificate's names and lifetimes.
+fn cert_config(args: &Args) -> Result<CertConfig, ConfigError> {
+    let source = match args.cert_mode {
+        CertMode::Operator => CertSource::Operator { secret: args.tls_secret.clone() },
+        CertMode::Files => {
+            let file = |p: &Option<PathBuf>, flag: &str| {
+                p.clone().ok_or_else(|| ConfigError(format!("{flag} is required with --cert-mode files")))
+            };
+            CertSource::Files {
+                cert: file(&args.tls_cert_file, "--tls-cert-file")?,
+                key: file(&args.tls_key_file, "--tls-key-file")?,
+                ca: file(&args.tls_ca_file, "--tls-ca-file")?,
+            }
+        }
+    };
+    Ok(CertConfig {
+        namespace: args.namespace.clone(),
+        source,
+        names: serving_names(args),
+        lifetimes: Lifetimes {
+            ca: Duration::from_secs(args.ca_cert_seconds.max(600)),
+            serving: Duration::from_secs(args.serving_cert_seconds.max(10)),
+        },
+    })
+}
+
+/// The sidecar the webhook injects.
+fn inject_config(args: &Args) -> InjectConfig {
+    let operator_url = args
+        .sidecar_operator_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{}.{}.svc:{}", args.service_name, args.namespace, args.listen.port()));
+    let trimmed = |items: &[String]| -> Vec<String> {
+        items.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect()
+    };
+    InjectConfig {
+        image: args.sidecar_image.clone(),
+        operator_url,
+        ca_config_map: Some(args.ca_config_map.clone()),
+        allowed_hosts: trimmed(&args.sidecar_allowed_hosts),
+        allowed_origins: trimmed(&args.sidecar_allowed_origins),
+        ..InjectConfig::default()
     }
 }
 

@@ -57,28 +57,7 @@ pub async fn run(mut config: Config) -> Result<()> {
 
     let certs = Arc::new(CertStore::default());
     load_certificates(&client, &config.duties.certs, &certs, false).await.context("loading the serving certificate")?;
-    let ctx = Arc::new(Ctx {
-        admission: Admission {
-            hub: hub.clone(),
-            namespaces: caches.namespaces.clone(),
-            namespace_api: Api::all(client.clone()),
-            inject: config.inject.clone(),
-            deciders: config.deciders.clone(),
-            metrics: metrics.clone(),
-        },
-        push: Server {
-            client: client.clone(),
-            hub: hub.clone(),
-            auth: Authenticator::new(client.clone()),
-            inject: config.inject.clone(),
-            heartbeat: config.heartbeat,
-            bind_pod_ip: config.bind_pod_ip,
-            metrics: metrics.clone(),
-            shutdown: shutdown_rx.clone(),
-        },
-        metrics: metrics.clone(),
-        ready: Default::default(),
-    });
+    let ctx = context(&config, &client, &hub, &caches, &metrics, &shutdown_rx);
     let servers = serve(&config, ctx.clone(), &certs, &shutdown_rx).await?;
     mark_ready_when_synced(ctx, caches, certs.clone());
     let (lead, reports) = leadership(&client, &config, hub, certs.clone(), status_rx, &shutdown_rx);
@@ -172,6 +151,39 @@ fn spawn_pusher(hub: Arc<Hub>) {
             hub.prune();
         }
     });
+}
+
+/// What the handlers of both listeners share.
+fn context(
+    config: &Config,
+    client: &Client,
+    hub: &Arc<Hub>,
+    caches: &Caches,
+    metrics: &Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> Arc<Ctx> {
+    Arc::new(Ctx {
+        admission: Admission {
+            hub: hub.clone(),
+            namespaces: caches.namespaces.clone(),
+            namespace_api: Api::all(client.clone()),
+            inject: config.inject.clone(),
+            deciders: config.deciders.clone(),
+            metrics: metrics.clone(),
+        },
+        push: Server {
+            client: client.clone(),
+            hub: hub.clone(),
+            auth: Authenticator::new(client.clone()),
+            inject: config.inject.clone(),
+            heartbeat: config.heartbeat,
+            bind_pod_ip: config.bind_pod_ip,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        },
+        metrics: metrics.clone(),
+        ready: Default::default(),
+    })
 }
 
 /// Binds both listeners (an error names the address) and serves them until shutdown.
