@@ -339,3 +339,70 @@ grants:
         assert!(!audit.contains(secret), "a credential in an audit line");
     }
 }
+
+/// `--stdio` (a desktop client launches the proxy): the child RunPod MCP 4.0.0 gets its key
+/// from the file too, not from the environment the client launched the proxy with.
+#[test]
+fn over_stdio_the_child_gets_its_key_from_the_file() {
+    let fake = fake_runpod();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", "version: \"1\"\ndefault: deny\ntools:\n  list-pods: {}\n");
+    let key = write_policy(dir.path(), "runpod-key", &format!("{SIDECAR_KEY}\n"));
+    let server = node_dir().join("node_modules/runpod-mcp-4/dist/stdio.mjs");
+    let target: Vec<String> = [
+        "--stdio",
+        "--",
+        env!("CARGO_BIN_EXE_toolgate-proxy"),
+        "--stdio",
+        "--policy",
+        &policy.display().to_string(),
+        "--admin-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--upstream-credential-file",
+        &key.display().to_string(),
+        "--child-credential-env",
+        "RUNPOD_API_KEY",
+        "--",
+        "node",
+        &server.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let script = json!([
+        {"op": "call", "tool": "list-pods", "args": {}},
+        {"op": "call", "tool": "delete-pod", "args": {"id": "pod-1"}},
+    ]);
+    let base = format!("http://127.0.0.1:{}", fake.port);
+    // mcp-client passes its environment on to the stdio child (the proxy, then RunPod).
+    let out = std::process::Command::new("node")
+        .current_dir(node_dir())
+        .arg("mcp-client.mjs")
+        .args(&target)
+        .env("RUNPOD_API_KEY", "the-launching-environments-key")
+        .env("RUNPOD_API_BASE_URL", &base)
+        .env("RUNPOD_SERVERLESS_API_URL", format!("{base}/runtime/v2"))
+        .env("RUNPOD_AUTHED_GRAPHQL_URL", format!("{base}/graphql"))
+        .env("RUNPOD_PUBLIC_GRAPHQL_URL", format!("{base}/graphql"))
+        .env("TOOLGATE_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(script.to_string().as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let steps: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    assert_eq!(steps[0]["ok"], true, "{}", steps[0]);
+    assert_eq!(steps[1]["error"]["code"], -32010, "{}", steps[1]);
+    let auths = fake_authorizations(&fake);
+    assert!(!auths.is_empty());
+    for a in &auths {
+        assert_eq!(a, &format!("Bearer {SIDECAR_KEY}"), "the RunPod API saw only the file's key");
+    }
+    assert!(!fake_requests(&fake).iter().any(|(m, _, _)| m == "DELETE"));
+}
