@@ -92,6 +92,27 @@ pub struct Args {
     /// hosts, comma-separated. Passed as the sidecar's --allowed-origins.
     #[arg(long, env = "TOOLGATE_SIDECAR_ALLOWED_ORIGINS", value_delimiter = ',')]
     sidecar_allowed_origins: Vec<String>,
+    /// Default key, in the Secret a pod names with `toolgate.dev/upstream-credential-secret`,
+    /// of the upstream credential its sidecar sets (`toolgate.dev/upstream-credential-key`
+    /// overrides it per pod).
+    #[arg(long, env = "TOOLGATE_SIDECAR_UPSTREAM_CREDENTIAL_KEY", default_value = "api-key")]
+    sidecar_upstream_credential_key: String,
+    /// Default header that carries the upstream credential (per pod:
+    /// `toolgate.dev/upstream-credential-header`).
+    #[arg(long, env = "TOOLGATE_SIDECAR_UPSTREAM_CREDENTIAL_HEADER", default_value = "authorization")]
+    sidecar_upstream_credential_header: String,
+    /// Default scheme written before the upstream credential; empty: the value as is (per
+    /// pod: `toolgate.dev/upstream-credential-scheme`).
+    #[arg(long, env = "TOOLGATE_SIDECAR_UPSTREAM_CREDENTIAL_SCHEME", default_value = "Bearer")]
+    sidecar_upstream_credential_scheme: String,
+    /// Injected sidecars authenticate callers by Kubernetes service-account tokens of this
+    /// audience (a calling pod's projected token); passed as their --k8s-token-audience.
+    #[arg(long, env = "TOOLGATE_SIDECAR_K8S_TOKEN_AUDIENCE")]
+    sidecar_k8s_token_audience: Option<String>,
+    /// The cluster's service-account issuer (the apiserver's --service-account-issuer),
+    /// passed as the sidecars' --k8s-issuer with --sidecar-k8s-token-audience.
+    #[arg(long, env = "TOOLGATE_SIDECAR_K8S_ISSUER", default_value = "https://kubernetes.default.svc.cluster.local")]
+    sidecar_k8s_issuer: String,
     /// Seconds between heartbeats on idle policy streams.
     #[arg(long, env = "TOOLGATE_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
@@ -187,7 +208,7 @@ impl Config {
                 webhook_config: args.webhook_config.clone(),
                 ca_config_map: args.ca_config_map.clone(),
             },
-            inject: inject_config(&args),
+            inject: inject_config(&args)?,
             heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
             keepalive: Keepalive {
                 interval: Duration::from_secs(args.keepalive_seconds.max(1)),
@@ -233,7 +254,7 @@ fn cert_config(args: &Args) -> Result<CertConfig, ConfigError> {
 }
 
 /// The sidecar the webhook injects.
-fn inject_config(args: &Args) -> InjectConfig {
+fn inject_config(args: &Args) -> Result<InjectConfig, ConfigError> {
     let operator_url = args
         .sidecar_operator_url
         .clone()
@@ -241,14 +262,26 @@ fn inject_config(args: &Args) -> InjectConfig {
     let trimmed = |items: &[String]| -> Vec<String> {
         items.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect()
     };
-    InjectConfig {
+    let inject = InjectConfig {
         image: args.sidecar_image.clone(),
         operator_url,
         ca_config_map: Some(args.ca_config_map.clone()),
         allowed_hosts: trimmed(&args.sidecar_allowed_hosts),
         allowed_origins: trimmed(&args.sidecar_allowed_origins),
+        credential_key: args.sidecar_upstream_credential_key.trim().to_owned(),
+        credential_header: args.sidecar_upstream_credential_header.trim().to_owned(),
+        credential_scheme: args.sidecar_upstream_credential_scheme.trim().to_owned(),
+        k8s_audience: args
+            .sidecar_k8s_token_audience
+            .as_deref()
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned),
+        k8s_issuer: args.sidecar_k8s_issuer.trim().to_owned(),
         ..InjectConfig::default()
-    }
+    };
+    inject.check().map_err(ConfigError)?;
+    Ok(inject)
 }
 
 /// The DNS names (and addresses) of the serving certificate: the Service's names, the

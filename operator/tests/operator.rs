@@ -766,6 +766,49 @@ async fn in_an_opted_in_namespace_a_pod_that_cannot_get_the_sidecar_is_refused()
         "named toolgate-proxy that is not the sidecar",
     )
     .await;
+    // The upstream key: mounted into the sidecar only; an app container that mounts the
+    // sidecar's volume is refused.
+    let annotated = json!({"annotations": {"toolgate.dev/upstream-credential-secret": "runpod-api-key"}});
+    let pod = eventually("a pod naming its upstream-credential Secret to be injected", TIMEOUT, || {
+        let (app, annotated) = (app.clone(), annotated.clone());
+        async move { try_create(cluster, &app, "custody", annotated, json!({})).await.ok() }
+    })
+    .await;
+    let spec = pod.spec.unwrap();
+    let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+    assert!(
+        sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "toolgate-upstream-credential" && m.read_only == Some(true)),
+        "{sidecar:?}"
+    );
+    assert!(
+        sidecar
+            .args
+            .iter()
+            .flatten()
+            .any(|a| a == "--upstream-credential-file=/var/run/secrets/toolgate-upstream/credential")
+    );
+    for c in &spec.containers {
+        assert!(!c.volume_mounts.iter().flatten().any(|m| m.name.starts_with("toolgate-")), "{c:?}");
+    }
+    refused(
+        "app-mounts-the-key",
+        annotated.clone(),
+        json!({"containers": [{"name": "runpod-mcp", "image": "node:22-slim", "ports": [{"containerPort": 3000}],
+            "volumeMounts": [{"name": "toolgate-upstream-credential", "mountPath": "/key"}]}]}),
+        "the upstream credential must never reach the app",
+    )
+    .await;
+    refused(
+        "bad-secret-name",
+        json!({"annotations": {"toolgate.dev/upstream-credential-secret": "RunPod Key"}}),
+        json!({}),
+        "is not valid",
+    )
+    .await;
 
     // The namespace owner allows opting out: the annotated pod is admitted without a sidecar.
     label_namespace(cluster, &app, json!({"toolgate.dev/allow-opt-out": "true"})).await;
@@ -789,7 +832,14 @@ async fn in_an_opted_in_namespace_a_pod_that_cannot_get_the_sidecar_is_refused()
     assert!(!pod.metadata.annotations.unwrap_or_default().contains_key("toolgate.dev/injected"));
 
     let m = operator.metrics();
-    for reason in ["host_network", "opt_out_not_allowed", "fake_marker", "foreign_sidecar"] {
+    for reason in [
+        "host_network",
+        "opt_out_not_allowed",
+        "fake_marker",
+        "foreign_sidecar",
+        "sidecar_volume_in_app",
+        "bad_credential_annotation",
+    ] {
         let sample = format!("toolgate_operator_webhook_requests_total{{result=\"refused_{reason}\"}}");
         assert!(toolgate_tests::mcp::sample(&m, &sample) >= 1.0, "{sample}: {m}");
     }

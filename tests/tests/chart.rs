@@ -255,6 +255,9 @@ async fn values_schema_refuses_unknown_keys_and_bad_values() {
     for (set, mentions) in [
         ("operator.replica=3", "replica"),
         ("webhook.timeoutSeconds=10", "timeoutSeconds"),
+        ("sidecar.upstreamCredential.header=x y", "header"),
+        ("sidecar.upstreamCredential.scheme=Bearer x", "scheme"),
+        ("sidecar.identity.kubernetes.issuer=http://k", "issuer"),
         ("webhook.url=http://127.0.0.1:9443/inject", "url"),
         ("operator.image.digest=latest", "digest"),
     ] {
@@ -327,6 +330,10 @@ async fn chart_defaults_match_the_operator_and_the_workspace() {
     assert_eq!(flag(&args, "sidecar-image").unwrap(), inject_default("image"));
     assert_eq!(flag(&args, "sidecar-operator-url").unwrap(), inject_default("operator_url"));
     assert_eq!(flag(&args, "ca-config-map").unwrap(), inject_default("ca_config_map"));
+    assert_eq!(flag(&args, "sidecar-upstream-credential-key").unwrap(), inject_default("credential_key"));
+    assert_eq!(flag(&args, "sidecar-upstream-credential-header").unwrap(), inject_default("credential_header"));
+    assert_eq!(flag(&args, "sidecar-upstream-credential-scheme").unwrap(), inject_default("credential_scheme"));
+    assert_eq!(flag(&args, "sidecar-k8s-token-audience"), None, "service-account callers are opt-in");
     assert_eq!(operator_container(&docs)["image"], json!(format!("ghcr.io/toolgate/toolgate-operator:{version}")),);
     // The NetworkPolicy's ports are the ports the operator gives the sidecar.
     let values: Value = serde_norway::from_str(&read("charts/toolgate/values.yaml")).unwrap();
@@ -559,6 +566,9 @@ async fn operator_deployment_is_hardened_and_wired() {
         ("ca-config-map", "toolgate-ca"),
         ("sidecar-image", "ghcr.io/toolgate/toolgate-proxy:0.1.0"),
         ("sidecar-operator-url", "https://toolgate-operator.toolgate-system.svc:8443"),
+        ("sidecar-upstream-credential-key", "api-key"),
+        ("sidecar-upstream-credential-header", "authorization"),
+        ("sidecar-upstream-credential-scheme", "Bearer"),
         ("heartbeat-seconds", "10"),
         ("decider-service-accounts", "other-namespaces"),
         ("lease-name", "toolgate-operator-leader"),
@@ -616,6 +626,58 @@ async fn operator_deployment_is_hardened_and_wired() {
         "registry.example/proxy@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
     );
     assert!(all_of(&docs, "PodDisruptionBudget").is_empty(), "no PDB for a single replica");
+
+    // Credential custody and service-account callers are values.
+    let docs = render(
+        "toolgate",
+        "toolgate-system",
+        &[
+            "sidecar.upstreamCredential.key=token",
+            "sidecar.upstreamCredential.header=x-api-key",
+            "sidecar.upstreamCredential.scheme=",
+            "sidecar.identity.kubernetes.audience=toolgate-mcp",
+            "sidecar.identity.kubernetes.issuer=https://oidc.example.com/cluster",
+        ],
+    )
+    .await;
+    let a = args(&docs);
+    assert_eq!(flag(&a, "sidecar-upstream-credential-key").as_deref(), Some("token"));
+    assert_eq!(flag(&a, "sidecar-upstream-credential-header").as_deref(), Some("x-api-key"));
+    assert_eq!(flag(&a, "sidecar-upstream-credential-scheme").as_deref(), Some(""));
+    assert_eq!(flag(&a, "sidecar-k8s-token-audience").as_deref(), Some("toolgate-mcp"));
+    assert_eq!(flag(&a, "sidecar-k8s-issuer").as_deref(), Some("https://oidc.example.com/cluster"));
+}
+
+/// The sidecar guard keeps every volume of the sidecar (the upstream credential and API
+/// keys included) as injected, and refuses ephemeral containers that mount them.
+#[tokio::test]
+async fn the_sidecar_guard_covers_the_credential_volumes() {
+    let docs = render("toolgate", "toolgate-system", &[]).await;
+    let guard = find(&docs, "ValidatingAdmissionPolicy", "toolgate-sidecar-guard");
+    let volumes = guard["spec"]["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "sidecarVolumes")
+        .expect("a sidecarVolumes variable")["expression"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for name in ["toolgate-token", "toolgate-state", "toolgate-upstream-credential", "toolgate-api-keys"] {
+        assert!(volumes.contains(&format!("'{name}'")), "{name} in {volumes}");
+    }
+    let source = read("operator/src/inject.rs");
+    for constant in
+        ["CREDENTIAL_VOLUME: &str = \"toolgate-upstream-credential\"", "API_KEYS_VOLUME: &str = \"toolgate-api-keys\""]
+    {
+        assert!(source.contains(constant), "the operator injects {constant}");
+    }
+    let expressions: Vec<&str> =
+        guard["spec"]["validations"].as_array().unwrap().iter().filter_map(|v| v["expression"].as_str()).collect();
+    assert!(
+        expressions.iter().filter(|e| e.contains("variables.sidecarVolumes")).count() >= 2,
+        "volumes and ephemeral mounts: {expressions:?}"
+    );
 }
 
 #[tokio::test]
