@@ -32,6 +32,13 @@ pub const CONTAINER_NAME: &str = "toolgate-proxy";
 pub const TOKEN_VOLUME: &str = "toolgate-token";
 /// Audience of the projected token the sidecar presents to the operator.
 pub const TOKEN_AUDIENCE: &str = "toolgate";
+/// Name of the Secret volume with the shared counter store's password (and CA), when the
+/// sidecars count rate limits in Redis/Valkey ([`CounterStoreConfig`]).
+pub const STORE_VOLUME: &str = "toolgate-store";
+/// Where [`STORE_VOLUME`] is mounted in the sidecar.
+pub const STORE_MOUNT: &str = "/var/run/secrets/toolgate-store";
+/// The label the API server sets on every Namespace: its name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// What the injected container looks like; from the operator's flags or Helm values.
 #[derive(Clone, Debug)]
@@ -55,6 +62,73 @@ pub struct InjectConfig {
     pub allowed_hosts: Vec<String>,
     /// Origins the sidecar's MCP port accepts besides its defaults (`--allowed-origins`).
     pub allowed_origins: Vec<String>,
+    /// The shared counter store the sidecars count rate limits in; `None`: each sidecar
+    /// counts in its own memory.
+    pub counter_store: Option<CounterStoreConfig>,
+}
+
+/// The shared counter store (Redis/Valkey) the injected sidecars use (docs/operator.md,
+/// "Shared rate-limit counters").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterStoreConfig {
+    /// `redis://host:port[/db]` or `rediss://…`, without a password.
+    pub url: String,
+    /// Base key prefix: a sidecar's prefix is `<prefix><pod namespace>/`, so every sidecar
+    /// enforcing the same McpPolicy (namespace and name) shares its counters and no two
+    /// namespaces share a key.
+    pub prefix: String,
+    /// Secret in the pod's own namespace: `password`, optionally `username` and `ca.crt`.
+    pub secret: String,
+    /// The Secret holds `ca.crt`, the roots of a `rediss://` store's certificate.
+    pub ca: bool,
+    /// The sidecar's `--counter-store-on-failure`: `closed`, `local` or `open`.
+    pub on_failure: String,
+    /// The sidecar's `--counter-store-timeout-ms`.
+    pub timeout_ms: u64,
+}
+
+impl CounterStoreConfig {
+    /// Longest base prefix: with a 63-character namespace and `/` the sidecar's prefix
+    /// stays within the 128 characters it accepts.
+    pub const MAX_PREFIX: usize = 64;
+
+    /// Checks what the sidecars would otherwise refuse at start (or leak): a clear error
+    /// for the operator's flags.
+    pub fn validate(&self) -> Result<(), String> {
+        // The URL is never echoed: it might hold a password.
+        let (scheme, rest) = self.url.split_once("://").unwrap_or_default();
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err("the URL must not hold a user or password: it would be readable in every pod spec; \
+                        put them in the Secret (keys username, password)"
+                .to_owned());
+        }
+        if !matches!(scheme, "redis" | "rediss") || authority.is_empty() {
+            return Err("use a redis://host:port or rediss://host:port URL".to_owned());
+        }
+        if self.prefix.len() > Self::MAX_PREFIX || self.prefix.contains(['{', '}', '*', '?', '[', ']', ' ']) {
+            return Err(format!(
+                "prefix {:?}: at most {} characters, without braces, glob characters or spaces",
+                self.prefix,
+                Self::MAX_PREFIX
+            ));
+        }
+        if self.secret.is_empty() {
+            return Err("the Secret name is empty".to_owned());
+        }
+        if !matches!(self.on_failure.as_str(), "closed" | "local" | "open") {
+            return Err(format!("on-failure {:?}: closed, local or open", self.on_failure));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
+            return Err(format!("timeout {} ms: from 1 to 60000", self.timeout_ms));
+        }
+        Ok(())
+    }
+
+    /// The key prefix of the sidecars in `namespace`.
+    pub fn prefix_for(&self, namespace: &str) -> String {
+        format!("{}{namespace}/", self.prefix)
+    }
 }
 
 impl Default for InjectConfig {
@@ -70,6 +144,7 @@ impl Default for InjectConfig {
             limits: map("1", "128Mi"),
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
+            counter_store: None,
         }
     }
 }
@@ -102,6 +177,9 @@ pub enum Skip {
     BadUpstreamPort,
     /// Refused: the pod uses the host network, where the sidecar's ports would be the node's.
     HostNetwork,
+    /// Refused: the sidecars count in a shared store, whose key prefix names the pod's
+    /// namespace, and the namespace is not known.
+    NoNamespace,
 }
 
 impl Skip {
@@ -117,6 +195,7 @@ impl Skip {
             Skip::NoUpstreamPort => "no_upstream_port",
             Skip::BadUpstreamPort => "bad_upstream_port",
             Skip::HostNetwork => "host_network",
+            Skip::NoNamespace => "no_namespace",
         }
     }
 
@@ -135,6 +214,7 @@ impl Skip {
             Skip::NoUpstreamPort => "refused_no_upstream_port",
             Skip::BadUpstreamPort => "refused_bad_upstream_port",
             Skip::HostNetwork => "refused_host_network",
+            Skip::NoNamespace => "refused_no_namespace",
         }
     }
 
@@ -167,6 +247,9 @@ impl Skip {
             ),
             Skip::HostNetwork => "toolgate: the pod uses hostNetwork: true, where the sidecar's ports would be \
                  the node's and other pods could reach the MCP server past it: run the pod without hostNetwork"
+                .to_owned(),
+            Skip::NoNamespace => "toolgate: the pod's namespace is not known, and the sidecar's shared rate-limit \
+                 counters are keyed by it: create the pod in a namespace"
                 .to_owned(),
         }
     }
@@ -210,7 +293,11 @@ pub fn inject(
             .ok_or(Skip::NoUpstreamPort)?,
     };
     let path = annotations.get(UPSTREAM_PATH_ANNOTATION).map(String::as_str).unwrap_or("/mcp");
-    let container = sidecar(config, upstream_port, path);
+    let mut container = sidecar(config, upstream_port, path);
+    if let Some(store) = &config.counter_store {
+        let namespace = pod_namespace(pod, namespace_labels).ok_or(Skip::NoNamespace)?;
+        with_counter_store(&mut container, store, namespace);
+    }
 
     let marked = annotations.contains_key(INJECTED_ANNOTATION);
     let named = |c: &&k8s_openapi::api::core::v1::Container| c.name == CONTAINER_NAME;
@@ -220,7 +307,7 @@ pub fn inject(
         let ours = marked
             && init.first().is_some_and(|c| is_injected(c, &container))
             && init.iter().skip(1).chain(&spec.containers).all(|c| !named(&c))
-            && [token_volume(config), state_volume()].iter().all(|want| {
+            && injected_volumes(config).iter().all(|want| {
                 spec.volumes.iter().flatten().filter(|v| v.name == want["name"]).count() == 1
                     && spec.volumes.iter().flatten().any(|v| {
                         v.name == want["name"] && serde_json::to_value(v).is_ok_and(|got| matches_injected(want, &got))
@@ -242,7 +329,7 @@ pub fn inject(
     } else {
         ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}));
     }
-    let volumes = [token_volume(config), state_volume()];
+    let volumes = injected_volumes(config);
     if spec.volumes.as_ref().is_none_or(Vec::is_empty) {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
     } else {
@@ -404,4 +491,60 @@ fn token_volume(config: &InjectConfig) -> Value {
         sources.push(json!({"configMap": {"name": name, "items": [{"key": "ca.crt", "path": "ca.crt"}]}}));
     }
     json!({"name": TOKEN_VOLUME, "projected": {"sources": sources}})
+}
+
+/// The volumes the webhook adds: the token (and CA), the state directory and, with a
+/// shared counter store, its Secret.
+fn injected_volumes(config: &InjectConfig) -> Vec<Value> {
+    let mut volumes = vec![token_volume(config), state_volume()];
+    if let Some(store) = &config.counter_store {
+        volumes.push(store_volume(store));
+    }
+    volumes
+}
+
+/// The pod's namespace: the API server's `kubernetes.io/metadata.name` label of the
+/// namespace the pod is created in, else the pod's own `metadata.namespace`.
+fn pod_namespace<'a>(pod: &'a Pod, namespace_labels: &'a BTreeMap<String, String>) -> Option<&'a str> {
+    namespace_labels
+        .get(NAMESPACE_NAME_LABEL)
+        .map(String::as_str)
+        .or(pod.metadata.namespace.as_deref())
+        .filter(|n| !n.is_empty())
+}
+
+/// The sidecar counts rate limits in the shared store: its URL, a key prefix of its own
+/// namespace (McpPolicies are namespaced; the proxy keys counters by McpPolicy name), the
+/// password file and CA from the Secret volume, the user name from the Secret if it has one.
+fn with_counter_store(container: &mut Value, store: &CounterStoreConfig, namespace: &str) {
+    let mut args = vec![
+        format!("--counter-store={}", store.url),
+        format!("--counter-store-prefix={}", store.prefix_for(namespace)),
+        format!("--counter-store-password-file={STORE_MOUNT}/password"),
+        format!("--counter-store-on-failure={}", store.on_failure),
+        format!("--counter-store-timeout-ms={}", store.timeout_ms),
+    ];
+    if store.ca {
+        args.push(format!("--counter-store-ca-file={STORE_MOUNT}/ca.crt"));
+    }
+    if let Some(list) = container["args"].as_array_mut() {
+        list.extend(args.into_iter().map(Value::String));
+    }
+    if let Some(env) = container["env"].as_array_mut() {
+        env.push(json!({"name": "TOOLGATE_COUNTER_STORE_USERNAME", "valueFrom": {"secretKeyRef": {
+            "name": store.secret, "key": "username", "optional": true}}}));
+    }
+    if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+        mounts.push(json!({"name": STORE_VOLUME, "mountPath": STORE_MOUNT, "readOnly": true}));
+    }
+}
+
+/// The store's Secret, only the keys the sidecar reads. Not optional: without the Secret
+/// the pod does not start (rather than run with limits it cannot count).
+fn store_volume(store: &CounterStoreConfig) -> Value {
+    let mut items = vec![json!({"key": "password", "path": "password"})];
+    if store.ca {
+        items.push(json!({"key": "ca.crt", "path": "ca.crt"}));
+    }
+    json!({"name": STORE_VOLUME, "secret": {"secretName": store.secret, "items": items}})
 }

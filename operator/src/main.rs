@@ -23,7 +23,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use toolgate_operator::auth::Authenticator;
 use toolgate_operator::hub::{Hub, Scope};
-use toolgate_operator::inject::{INJECT_LABEL, INJECTED_LABEL, InjectConfig};
+use toolgate_operator::inject::{CounterStoreConfig, INJECT_LABEL, INJECTED_LABEL, InjectConfig};
 use toolgate_operator::metrics::Metrics;
 use toolgate_operator::server::{self, Ctx};
 use toolgate_operator::tls::{self, CertStore, Lifetimes};
@@ -106,6 +106,27 @@ struct Args {
     /// hosts, comma-separated. Passed as the sidecar's --allowed-origins.
     #[arg(long, env = "TOOLGATE_SIDECAR_ALLOWED_ORIGINS", value_delimiter = ',')]
     sidecar_allowed_origins: Vec<String>,
+    /// Shared counter store of the injected sidecars: a `redis://` or `rediss://` URL
+    /// (Redis or Valkey) without a password. Unset: each sidecar counts rate limits in its
+    /// own memory. See docs/operator.md, "Shared rate-limit counters".
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE")]
+    sidecar_counter_store: Option<String>,
+    /// Base key prefix; each sidecar gets `<prefix><its namespace>/`.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_PREFIX", default_value = "toolgate:")]
+    sidecar_counter_store_prefix: String,
+    /// Secret, in each injected pod's own namespace, with the store's `password` (and
+    /// optionally `username` and `ca.crt`), mounted into the sidecar only.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_SECRET", default_value = "toolgate-counter-store")]
+    sidecar_counter_store_secret: String,
+    /// The Secret holds `ca.crt`, the roots of a `rediss://` store's certificate.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_CA", default_value_t = false, action = clap::ArgAction::Set)]
+    sidecar_counter_store_ca: bool,
+    /// The sidecars' --counter-store-on-failure: `closed`, `local` or `open`.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_ON_FAILURE", default_value = "closed")]
+    sidecar_counter_store_on_failure: String,
+    /// The sidecars' --counter-store-timeout-ms.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_TIMEOUT_MS", default_value_t = 250)]
+    sidecar_counter_store_timeout_ms: u64,
     /// Seconds between heartbeats on idle policy streams.
     #[arg(long, env = "TOOLGATE_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
@@ -198,6 +219,7 @@ fn serving_names(args: &Args) -> Vec<String> {
 }
 
 async fn run(args: Args) -> Result<()> {
+    let counter_store = counter_store(&args)?;
     let client = Client::try_default().await.context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
     // Fail early, with the fix, when a CRD is missing (after a short grace: a CRD
     // installed a moment ago takes a little while to be served).
@@ -251,6 +273,7 @@ async fn run(args: Args) -> Result<()> {
             .map(|o| o.trim().to_owned())
             .filter(|o| !o.is_empty())
             .collect(),
+        counter_store,
         ..InjectConfig::default()
     };
     let (hub, status_rx) = Hub::new(
@@ -464,6 +487,24 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// `key=value[,key=value...]` (equality only) as a label selector.
+/// The shared counter store the sidecars get, from the `--sidecar-counter-store*` flags;
+/// a bad value stops the operator rather than inject sidecars that cannot start.
+fn counter_store(args: &Args) -> Result<Option<CounterStoreConfig>> {
+    let Some(url) = args.sidecar_counter_store.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let store = CounterStoreConfig {
+        url: url.to_owned(),
+        prefix: args.sidecar_counter_store_prefix.clone(),
+        secret: args.sidecar_counter_store_secret.clone(),
+        ca: args.sidecar_counter_store_ca,
+        on_failure: args.sidecar_counter_store_on_failure.clone(),
+        timeout_ms: args.sidecar_counter_store_timeout_ms,
+    };
+    store.validate().map_err(|e| anyhow::anyhow!("--sidecar-counter-store: {e}"))?;
+    Ok(Some(store))
+}
+
 fn parse_selector(text: &str) -> Result<Selector> {
     text.split(',')
         .map(|pair| match pair.split_once('=') {
