@@ -106,6 +106,9 @@ impl CounterStoreConfig {
         if !matches!(scheme, "redis" | "rediss") || authority.is_empty() {
             return Err("use a redis://host:port or rediss://host:port URL".to_owned());
         }
+        if self.ca && scheme != "rediss" {
+            return Err("a CA is only used with a rediss:// URL".to_owned());
+        }
         if self.prefix.len() > Self::MAX_PREFIX || self.prefix.contains(['{', '}', '*', '?', '[', ']', ' ']) {
             return Err(format!(
                 "prefix {:?}: at most {} characters, without braces, glob characters or spaces",

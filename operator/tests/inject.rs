@@ -422,4 +422,5 @@ fn store_settings_that_would_leak_or_break_are_refused() {
     bad(&|c| c.on_failure = "maybe".into());
     bad(&|c| c.timeout_ms = 0);
     bad(&|c| c.secret = String::new());
+    assert!(bad(&|c| c.ca = true).contains("rediss://"), "a CA for a plain-TCP store would stop every sidecar");
 }

@@ -964,6 +964,8 @@ async fn counter_store_is_wired_into_the_operator_and_locked_down() {
     assert!(error.contains("counters.redis.namespaces"), "{error}");
     let error = render_error(&[STORE, &["counters.redis.url=redis://elsewhere:6379"]].concat()).await;
     assert!(error.contains("not both"), "{error}");
+    let error = render_error(&[STORE, &["counters.redis.tlsCa=true"]].concat()).await;
+    assert!(error.contains("tlsCa"), "{error}");
     for bad in [
         "counters.redis.url=redis://:secret@redis:6379",
         "counters.redis.keyPrefix=a*",

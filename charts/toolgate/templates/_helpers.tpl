@@ -109,6 +109,9 @@ sidecars read in their own namespace, and the URL they are given. */}}
 {{- if and $r.deploy $r.url -}}
 {{- fail "counters.redis: set url (an existing store) or deploy: true (the chart runs one), not both" -}}
 {{- end -}}
+{{- if and $r.deploy $r.tlsCa -}}
+{{- fail "counters.redis.tlsCa: the chart's own store (deploy) speaks plain TCP; tlsCa is for a rediss:// url" -}}
+{{- end -}}
 {{- if $r.deploy -}}
 {{- printf "redis://%s.%s.svc:%d" (include "toolgate.counterStoreName" .) .Release.Namespace (int $r.port) -}}
 {{- else -}}
