@@ -11,7 +11,7 @@ use kube::core::Selector;
 
 use crate::admission::approval_review::{Deciders, ServiceAccountDeciders};
 use crate::http::Keepalive;
-use crate::inject::InjectConfig;
+use crate::inject::{CounterStoreConfig, InjectConfig};
 use crate::leader::duties::{CertConfig, CertSource, Duties};
 use crate::leader::lease::Timing;
 use crate::tls::Lifetimes;
@@ -113,6 +113,27 @@ pub struct Args {
     /// passed as the sidecars' --k8s-issuer with --sidecar-k8s-token-audience.
     #[arg(long, env = "TOOLGATE_SIDECAR_K8S_ISSUER", default_value = "https://kubernetes.default.svc.cluster.local")]
     sidecar_k8s_issuer: String,
+    /// Shared counter store of the injected sidecars: a `redis://` or `rediss://` URL
+    /// (Redis or Valkey) without a password. Unset: each sidecar counts rate limits in its
+    /// own memory. See docs/operator.md, "Shared rate-limit counters".
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE")]
+    sidecar_counter_store: Option<String>,
+    /// Base key prefix; each sidecar gets `<prefix><its namespace>/`.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_PREFIX", default_value = "toolgate:")]
+    sidecar_counter_store_prefix: String,
+    /// Secret, in each injected pod's own namespace, with the store's `password` (and
+    /// optionally `username` and `ca.crt`), mounted into the sidecar only.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_SECRET", default_value = "toolgate-counter-store")]
+    sidecar_counter_store_secret: String,
+    /// The Secret holds `ca.crt`, the roots of a `rediss://` store's certificate.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_CA", default_value_t = false, action = clap::ArgAction::Set)]
+    sidecar_counter_store_ca: bool,
+    /// The sidecars' --counter-store-on-failure: `closed`, `local` or `open`.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_ON_FAILURE", default_value = "closed")]
+    sidecar_counter_store_on_failure: String,
+    /// The sidecars' --counter-store-timeout-ms.
+    #[arg(long, env = "TOOLGATE_SIDECAR_COUNTER_STORE_TIMEOUT_MS", default_value_t = 250)]
+    sidecar_counter_store_timeout_ms: u64,
     /// Seconds between heartbeats on idle policy streams.
     #[arg(long, env = "TOOLGATE_HEARTBEAT_SECONDS", default_value_t = 10)]
     heartbeat_seconds: u64,
@@ -278,10 +299,29 @@ fn inject_config(args: &Args) -> Result<InjectConfig, ConfigError> {
             .filter(|a| !a.is_empty())
             .map(str::to_owned),
         k8s_issuer: args.sidecar_k8s_issuer.trim().to_owned(),
+        counter_store: counter_store(args)?,
         ..InjectConfig::default()
     };
     inject.check().map_err(ConfigError)?;
     Ok(inject)
+}
+
+/// The shared counter store the sidecars get, from the `--sidecar-counter-store*` flags;
+/// a bad value stops the operator rather than inject sidecars that cannot start.
+fn counter_store(args: &Args) -> Result<Option<CounterStoreConfig>, ConfigError> {
+    let Some(url) = args.sidecar_counter_store.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let store = CounterStoreConfig {
+        url: url.to_owned(),
+        prefix: args.sidecar_counter_store_prefix.clone(),
+        secret: args.sidecar_counter_store_secret.clone(),
+        ca: args.sidecar_counter_store_ca,
+        on_failure: args.sidecar_counter_store_on_failure.clone(),
+        timeout_ms: args.sidecar_counter_store_timeout_ms,
+    };
+    store.validate().map_err(|e| ConfigError(format!("--sidecar-counter-store: {e}")))?;
+    Ok(Some(store))
 }
 
 /// The DNS names (and addresses) of the serving certificate: the Service's names, the

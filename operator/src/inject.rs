@@ -55,6 +55,13 @@ const API_KEYS_DIR: &str = "/var/run/secrets/toolgate-api-keys";
 pub const TOKEN_VOLUME: &str = "toolgate-token";
 /// Audience of the projected token the sidecar presents to the operator.
 pub const TOKEN_AUDIENCE: &str = "toolgate";
+/// Name of the Secret volume with the shared counter store's password (and CA), when the
+/// sidecars count rate limits in Redis/Valkey ([`CounterStoreConfig`]).
+pub const STORE_VOLUME: &str = "toolgate-store";
+/// Where [`STORE_VOLUME`] is mounted in the sidecar.
+pub const STORE_MOUNT: &str = "/var/run/secrets/toolgate-store";
+/// The label the API server sets on every Namespace: its name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// What the injected container looks like; from the operator's flags or Helm values.
 #[derive(Clone, Debug)]
@@ -89,6 +96,9 @@ pub struct InjectConfig {
     pub k8s_audience: Option<String>,
     /// The cluster's service-account issuer (`--k8s-issuer` of the sidecars).
     pub k8s_issuer: String,
+    /// The shared counter store the sidecars count rate limits in; `None`: each sidecar
+    /// counts in its own memory.
+    pub counter_store: Option<CounterStoreConfig>,
 }
 
 impl InjectConfig {
@@ -118,6 +128,73 @@ impl InjectConfig {
     }
 }
 
+/// The shared counter store (Redis/Valkey) the injected sidecars use (docs/operator.md,
+/// "Shared rate-limit counters").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterStoreConfig {
+    /// `redis://host:port[/db]` or `rediss://…`, without a password.
+    pub url: String,
+    /// Base key prefix: a sidecar's prefix is `<prefix><pod namespace>/`, so every sidecar
+    /// enforcing the same McpPolicy (namespace and name) shares its counters and no two
+    /// namespaces share a key.
+    pub prefix: String,
+    /// Secret in the pod's own namespace: `password`, optionally `username` and `ca.crt`.
+    pub secret: String,
+    /// The Secret holds `ca.crt`, the roots of a `rediss://` store's certificate.
+    pub ca: bool,
+    /// The sidecar's `--counter-store-on-failure`: `closed`, `local` or `open`.
+    pub on_failure: String,
+    /// The sidecar's `--counter-store-timeout-ms`.
+    pub timeout_ms: u64,
+}
+
+impl CounterStoreConfig {
+    /// Longest base prefix: with a 63-character namespace and `/` the sidecar's prefix
+    /// stays within the 128 characters it accepts.
+    pub const MAX_PREFIX: usize = 64;
+
+    /// Checks what the sidecars would otherwise refuse at start (or leak): a clear error
+    /// for the operator's flags.
+    pub fn validate(&self) -> Result<(), String> {
+        // The URL is never echoed: it might hold a password.
+        let (scheme, rest) = self.url.split_once("://").unwrap_or_default();
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err("the URL must not hold a user or password: it would be readable in every pod spec; \
+                        put them in the Secret (keys username, password)"
+                .to_owned());
+        }
+        if !matches!(scheme, "redis" | "rediss") || authority.is_empty() {
+            return Err("use a redis://host:port or rediss://host:port URL".to_owned());
+        }
+        if self.ca && scheme != "rediss" {
+            return Err("a CA is only used with a rediss:// URL".to_owned());
+        }
+        if self.prefix.len() > Self::MAX_PREFIX || self.prefix.contains(['{', '}', '*', '?', '[', ']', ' ']) {
+            return Err(format!(
+                "prefix {:?}: at most {} characters, without braces, glob characters or spaces",
+                self.prefix,
+                Self::MAX_PREFIX
+            ));
+        }
+        if self.secret.is_empty() {
+            return Err("the Secret name is empty".to_owned());
+        }
+        if !matches!(self.on_failure.as_str(), "closed" | "local" | "open") {
+            return Err(format!("on-failure {:?}: closed, local or open", self.on_failure));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
+            return Err(format!("timeout {} ms: from 1 to 60000", self.timeout_ms));
+        }
+        Ok(())
+    }
+
+    /// The key prefix of the sidecars in `namespace`.
+    pub fn prefix_for(&self, namespace: &str) -> String {
+        format!("{}{namespace}/", self.prefix)
+    }
+}
+
 impl Default for InjectConfig {
     fn default() -> Self {
         let map = |cpu: &str, mem: &str| BTreeMap::from([("cpu".into(), cpu.into()), ("memory".into(), mem.into())]);
@@ -136,6 +213,7 @@ impl Default for InjectConfig {
             credential_scheme: "Bearer".into(),
             k8s_audience: None,
             k8s_issuer: "https://kubernetes.default.svc.cluster.local".into(),
+            counter_store: None,
         }
     }
 }
@@ -175,6 +253,9 @@ pub enum Skip {
     /// operator token, state, upstream credential or API keys), or the pod declares a volume
     /// of one of those names itself.
     SidecarVolumeInApp,
+    /// Refused: the sidecars count in a shared store, whose key prefix names the pod's
+    /// namespace, and the namespace is not known.
+    NoNamespace,
 }
 
 impl Skip {
@@ -192,6 +273,7 @@ impl Skip {
             Skip::HostNetwork => "host_network",
             Skip::BadCredentialAnnotation => "bad_credential_annotation",
             Skip::SidecarVolumeInApp => "sidecar_volume_in_app",
+            Skip::NoNamespace => "no_namespace",
         }
     }
 
@@ -212,6 +294,7 @@ impl Skip {
             Skip::HostNetwork => "refused_host_network",
             Skip::BadCredentialAnnotation => "refused_bad_credential_annotation",
             Skip::SidecarVolumeInApp => "refused_sidecar_volume_in_app",
+            Skip::NoNamespace => "refused_no_namespace",
         }
     }
 
@@ -252,10 +335,13 @@ impl Skip {
             ),
             Skip::SidecarVolumeInApp => format!(
                 "toolgate: a container of the pod mounts, or the pod declares, a volume named {TOKEN_VOLUME}, \
-                 {STATE_VOLUME}, {CREDENTIAL_VOLUME} or {API_KEYS_VOLUME}: these are the {CONTAINER_NAME} \
+                 {STATE_VOLUME}, {STORE_VOLUME}, {CREDENTIAL_VOLUME} or {API_KEYS_VOLUME}: these are the {CONTAINER_NAME} \
                  sidecar's alone (the upstream credential must never reach the app): remove that volume and \
                  mount, and name the Secret with the {CREDENTIAL_SECRET_ANNOTATION} annotation instead"
             ),
+            Skip::NoNamespace => "toolgate: the pod's namespace is not known, and the sidecar's shared rate-limit \
+                 counters are keyed by it: create the pod in a namespace"
+                .to_owned(),
         }
     }
 }
@@ -299,7 +385,11 @@ pub fn inject(
     };
     let path = annotations.get(UPSTREAM_PATH_ANNOTATION).map(String::as_str).unwrap_or("/mcp");
     let credentials = Credentials::from_annotations(annotations, config)?;
-    let container = sidecar(config, upstream_port, path, &credentials);
+    let mut container = sidecar(config, upstream_port, path, &credentials);
+    if let Some(store) = &config.counter_store {
+        let namespace = pod_namespace(pod, namespace_labels).ok_or(Skip::NoNamespace)?;
+        with_counter_store(&mut container, store, namespace);
+    }
     let volumes = injected_volumes(config, &credentials);
 
     // The sidecar's volumes are the sidecar's: an app container that mounts one (the
@@ -407,7 +497,7 @@ const KUBE_API_TOKEN: &str = "kube-api-token";
 const KUBE_CA: &str = "kube-ca.crt";
 
 /// The volumes only the sidecar mounts.
-const RESERVED_VOLUMES: [&str; 4] = [TOKEN_VOLUME, STATE_VOLUME, CREDENTIAL_VOLUME, API_KEYS_VOLUME];
+const RESERVED_VOLUMES: [&str; 5] = [TOKEN_VOLUME, STATE_VOLUME, STORE_VOLUME, CREDENTIAL_VOLUME, API_KEYS_VOLUME];
 
 /// The upstream credential a pod's annotations name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -502,6 +592,9 @@ fn injected_volumes(config: &InjectConfig, credentials: &Credentials) -> Vec<Val
     if let Some(secret) = &credentials.api_keys_secret {
         volumes.push(json!({"name": API_KEYS_VOLUME, "secret": {
             "secretName": secret, "items": [{"key": API_KEYS_KEY, "path": API_KEYS_KEY}]}}));
+    }
+    if let Some(store) = &config.counter_store {
+        volumes.push(store_volume(store));
     }
     volumes
 }
@@ -640,4 +733,50 @@ fn token_volume(config: &InjectConfig) -> Value {
         sources.push(json!({"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": KUBE_CA}]}}));
     }
     json!({"name": TOKEN_VOLUME, "projected": {"sources": sources}})
+}
+
+/// The pod's namespace: the API server's `kubernetes.io/metadata.name` label of the
+/// namespace the pod is created in, else the pod's own `metadata.namespace`.
+fn pod_namespace<'a>(pod: &'a Pod, namespace_labels: &'a BTreeMap<String, String>) -> Option<&'a str> {
+    namespace_labels
+        .get(NAMESPACE_NAME_LABEL)
+        .map(String::as_str)
+        .or(pod.metadata.namespace.as_deref())
+        .filter(|n| !n.is_empty())
+}
+
+/// The sidecar counts rate limits in the shared store: its URL, a key prefix of its own
+/// namespace (McpPolicies are namespaced; the proxy keys counters by McpPolicy name), the
+/// password file and CA from the Secret volume, the user name from the Secret if it has one.
+fn with_counter_store(container: &mut Value, store: &CounterStoreConfig, namespace: &str) {
+    let mut args = vec![
+        format!("--counter-store={}", store.url),
+        format!("--counter-store-prefix={}", store.prefix_for(namespace)),
+        format!("--counter-store-password-file={STORE_MOUNT}/password"),
+        format!("--counter-store-on-failure={}", store.on_failure),
+        format!("--counter-store-timeout-ms={}", store.timeout_ms),
+    ];
+    if store.ca {
+        args.push(format!("--counter-store-ca-file={STORE_MOUNT}/ca.crt"));
+    }
+    if let Some(list) = container["args"].as_array_mut() {
+        list.extend(args.into_iter().map(Value::String));
+    }
+    if let Some(env) = container["env"].as_array_mut() {
+        env.push(json!({"name": "TOOLGATE_COUNTER_STORE_USERNAME", "valueFrom": {"secretKeyRef": {
+            "name": store.secret, "key": "username", "optional": true}}}));
+    }
+    if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+        mounts.push(json!({"name": STORE_VOLUME, "mountPath": STORE_MOUNT, "readOnly": true}));
+    }
+}
+
+/// The store's Secret, only the keys the sidecar reads. Not optional: without the Secret
+/// the pod does not start (rather than run with limits it cannot count).
+fn store_volume(store: &CounterStoreConfig) -> Value {
+    let mut items = vec![json!({"key": "password", "path": "password"})];
+    if store.ca {
+        items.push(json!({"key": "ca.crt", "path": "ca.crt"}));
+    }
+    json!({"name": STORE_VOLUME, "secret": {"secretName": store.secret, "items": items}})
 }

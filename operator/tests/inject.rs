@@ -438,3 +438,116 @@ fn sidecars_accept_service_account_tokens_when_configured() {
     let args = plain.spec.unwrap().init_containers.unwrap()[0].args.clone().unwrap();
     assert!(!args.iter().any(|a| a.starts_with("--k8s-")), "{args:?}");
 }
+
+fn store_config() -> InjectConfig {
+    use toolgate_operator::inject::CounterStoreConfig;
+    InjectConfig {
+        counter_store: Some(CounterStoreConfig {
+            url: "redis://toolgate-counter-store.toolgate-system.svc:6379".into(),
+            prefix: "toolgate:".into(),
+            secret: "toolgate-counter-store".into(),
+            ca: false,
+            on_failure: "closed".into(),
+            timeout_ms: 250,
+        }),
+        ..InjectConfig::default()
+    }
+}
+
+/// The injected pod in `namespace` (as the webhook sees it: the namespace's name label).
+fn injected_in(namespace: &str, config: &InjectConfig) -> Pod {
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/labelled-pod.json"));
+    let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), namespace.to_owned())]);
+    let mut pod = apply(&case.pod, &inject(&case.pod, &labels, config).expect("injects"));
+    pod.metadata.namespace = Some(namespace.to_owned());
+    pod
+}
+
+#[test]
+fn sidecars_count_in_the_shared_store_under_their_own_namespace() {
+    use toolgate_operator::inject::holds_injected_sidecar;
+    let config = store_config();
+    let pod = injected_in("agents", &config);
+    let spec = pod.spec.as_ref().expect("spec");
+    let sidecar = &spec.init_containers.as_ref().expect("init")[0];
+    let args = sidecar.args.clone().expect("args");
+    for want in [
+        "--counter-store=redis://toolgate-counter-store.toolgate-system.svc:6379",
+        "--counter-store-prefix=toolgate:agents/",
+        "--counter-store-password-file=/var/run/secrets/toolgate-store/password",
+        "--counter-store-on-failure=closed",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--counter-store-ca-file")), "no CA unless configured");
+    // The password reaches the sidecar only, from the Secret of the pod's own namespace.
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "toolgate-store").expect("store volume");
+    let secret = volume.secret.as_ref().expect("a Secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some("toolgate-counter-store"));
+    assert_ne!(secret.optional, Some(true), "no Secret, no pod: never a sidecar without its store password");
+    let env = serde_json::to_value(&sidecar.env).expect("env");
+    assert_eq!(env[1]["name"], json!("TOOLGATE_COUNTER_STORE_USERNAME"));
+    assert_eq!(env[1]["valueFrom"]["secretKeyRef"]["key"], json!("username"));
+    let app = &spec.containers[0];
+    assert!(app.volume_mounts.iter().flatten().all(|m| m.name != "toolgate-store"), "the app does not get it");
+
+    // The same pod is what the operator recognises as injected (streams, status).
+    assert!(holds_injected_sidecar(&pod, &config));
+    assert!(!holds_injected_sidecar(&pod, &InjectConfig::default()), "another configuration is another sidecar");
+    // Another namespace's pod has another prefix: same McpPolicy names never share counters.
+    let other = injected_in("team-b", &config);
+    let other_args = other.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0].args.clone().unwrap();
+    assert!(other_args.contains(&"--counter-store-prefix=toolgate:team-b/".to_owned()), "{other_args:?}");
+    // A pod moved under another namespace's prefix is not the injected sidecar.
+    let moved = edit(&pod, |p| p["metadata"]["namespace"] = json!("team-b"));
+    assert!(!holds_injected_sidecar(&moved, &config));
+    // Removing the store volume or its mount is caught like any other change.
+    let unmounted = edit(&pod, |p| {
+        let volumes = p["spec"]["volumes"].as_array_mut().unwrap();
+        volumes.retain(|v| v["name"] != "toolgate-store");
+    });
+    assert!(!holds_injected_sidecar(&unmounted, &config));
+
+    // With a TLS store, the CA comes from the same Secret.
+    let mut tls = store_config();
+    if let Some(s) = tls.counter_store.as_mut() {
+        s.url = "rediss://redis.example:6380".into();
+        s.ca = true;
+    }
+    let pod = injected_in("agents", &tls);
+    let args = pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0].args.clone().unwrap();
+    assert!(args.contains(&"--counter-store-ca-file=/var/run/secrets/toolgate-store/ca.crt".to_owned()));
+}
+
+#[test]
+fn without_a_namespace_a_store_pod_is_refused() {
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/labelled-pod.json"));
+    let skip = inject(&case.pod, &case.ns_labels, &store_config()).expect_err("no namespace to key by");
+    assert_eq!(skip, Skip::NoNamespace);
+    assert!(skip.refused());
+    assert_eq!(skip.metric_label(), "refused_no_namespace");
+}
+
+#[test]
+fn store_settings_that_would_leak_or_break_are_refused() {
+    use toolgate_operator::inject::CounterStoreConfig;
+    let good = store_config().counter_store.expect("store");
+    assert_eq!(good.validate(), Ok(()));
+    let bad = |f: &dyn Fn(&mut CounterStoreConfig)| {
+        let mut c = good.clone();
+        f(&mut c);
+        c.validate().expect_err("refused")
+    };
+    assert!(bad(&|c| c.url = "redis://:hunter2@redis:6379".into()).contains("password"));
+    assert!(bad(&|c| c.url = "redis://user:pw@redis:6379/0".into()).contains("password"));
+    bad(&|c| c.url = "http://redis:6379".into());
+    bad(&|c| c.url = "redis+unix:///tmp/redis.sock".into());
+    bad(&|c| c.url = "redis://".into());
+    bad(&|c| c.prefix = "a{b}".into());
+    bad(&|c| c.prefix = "team*".into());
+    bad(&|c| c.prefix = "x".repeat(65));
+    bad(&|c| c.on_failure = "maybe".into());
+    bad(&|c| c.timeout_ms = 0);
+    bad(&|c| c.secret = String::new());
+    assert!(bad(&|c| c.ca = true).contains("rediss://"), "a CA for a plain-TCP store would stop every sidecar");
+}

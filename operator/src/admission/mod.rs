@@ -113,13 +113,18 @@ async fn decide(ctx: &Admission, request: &AdmissionRequest<Pod>) -> (&'static s
     if !ctx.hub.index.governs(&namespace) && ctx.namespaces.get(&ObjectRef::new(&namespace)).is_some() {
         return ("not_governed", response);
     }
-    let labels = match namespace_labels(ctx, &namespace).await {
+    let mut labels = match namespace_labels(ctx, &namespace).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(%namespace, error = %e, kind = e.metric_label(), "cannot read the namespace; refusing the pod rather than admitting it unprotected");
             return ("error", response.deny(format!("toolgate: cannot read namespace {namespace}: {e}")));
         }
     };
+    // The request's namespace names the pod's shared counters (the API server sets this
+    // label on every namespace to its name; the request is the authority either way).
+    if !namespace.is_empty() {
+        labels.insert("kubernetes.io/metadata.name".to_owned(), namespace.clone());
+    }
     let pod_name = if pod.metadata.name.is_some() {
         pod.name_any()
     } else {
