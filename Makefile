@@ -51,7 +51,7 @@ test: lint testbin node
 # stage makes them), so those are built first.
 test-node: testbin-node node
 	$(CARGO) build --release --locked -p toolgate-operator -p toolgate-proxy -p toolgate --bins
-	source "$(TESTBIN_CACHE)/env.sh" && $(CARGO) test -p toolgate-tests --locked --test node -- --ignored --test-threads=1
+	source "$(TESTBIN_CACHE)/env.sh" && $(CARGO) test -p toolgate-tests --locked --test node --test node_identity -- --ignored --test-threads=1
 
 bench:
 	$(CARGO) bench -p toolgate-policy --bench decide

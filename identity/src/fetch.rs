@@ -126,6 +126,14 @@ fn read_token(path: &Path) -> Result<String, String> {
 }
 
 fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    client_tls(ca_file, "give a CA file").map(Arc::new)
+}
+
+/// A TLS client configuration (ring, safe default versions, no client certificate) that
+/// trusts the certificates of `ca_file` (PEM; at least one) or, without one, the
+/// platform's roots. `hint` ends the error when the platform has no roots ("give --ca-file").
+/// The proxy's operator link uses it too.
+pub fn client_tls(ca_file: Option<&Path>, hint: &str) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -140,19 +148,21 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Strin
         }
         None => {
             let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::debug!(error = %e, "a platform root certificate could not be loaded");
+            }
             roots.add_parsable_certificates(found.certs);
             if roots.is_empty() {
-                return Err("no platform root certificates found: give a CA file".into());
+                return Err(format!("no platform root certificates found: {hint}"));
             }
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS configuration: {e}"))?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+        .with_no_client_auth())
 }
 
 #[cfg(test)]

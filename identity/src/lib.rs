@@ -24,7 +24,7 @@ use jsonwebtoken::errors::ErrorKind;
 use serde_json::{Map, Value};
 
 pub use apikeys::{ApiKeys, KeyTable};
-pub use fetch::FetchOptions;
+pub use fetch::{FetchOptions, client_tls};
 pub use jsonwebtoken::Algorithm;
 pub use jwks::{DEFAULT_ALGORITHMS, Issuer, IssuerConfig, IssuerKind};
 pub use metadata::ProtectedResource;

@@ -4,34 +4,34 @@
 //!   creates an `McpApproval` in the pod's namespace (phase Pending) from the request and
 //!   from what it knows itself (pod name and uid come from the token, not the request).
 //!   Only the operator creates McpApprovals: the `/approval` webhook refuses a CREATE by
-//!   anyone else ([`Deciders::operator_user`]), so a copy of a pending approval cannot be
-//!   made, in the pod's namespace or another one.
+//!   anyone else (`crate::admission::approval_review`), so a copy of a pending approval
+//!   cannot be made, in the pod's namespace or another one.
 //! - A person decides by setting `status.phase` (RBAC: the `toolgate-approver` role).
 //!   The `/approval` admission webhook (on `mcpapprovals/status`) records who decided from
 //!   the authenticated request and refuses the requesting pod's own service account, and
-//!   service accounts the operator is told not to trust ([`Deciders`]).
+//!   service accounts the operator is told not to trust (`Deciders`).
 //! - Decisions reach the sidecar instance holding the call over its stream
-//!   ([`crate::hub::Hub::push_approvals`]), also after operator restarts (they are API
+//!   (`crate::push::Hub::push_approvals`), also after operator restarts (they are API
 //!   objects). A decision counts only in the pod's own namespace, for the pod's name and
 //!   uid.
 //! - The sidecar closes approvals it stopped waiting for (Expired, Cancelled); approvals
-//!   of an earlier sidecar instance of the pod, or of a pod that is gone, are Abandoned.
+//!   of an earlier sidecar instance of the pod, or of a pod that is gone, are Abandoned
+//!   (by the leader: `crate::push::acks::abandon_replaced`, `crate::leader::duties::janitor`).
+//!
+//! This module talks to the apiserver only; it knows nothing of streams or caches.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use hyper::StatusCode;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use toolgate_policy::crd::{ApprovalPhase, McpApproval, McpApprovalSpec};
-use toolgate_policy::push::ApprovalRequest;
+use toolgate_policy::push::{ApprovalRequest, ClosePhase};
 
 use crate::auth::PodIdentity;
-use crate::hub::Hub;
 
 /// Longest wait a sidecar may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(31 * 86_400);
@@ -40,13 +40,55 @@ const MAX_SHOWN_ARGUMENTS: usize = 64 * 1024;
 /// Label on every McpApproval: the pod it belongs to.
 pub const POD_LABEL: &str = "toolgate.dev/pod";
 
-fn bad(field: &str, why: &str) -> String {
-    format!("{field}: {why}")
+/// Why an approval request or close of a sidecar failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    /// The request is malformed; the message names the field.
+    #[error("{field}: {why}")]
+    BadRequest { field: &'static str, why: String },
+    #[error("no McpApproval {0}")]
+    NotFound(String),
+    /// The approval belongs to another pod than the caller.
+    #[error("the McpApproval belongs to another pod")]
+    Forbidden,
+    /// The apiserver failed; `context` says at which step (empty, or ending in `: `).
+    #[error("{context}{source}")]
+    Unavailable {
+        context: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ApprovalError {
+    /// The HTTP status the sidecar gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A stable, low-cardinality label (`toolgate_operator_approval_requests_total`).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::BadRequest { .. } => "bad_request",
+            Self::NotFound(_) => "not_found",
+            Self::Forbidden => "forbidden",
+            Self::Unavailable { .. } => "unavailable",
+        }
+    }
+}
+
+fn bad(field: &'static str, why: &str) -> ApprovalError {
+    ApprovalError::BadRequest { field, why: why.to_owned() }
 }
 
 /// Checks a request from a sidecar; the error names the field.
-fn check(req: &ApprovalRequest) -> Result<(), String> {
-    let short = |field: &str, v: &str, max: usize| {
+fn check(req: &ApprovalRequest) -> Result<(), ApprovalError> {
+    let short = |field: &'static str, v: &str, max: usize| {
         if v.is_empty() || v.len() > max { Err(bad(field, &format!("must be 1..{max} characters"))) } else { Ok(()) }
     };
     short("tool", &req.tool, 256)?;
@@ -70,8 +112,8 @@ fn check(req: &ApprovalRequest) -> Result<(), String> {
 }
 
 /// Creates the McpApproval for a held call; returns its name.
-pub async fn create(client: &Client, id: &PodIdentity, req: ApprovalRequest) -> Result<String, (u16, String)> {
-    check(&req).map_err(|e| (400, e))?;
+pub async fn create(client: &Client, id: &PodIdentity, req: ApprovalRequest) -> Result<String, ApprovalError> {
+    check(&req)?;
     let now = Timestamp::now();
     let expires =
         now + k8s_openapi::jiff::SignedDuration::from_secs(i64::try_from(req.timeout_seconds).unwrap_or(i64::MAX));
@@ -113,11 +155,11 @@ pub async fn create(client: &Client, id: &PodIdentity, req: ApprovalRequest) -> 
     let created = api
         .create(&PostParams::default(), &approval)
         .await
-        .map_err(|e| (503, format!("creating the McpApproval: {e}")))?;
+        .map_err(|source| ApprovalError::Unavailable { context: "creating the McpApproval: ", source })?;
     let name = created.name_any();
     set_phase(&api, &name, ApprovalPhase::Pending, None)
         .await
-        .map_err(|e| (503, format!("setting phase Pending: {e}")))?;
+        .map_err(|source| ApprovalError::Unavailable { context: "setting phase Pending: ", source })?;
     tracing::info!(namespace = %id.namespace, approval = %name, pod = %id.pod_name, tool = %created.spec.tool, "approval requested");
     Ok(name)
 }
@@ -138,222 +180,23 @@ pub async fn set_phase(
 
 /// The sidecar stopped waiting: `Expired` or `Cancelled`, only for its own pod's
 /// approvals and only while Pending.
-pub async fn close(client: &Client, id: &PodIdentity, name: &str, phase: &str) -> Result<(), (u16, String)> {
-    let phase = match phase {
-        "Expired" => ApprovalPhase::Expired,
-        "Cancelled" => ApprovalPhase::Cancelled,
-        other => return Err((400, format!("phase: {other:?} is not Expired or Cancelled"))),
-    };
+pub async fn close(client: &Client, id: &PodIdentity, name: &str, phase: ClosePhase) -> Result<(), ApprovalError> {
+    let phase = phase.phase();
+    let unavailable = |source| ApprovalError::Unavailable { context: "", source };
     let api: Api<McpApproval> = Api::namespaced(client.clone(), &id.namespace);
     let approval = match api.get_opt(name).await {
         Ok(Some(a)) => a,
-        Ok(None) => return Err((404, format!("no McpApproval {name}"))),
-        Err(e) => return Err((503, e.to_string())),
+        Ok(None) => return Err(ApprovalError::NotFound(name.to_owned())),
+        Err(e) => return Err(unavailable(e)),
     };
     if approval.spec.pod_uid != id.pod_uid {
-        return Err((403, "the McpApproval belongs to another pod".into()));
+        return Err(ApprovalError::Forbidden);
     }
     if approval.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p != ApprovalPhase::Pending) {
         return Ok(());
     }
     let why = if phase == ApprovalPhase::Expired { "no decision before the timeout" } else { "the client went away" };
-    set_phase(&api, name, phase, Some(why)).await.map(|_| ()).map_err(|e| (503, e.to_string()))
-}
-
-/// Leader: approvals whose pod is gone become Abandoned; approvals left Pending well
-/// past their expiry (their sidecar died before closing them) become Expired.
-pub async fn janitor(client: Client, hub: std::sync::Arc<Hub>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let now = Timestamp::now();
-        let pending = hub
-            .approvals
-            .state_filter(|a| a.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == ApprovalPhase::Pending));
-        for a in pending {
-            let ns = a.namespace().unwrap_or_default();
-            if !hub.governs(&ns) {
-                continue;
-            }
-            let pod = hub.pods.get(&ObjectRef::<Pod>::new(&a.spec.pod).within(&ns));
-            let pod_gone = pod.is_none_or(|p| p.uid().as_deref() != Some(a.spec.pod_uid.as_str()));
-            let overdue = a
-                .spec
-                .expires_at
-                .parse::<Timestamp>()
-                .is_ok_and(|t| now.duration_since(t) > k8s_openapi::jiff::SignedDuration::from_secs(30));
-            let api: Api<McpApproval> = Api::namespaced(client.clone(), &ns);
-            let result = if pod_gone {
-                set_phase(&api, &a.name_any(), ApprovalPhase::Abandoned, Some("the pod is gone")).await
-            } else if overdue {
-                set_phase(&api, &a.name_any(), ApprovalPhase::Expired, Some("no decision before the timeout")).await
-            } else {
-                continue;
-            };
-            if let Err(e) = result {
-                tracing::debug!(approval = %a.name_any(), error = %e, "janitor could not close the approval");
-            }
-        }
-    }
-}
-
-/// Which service accounts may decide approvals (`--decider-service-accounts`). Anyone
-/// with `edit` in a namespace can impersonate its service accounts (and mint their
-/// tokens), so a service account of the pod's namespace is only as trusted as the
-/// namespace's editors.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ServiceAccountDeciders {
-    /// Any service account the approver role is bound to (the requesting pod's own excepted).
-    Any,
-    /// Service accounts of other namespaces than the pod's; those of the pod's namespace
-    /// only when listed.
-    #[default]
-    OtherNamespaces,
-    /// No service account unless listed: only people (users of the cluster's authenticator).
-    None,
-}
-
-impl std::str::FromStr for ServiceAccountDeciders {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "any" => Ok(Self::Any),
-            "other-namespaces" => Ok(Self::OtherNamespaces),
-            "none" => Ok(Self::None),
-            other => Err(format!("{other:?}: expected any, other-namespaces or none")),
-        }
-    }
-}
-
-/// Who may create and decide McpApprovals (the `/approval` webhook's rules).
-#[derive(Clone, Debug, Default)]
-pub struct Deciders {
-    /// The operator's own user name (from a SelfSubjectReview at start): the only user
-    /// that may create McpApprovals. `None`: every CREATE is refused.
-    pub operator_user: Option<String>,
-    /// Which service accounts may decide.
-    pub service_accounts: ServiceAccountDeciders,
-    /// Service accounts (`system:serviceaccount:NS:NAME`) that may decide whatever
-    /// [`Deciders::service_accounts`] says (`--allowed-decider-service-accounts`). The
-    /// requesting pod's own service account is refused even when listed.
-    pub allowed: BTreeSet<String>,
-}
-
-impl Deciders {
-    /// Parses one `NAMESPACE/NAME` entry of `--allowed-decider-service-accounts` into the
-    /// user name the apiserver authenticates the service account as.
-    pub fn service_account_user(entry: &str) -> Result<String, String> {
-        let valid = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 253
-                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        };
-        match entry.trim().split_once('/') {
-            Some((ns, name)) if valid(ns) && valid(name) => Ok(format!("system:serviceaccount:{ns}:{name}")),
-            _ => Err(format!("{entry:?}: expected NAMESPACE/NAME of a service account")),
-        }
-    }
-
-    /// Why `user` may not decide an approval of a pod in `namespace`, if it may not.
-    fn refuses(&self, user: &str, namespace: &str) -> Option<String> {
-        let sa_namespace = user.strip_prefix("system:serviceaccount:")?.split_once(':')?.0;
-        if self.allowed.contains(user) {
-            return None;
-        }
-        let refused = match self.service_accounts {
-            ServiceAccountDeciders::Any => false,
-            ServiceAccountDeciders::OtherNamespaces => sa_namespace == namespace,
-            ServiceAccountDeciders::None => true,
-        };
-        refused.then(|| {
-            let whose = if sa_namespace == namespace { "of the pod's namespace " } else { "" };
-            format!(
-                "toolgate: the service account {user} {whose}may not decide approvals of namespace {namespace}: \
-                 anyone who can edit namespace {sa_namespace} can impersonate it. Decide as a person, or have the \
-                 operator list it (--allowed-decider-service-accounts, chart value \
-                 approvals.allowedDeciderServiceAccounts)"
-            )
-        })
-    }
-}
-
-/// The `/approval` admission webhook (mutating, on `mcpapprovals` creations and
-/// `mcpapprovals/status` updates): only the operator creates approvals; a decision
-/// records the authenticated user; the requesting pod's own service account, and service
-/// accounts [`Deciders`] does not trust, may not decide.
-pub fn review(
-    hub: &Hub,
-    deciders: &Deciders,
-    request: &AdmissionRequest<McpApproval>,
-) -> (&'static str, AdmissionResponse) {
-    let response = AdmissionResponse::from(request);
-    let user = request.user_info.username.clone().unwrap_or_default();
-    if matches!(request.operation, Operation::Create) && request.sub_resource.as_deref().unwrap_or_default().is_empty()
-    {
-        if deciders.operator_user.as_deref() == Some(user.as_str()) {
-            return ("created", response);
-        }
-        // Namespaces another operator (release) governs are its webhook's to judge: each
-        // admits only its own user where it governs.
-        if !hub.governs(request.namespace.as_deref().unwrap_or_default()) {
-            return ("not_governed", response);
-        }
-        return (
-            "refused_not_operator",
-            forbidden(
-                response,
-                format!(
-                    "toolgate: McpApprovals are created by the toolgate operator for the calls its sidecars hold; \
-                     {user:?} cannot create one (a copy of another approval releases nothing)"
-                ),
-            ),
-        );
-    }
-    let (Some(new), Operation::Update) = (&request.object, &request.operation) else {
-        return ("ignored", response);
-    };
-    let old_phase = request.old_object.as_ref().and_then(|o| o.status.as_ref()).and_then(|s| s.phase);
-    let new_phase = new.status.as_ref().and_then(|s| s.phase);
-    if new_phase == old_phase || new_phase.is_none_or(|p| p == ApprovalPhase::Pending) {
-        return ("unchanged", response);
-    }
-    let ns = request.namespace.clone().unwrap_or_default();
-    let pod_sa = hub
-        .pods
-        .get(&ObjectRef::<Pod>::new(&new.spec.pod).within(&ns))
-        .and_then(|p| p.spec.as_ref().and_then(|s| s.service_account_name.clone()))
-        .unwrap_or_else(|| "default".into());
-    let decision = matches!(new_phase, Some(ApprovalPhase::Approved | ApprovalPhase::Denied));
-    if decision && user == format!("system:serviceaccount:{ns}:{pod_sa}") {
-        return ("refused_self", response.deny("the requesting pod's own service account cannot decide its approvals"));
-    }
-    if decision && let Some(why) = deciders.refuses(&user, &ns) {
-        return ("refused_service_account", forbidden(response, why));
-    }
-    let now = Timestamp::now().to_string();
-    let status_exists = new.status.is_some();
-    let mut ops = Vec::new();
-    if !status_exists {
-        ops.push(json!({"op": "add", "path": "/status", "value": {}}));
-    }
-    ops.push(json!({"op": "add", "path": "/status/decidedBy", "value": user}));
-    ops.push(json!({"op": "add", "path": "/status/decidedAt", "value": now}));
-    let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
-        Ok(p) => p,
-        Err(e) => return ("error", response.deny(format!("toolgate: {e}"))),
-    };
-    match response.with_patch(patch) {
-        Ok(r) => ("recorded", r),
-        Err(e) => ("error", AdmissionResponse::from(request).deny(format!("toolgate: {e}"))),
-    }
-}
-
-/// A denial with code 403 (Forbidden), like RBAC's.
-fn forbidden(response: AdmissionResponse, message: String) -> AdmissionResponse {
-    let mut response = response.deny(message);
-    response.result.code = 403;
-    response.result.reason = "Forbidden".into();
-    response.result.status = Some(kube::core::response::StatusSummary::Failure);
-    response
+    set_phase(&api, name, phase, Some(why)).await.map(|_| ()).map_err(unavailable)
 }
 
 #[cfg(test)]
@@ -378,37 +221,39 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_checked_field_by_field() {
-        assert_eq!(check(&request()), Ok(()));
-        let mut r = request();
-        r.arguments_digest = "zz".into();
-        assert!(check(&r).is_err_and(|e| e.starts_with("argumentsDigest")));
-        let mut r = request();
-        r.timeout_seconds = 0;
-        assert!(check(&r).is_err_and(|e| e.starts_with("timeoutSeconds")));
-        let mut r = request();
-        r.tool = "x".repeat(300);
-        assert!(check(&r).is_err_and(|e| e.starts_with("tool")));
+    fn failures_map_to_a_status_and_a_label_and_keep_their_messages() {
+        let cases = [
+            (bad("tool", "must be 1..256 characters"), 400, "bad_request", "tool: must be 1..256 characters"),
+            (ApprovalError::NotFound("p-x1".into()), 404, "not_found", "no McpApproval p-x1"),
+            (ApprovalError::Forbidden, 403, "forbidden", "the McpApproval belongs to another pod"),
+            (
+                ApprovalError::Unavailable {
+                    context: "creating the McpApproval: ",
+                    source: kube::Error::Service("connection refused".into()),
+                },
+                503,
+                "unavailable",
+                "creating the McpApproval: ServiceError: connection refused",
+            ),
+        ];
+        for (e, status, label, message) in cases {
+            assert_eq!((e.status().as_u16(), e.metric_label(), e.to_string().as_str()), (status, label, message));
+        }
     }
 
     #[test]
-    fn service_accounts_decide_only_as_configured() {
-        let mut d = Deciders::default();
-        let bot = "system:serviceaccount:team-a:bot";
-        assert!(d.refuses("alice@example.com", "team-a").is_none(), "people are not service accounts");
-        assert!(d.refuses(bot, "team-a").is_some_and(|m| m.contains("impersonate")));
-        assert!(d.refuses(bot, "team-b").is_none(), "another namespace's account");
-        d.allowed.insert(Deciders::service_account_user("team-a/bot").expect("valid"));
-        assert!(d.refuses(bot, "team-a").is_none(), "listed");
-        d.service_accounts = ServiceAccountDeciders::None;
-        assert!(d.refuses("system:serviceaccount:ops:approver", "team-a").is_some());
-        assert!(d.refuses(bot, "team-a").is_none(), "listed");
-        d.service_accounts = ServiceAccountDeciders::Any;
-        assert!(d.refuses("system:serviceaccount:team-a:other", "team-a").is_none());
-        for bad in ["bot", "/bot", "team-a/", "Team/bot", "a/b/c"] {
-            assert!(Deciders::service_account_user(bad).is_err(), "{bad}");
-        }
-        assert_eq!("other-namespaces".parse(), Ok(ServiceAccountDeciders::OtherNamespaces));
-        assert!("some".parse::<ServiceAccountDeciders>().is_err());
+    fn requests_are_checked_field_by_field() {
+        assert!(check(&request()).is_ok());
+        let mut r = request();
+        r.arguments_digest = "zz".into();
+        assert!(
+            check(&r).is_err_and(|e| e.to_string().starts_with("argumentsDigest") && e.metric_label() == "bad_request")
+        );
+        let mut r = request();
+        r.timeout_seconds = 0;
+        assert!(check(&r).is_err_and(|e| e.to_string().starts_with("timeoutSeconds")));
+        let mut r = request();
+        r.tool = "x".repeat(300);
+        assert!(check(&r).is_err_and(|e| e.to_string().starts_with("tool")));
     }
 }

@@ -28,10 +28,40 @@ pub const STATE_VOLUME: &str = "toolgate-state";
 pub const ALLOW_OPT_OUT_LABEL: &str = "toolgate.dev/allow-opt-out";
 /// Name of the injected container.
 pub const CONTAINER_NAME: &str = "toolgate-proxy";
+/// Annotation naming the Secret (in the pod's namespace) that holds the upstream's
+/// credential: mounted read-only into the sidecar only, which sets it on every request
+/// upstream (`--upstream-credential-file`); the app container never gets it.
+pub const CREDENTIAL_SECRET_ANNOTATION: &str = "toolgate.dev/upstream-credential-secret";
+/// The key of that Secret (default: the operator's `--sidecar-upstream-credential-key`).
+pub const CREDENTIAL_KEY_ANNOTATION: &str = "toolgate.dev/upstream-credential-key";
+/// The header that carries it upstream (default `--sidecar-upstream-credential-header`).
+pub const CREDENTIAL_HEADER_ANNOTATION: &str = "toolgate.dev/upstream-credential-header";
+/// The scheme written before it (default `--sidecar-upstream-credential-scheme`; empty: none).
+pub const CREDENTIAL_SCHEME_ANNOTATION: &str = "toolgate.dev/upstream-credential-scheme";
+/// Annotation naming a Secret (key `api-keys`) of caller API keys (`name sha256:<hex>`
+/// lines): mounted into the sidecar only (`--api-keys-file`).
+pub const API_KEYS_SECRET_ANNOTATION: &str = "toolgate.dev/api-keys-secret";
+/// The key of the API-keys Secret.
+pub const API_KEYS_KEY: &str = "api-keys";
+/// Name of the injected volume with the upstream credential.
+pub const CREDENTIAL_VOLUME: &str = "toolgate-upstream-credential";
+/// Name of the injected volume with the caller API keys.
+pub const API_KEYS_VOLUME: &str = "toolgate-api-keys";
+/// Where the sidecar reads the upstream credential.
+const CREDENTIAL_DIR: &str = "/var/run/secrets/toolgate-upstream";
+/// Where the sidecar reads the API keys.
+const API_KEYS_DIR: &str = "/var/run/secrets/toolgate-api-keys";
 /// Name of the projected volume with the service-account token (audience `toolgate`).
 pub const TOKEN_VOLUME: &str = "toolgate-token";
 /// Audience of the projected token the sidecar presents to the operator.
 pub const TOKEN_AUDIENCE: &str = "toolgate";
+/// Name of the Secret volume with the shared counter store's password (and CA), when the
+/// sidecars count rate limits in Redis/Valkey ([`CounterStoreConfig`]).
+pub const STORE_VOLUME: &str = "toolgate-store";
+/// Where [`STORE_VOLUME`] is mounted in the sidecar.
+pub const STORE_MOUNT: &str = "/var/run/secrets/toolgate-store";
+/// The label the API server sets on every Namespace: its name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// What the injected container looks like; from the operator's flags or Helm values.
 #[derive(Clone, Debug)]
@@ -55,6 +85,114 @@ pub struct InjectConfig {
     pub allowed_hosts: Vec<String>,
     /// Origins the sidecar's MCP port accepts besides its defaults (`--allowed-origins`).
     pub allowed_origins: Vec<String>,
+    /// Default key of the upstream-credential Secret.
+    pub credential_key: String,
+    /// Default header that carries the upstream credential.
+    pub credential_header: String,
+    /// Default scheme before the upstream credential (empty: the value as is).
+    pub credential_scheme: String,
+    /// Sidecars authenticate callers by Kubernetes service-account tokens of this audience
+    /// (`--k8s-token-audience`); `None`: they do not.
+    pub k8s_audience: Option<String>,
+    /// The cluster's service-account issuer (`--k8s-issuer` of the sidecars).
+    pub k8s_issuer: String,
+    /// The shared counter store the sidecars count rate limits in; `None`: each sidecar
+    /// counts in its own memory.
+    pub counter_store: Option<CounterStoreConfig>,
+}
+
+impl InjectConfig {
+    /// Whether the credential and identity defaults are usable (checked at start).
+    pub fn check(&self) -> Result<(), String> {
+        if !is_secret_key(&self.credential_key) {
+            return Err(format!("--sidecar-upstream-credential-key {:?} is not a Secret key", self.credential_key));
+        }
+        if !is_token(&self.credential_header) {
+            return Err(format!(
+                "--sidecar-upstream-credential-header {:?} is not a header name",
+                self.credential_header
+            ));
+        }
+        if !(self.credential_scheme.is_empty() || is_token(&self.credential_scheme)) {
+            return Err(format!("--sidecar-upstream-credential-scheme {:?} is not one word", self.credential_scheme));
+        }
+        if let Some(a) = &self.k8s_audience
+            && (a.contains(char::is_whitespace) || a.contains(','))
+        {
+            return Err(format!("--sidecar-k8s-token-audience {a:?}: one audience, no spaces or commas"));
+        }
+        if !self.k8s_issuer.starts_with("https://") || self.k8s_issuer.contains(char::is_whitespace) {
+            return Err(format!("--sidecar-k8s-issuer {:?} is not an https:// URL", self.k8s_issuer));
+        }
+        Ok(())
+    }
+}
+
+/// The shared counter store (Redis/Valkey) the injected sidecars use (docs/operator.md,
+/// "Shared rate-limit counters").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterStoreConfig {
+    /// `redis://host:port[/db]` or `rediss://…`, without a password.
+    pub url: String,
+    /// Base key prefix: a sidecar's prefix is `<prefix><pod namespace>/`, so every sidecar
+    /// enforcing the same McpPolicy (namespace and name) shares its counters and no two
+    /// namespaces share a key.
+    pub prefix: String,
+    /// Secret in the pod's own namespace: `password`, optionally `username` and `ca.crt`.
+    pub secret: String,
+    /// The Secret holds `ca.crt`, the roots of a `rediss://` store's certificate.
+    pub ca: bool,
+    /// The sidecar's `--counter-store-on-failure`: `closed`, `local` or `open`.
+    pub on_failure: String,
+    /// The sidecar's `--counter-store-timeout-ms`.
+    pub timeout_ms: u64,
+}
+
+impl CounterStoreConfig {
+    /// Longest base prefix: with a 63-character namespace and `/` the sidecar's prefix
+    /// stays within the 128 characters it accepts.
+    pub const MAX_PREFIX: usize = 64;
+
+    /// Checks what the sidecars would otherwise refuse at start (or leak): a clear error
+    /// for the operator's flags.
+    pub fn validate(&self) -> Result<(), String> {
+        // The URL is never echoed: it might hold a password.
+        let (scheme, rest) = self.url.split_once("://").unwrap_or_default();
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err("the URL must not hold a user or password: it would be readable in every pod spec; \
+                        put them in the Secret (keys username, password)"
+                .to_owned());
+        }
+        if !matches!(scheme, "redis" | "rediss") || authority.is_empty() {
+            return Err("use a redis://host:port or rediss://host:port URL".to_owned());
+        }
+        if self.ca && scheme != "rediss" {
+            return Err("a CA is only used with a rediss:// URL".to_owned());
+        }
+        if self.prefix.len() > Self::MAX_PREFIX || self.prefix.contains(['{', '}', '*', '?', '[', ']', ' ']) {
+            return Err(format!(
+                "prefix {:?}: at most {} characters, without braces, glob characters or spaces",
+                self.prefix,
+                Self::MAX_PREFIX
+            ));
+        }
+        if self.secret.is_empty() {
+            return Err("the Secret name is empty".to_owned());
+        }
+        if !matches!(self.on_failure.as_str(), "closed" | "local" | "open") {
+            return Err(format!("on-failure {:?}: closed, local or open", self.on_failure));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
+            return Err(format!("timeout {} ms: from 1 to 60000", self.timeout_ms));
+        }
+        Ok(())
+    }
+
+    /// The key prefix of the sidecars in `namespace`.
+    pub fn prefix_for(&self, namespace: &str) -> String {
+        format!("{}{namespace}/", self.prefix)
+    }
 }
 
 impl Default for InjectConfig {
@@ -70,6 +208,12 @@ impl Default for InjectConfig {
             limits: map("1", "128Mi"),
             allowed_hosts: Vec::new(),
             allowed_origins: Vec::new(),
+            credential_key: "api-key".into(),
+            credential_header: "authorization".into(),
+            credential_scheme: "Bearer".into(),
+            k8s_audience: None,
+            k8s_issuer: "https://kubernetes.default.svc.cluster.local".into(),
+            counter_store: None,
         }
     }
 }
@@ -102,6 +246,16 @@ pub enum Skip {
     BadUpstreamPort,
     /// Refused: the pod uses the host network, where the sidecar's ports would be the node's.
     HostNetwork,
+    /// Refused: an upstream-credential or API-keys annotation is not a valid Secret name,
+    /// key, header name or scheme.
+    BadCredentialAnnotation,
+    /// Refused: a container other than the sidecar mounts one of the sidecar's volumes (its
+    /// operator token, state, upstream credential or API keys), or the pod declares a volume
+    /// of one of those names itself.
+    SidecarVolumeInApp,
+    /// Refused: the sidecars count in a shared store, whose key prefix names the pod's
+    /// namespace, and the namespace is not known.
+    NoNamespace,
 }
 
 impl Skip {
@@ -117,6 +271,9 @@ impl Skip {
             Skip::NoUpstreamPort => "no_upstream_port",
             Skip::BadUpstreamPort => "bad_upstream_port",
             Skip::HostNetwork => "host_network",
+            Skip::BadCredentialAnnotation => "bad_credential_annotation",
+            Skip::SidecarVolumeInApp => "sidecar_volume_in_app",
+            Skip::NoNamespace => "no_namespace",
         }
     }
 
@@ -135,6 +292,9 @@ impl Skip {
             Skip::NoUpstreamPort => "refused_no_upstream_port",
             Skip::BadUpstreamPort => "refused_bad_upstream_port",
             Skip::HostNetwork => "refused_host_network",
+            Skip::BadCredentialAnnotation => "refused_bad_credential_annotation",
+            Skip::SidecarVolumeInApp => "refused_sidecar_volume_in_app",
+            Skip::NoNamespace => "refused_no_namespace",
         }
     }
 
@@ -167,6 +327,20 @@ impl Skip {
             ),
             Skip::HostNetwork => "toolgate: the pod uses hostNetwork: true, where the sidecar's ports would be \
                  the node's and other pods could reach the MCP server past it: run the pod without hostNetwork"
+                .to_owned(),
+            Skip::BadCredentialAnnotation => format!(
+                "toolgate: an annotation {CREDENTIAL_SECRET_ANNOTATION}, {CREDENTIAL_KEY_ANNOTATION}, \
+                 {CREDENTIAL_HEADER_ANNOTATION}, {CREDENTIAL_SCHEME_ANNOTATION} or {API_KEYS_SECRET_ANNOTATION} is \
+                 not valid (a Secret name, a Secret key, an HTTP header name, a scheme word): fix the annotation"
+            ),
+            Skip::SidecarVolumeInApp => format!(
+                "toolgate: a container of the pod mounts, or the pod declares, a volume named {TOKEN_VOLUME}, \
+                 {STATE_VOLUME}, {STORE_VOLUME}, {CREDENTIAL_VOLUME} or {API_KEYS_VOLUME}: these are the {CONTAINER_NAME} \
+                 sidecar's alone (the upstream credential must never reach the app): remove that volume and \
+                 mount, and name the Secret with the {CREDENTIAL_SECRET_ANNOTATION} annotation instead"
+            ),
+            Skip::NoNamespace => "toolgate: the pod's namespace is not known, and the sidecar's shared rate-limit \
+                 counters are keyed by it: create the pod in a namespace"
                 .to_owned(),
         }
     }
@@ -210,7 +384,28 @@ pub fn inject(
             .ok_or(Skip::NoUpstreamPort)?,
     };
     let path = annotations.get(UPSTREAM_PATH_ANNOTATION).map(String::as_str).unwrap_or("/mcp");
-    let container = sidecar(config, upstream_port, path);
+    let credentials = Credentials::from_annotations(annotations, config)?;
+    let mut container = sidecar(config, upstream_port, path, &credentials);
+    if let Some(store) = &config.counter_store {
+        let namespace = pod_namespace(pod, namespace_labels).ok_or(Skip::NoNamespace)?;
+        with_counter_store(&mut container, store, namespace);
+    }
+    let volumes = injected_volumes(config, &credentials);
+
+    // The sidecar's volumes are the sidecar's: an app container that mounts one (the
+    // webhook would add the volume its mount names) would get the upstream key or the
+    // sidecar's operator token.
+    let mounts_reserved = |mounts: Option<&Vec<k8s_openapi::api::core::v1::VolumeMount>>| {
+        mounts.into_iter().flatten().any(|m| RESERVED_VOLUMES.contains(&m.name.as_str()))
+    };
+    if init
+        .iter()
+        .chain(&spec.containers)
+        .any(|c| c.name != CONTAINER_NAME && mounts_reserved(c.volume_mounts.as_ref()))
+        || spec.ephemeral_containers.iter().flatten().any(|c| mounts_reserved(c.volume_mounts.as_ref()))
+    {
+        return Err(Skip::SidecarVolumeInApp);
+    }
 
     let marked = annotations.contains_key(INJECTED_ANNOTATION);
     let named = |c: &&k8s_openapi::api::core::v1::Container| c.name == CONTAINER_NAME;
@@ -220,7 +415,7 @@ pub fn inject(
         let ours = marked
             && init.first().is_some_and(|c| is_injected(c, &container))
             && init.iter().skip(1).chain(&spec.containers).all(|c| !named(&c))
-            && [token_volume(config), state_volume()].iter().all(|want| {
+            && volumes.iter().all(|want| {
                 spec.volumes.iter().flatten().filter(|v| v.name == want["name"]).count() == 1
                     && spec.volumes.iter().flatten().any(|v| {
                         v.name == want["name"] && serde_json::to_value(v).is_ok_and(|got| matches_injected(want, &got))
@@ -235,6 +430,9 @@ pub fn inject(
         });
     }
 
+    if spec.volumes.iter().flatten().any(|v| RESERVED_VOLUMES.contains(&v.name.as_str())) {
+        return Err(Skip::SidecarVolumeInApp);
+    }
     let mut ops = Vec::new();
     // First among the init containers, so that it also serves the ones after it.
     if init.is_empty() {
@@ -242,7 +440,6 @@ pub fn inject(
     } else {
         ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}));
     }
-    let volumes = [token_volume(config), state_volume()];
     if spec.volumes.as_ref().is_none_or(Vec::is_empty) {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
     } else {
@@ -295,7 +492,114 @@ fn escape(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
 }
 
-fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str) -> Value {
+/// The sidecar's own API token and the cluster's CA, in the toolgate-token volume.
+const KUBE_API_TOKEN: &str = "kube-api-token";
+const KUBE_CA: &str = "kube-ca.crt";
+
+/// The volumes only the sidecar mounts.
+const RESERVED_VOLUMES: [&str; 5] = [TOKEN_VOLUME, STATE_VOLUME, STORE_VOLUME, CREDENTIAL_VOLUME, API_KEYS_VOLUME];
+
+/// The upstream credential a pod's annotations name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct UpstreamCredential {
+    secret: String,
+    key: String,
+    header: String,
+    scheme: String,
+}
+
+/// The Secrets a pod's annotations give its sidecar.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Credentials {
+    upstream: Option<UpstreamCredential>,
+    api_keys_secret: Option<String>,
+}
+
+impl Credentials {
+    /// From the annotations (defaults from `config`); a bad value refuses the pod. The
+    /// key, header and scheme annotations without the Secret annotation are refused too:
+    /// they would silently do nothing.
+    fn from_annotations(annotations: &BTreeMap<String, String>, config: &InjectConfig) -> Result<Self, Skip> {
+        let get = |k: &str| annotations.get(k).map(|v| v.trim());
+        let bad = Skip::BadCredentialAnnotation;
+        let upstream = match get(CREDENTIAL_SECRET_ANNOTATION) {
+            None => {
+                if [CREDENTIAL_KEY_ANNOTATION, CREDENTIAL_HEADER_ANNOTATION, CREDENTIAL_SCHEME_ANNOTATION]
+                    .iter()
+                    .any(|k| annotations.contains_key(*k))
+                {
+                    return Err(bad);
+                }
+                None
+            }
+            Some(secret) => {
+                let key = get(CREDENTIAL_KEY_ANNOTATION).unwrap_or(&config.credential_key);
+                let header = get(CREDENTIAL_HEADER_ANNOTATION).unwrap_or(&config.credential_header);
+                let scheme = get(CREDENTIAL_SCHEME_ANNOTATION).unwrap_or(&config.credential_scheme);
+                if !is_secret_name(secret)
+                    || !is_secret_key(key)
+                    || !is_token(header)
+                    || !(scheme.is_empty() || is_token(scheme))
+                {
+                    return Err(bad);
+                }
+                Some(UpstreamCredential {
+                    secret: secret.to_owned(),
+                    key: key.to_owned(),
+                    header: header.to_ascii_lowercase(),
+                    scheme: scheme.to_owned(),
+                })
+            }
+        };
+        let api_keys_secret = match get(API_KEYS_SECRET_ANNOTATION) {
+            None => None,
+            Some(s) if is_secret_name(s) => Some(s.to_owned()),
+            Some(_) => return Err(bad),
+        };
+        Ok(Self { upstream, api_keys_secret })
+    }
+}
+
+/// A Secret name: an RFC 1123 subdomain.
+fn is_secret_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// A Secret's data key.
+fn is_secret_key(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
+/// An HTTP token (RFC 9110): a header name or an auth scheme.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The volumes the webhook adds.
+fn injected_volumes(config: &InjectConfig, credentials: &Credentials) -> Vec<Value> {
+    let mut volumes = vec![token_volume(config), state_volume()];
+    if let Some(c) = &credentials.upstream {
+        volumes.push(json!({"name": CREDENTIAL_VOLUME, "secret": {
+            "secretName": c.secret, "items": [{"key": c.key, "path": "credential"}]}}));
+    }
+    if let Some(secret) = &credentials.api_keys_secret {
+        volumes.push(json!({"name": API_KEYS_VOLUME, "secret": {
+            "secretName": secret, "items": [{"key": API_KEYS_KEY, "path": API_KEYS_KEY}]}}));
+    }
+    if let Some(store) = &config.counter_store {
+        volumes.push(store_volume(store));
+    }
+    volumes
+}
+
+fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str, credentials: &Credentials) -> Value {
     let mut args = vec![
         format!("--listen=0.0.0.0:{}", config.proxy_port),
         format!("--admin-listen=0.0.0.0:{}", config.admin_port),
@@ -312,6 +616,29 @@ fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str) -> Value {
     }
     if !config.allowed_origins.is_empty() {
         args.push(format!("--allowed-origins={}", config.allowed_origins.join(",")));
+    }
+    let mut mounts = vec![
+        json!({"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/toolgate", "readOnly": true}),
+        json!({"name": STATE_VOLUME, "mountPath": "/var/lib/toolgate"}),
+    ];
+    if let Some(audience) = &config.k8s_audience {
+        // The cluster's keys are read with the sidecar's own API token and trusted by the
+        // cluster's CA, both in the toolgate-token volume (the pod's own API token mount
+        // may be off: automountServiceAccountToken).
+        args.push(format!("--k8s-token-audience={audience}"));
+        args.push(format!("--k8s-issuer={}", config.k8s_issuer));
+        args.push(format!("--k8s-api-token-file=/var/run/secrets/toolgate/{KUBE_API_TOKEN}"));
+        args.push(format!("--k8s-ca-file=/var/run/secrets/toolgate/{KUBE_CA}"));
+    }
+    if let Some(c) = &credentials.upstream {
+        args.push(format!("--upstream-credential-file={CREDENTIAL_DIR}/credential"));
+        args.push(format!("--upstream-credential-header={}", c.header));
+        args.push(format!("--upstream-credential-scheme={}", c.scheme));
+        mounts.push(json!({"name": CREDENTIAL_VOLUME, "mountPath": CREDENTIAL_DIR, "readOnly": true}));
+    }
+    if credentials.api_keys_secret.is_some() {
+        args.push(format!("--api-keys-file={API_KEYS_DIR}/{API_KEYS_KEY}"));
+        mounts.push(json!({"name": API_KEYS_VOLUME, "mountPath": API_KEYS_DIR, "readOnly": true}));
     }
     json!({
         "name": CONTAINER_NAME,
@@ -336,10 +663,7 @@ fn sidecar(config: &InjectConfig, upstream_port: u16, path: &str) -> Value {
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/toolgate", "readOnly": true},
-            {"name": STATE_VOLUME, "mountPath": "/var/lib/toolgate"},
-        ],
+        "volumeMounts": mounts,
     })
 }
 
@@ -403,5 +727,56 @@ fn token_volume(config: &InjectConfig) -> Value {
     if let Some(name) = &config.ca_config_map {
         sources.push(json!({"configMap": {"name": name, "items": [{"key": "ca.crt", "path": "ca.crt"}]}}));
     }
+    if config.k8s_audience.is_some() {
+        // No audience: the apiserver's own, for reading /openid/v1/jwks.
+        sources.push(json!({"serviceAccountToken": {"expirationSeconds": 3600, "path": KUBE_API_TOKEN}}));
+        sources.push(json!({"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": KUBE_CA}]}}));
+    }
     json!({"name": TOKEN_VOLUME, "projected": {"sources": sources}})
+}
+
+/// The pod's namespace: the API server's `kubernetes.io/metadata.name` label of the
+/// namespace the pod is created in, else the pod's own `metadata.namespace`.
+fn pod_namespace<'a>(pod: &'a Pod, namespace_labels: &'a BTreeMap<String, String>) -> Option<&'a str> {
+    namespace_labels
+        .get(NAMESPACE_NAME_LABEL)
+        .map(String::as_str)
+        .or(pod.metadata.namespace.as_deref())
+        .filter(|n| !n.is_empty())
+}
+
+/// The sidecar counts rate limits in the shared store: its URL, a key prefix of its own
+/// namespace (McpPolicies are namespaced; the proxy keys counters by McpPolicy name), the
+/// password file and CA from the Secret volume, the user name from the Secret if it has one.
+fn with_counter_store(container: &mut Value, store: &CounterStoreConfig, namespace: &str) {
+    let mut args = vec![
+        format!("--counter-store={}", store.url),
+        format!("--counter-store-prefix={}", store.prefix_for(namespace)),
+        format!("--counter-store-password-file={STORE_MOUNT}/password"),
+        format!("--counter-store-on-failure={}", store.on_failure),
+        format!("--counter-store-timeout-ms={}", store.timeout_ms),
+    ];
+    if store.ca {
+        args.push(format!("--counter-store-ca-file={STORE_MOUNT}/ca.crt"));
+    }
+    if let Some(list) = container["args"].as_array_mut() {
+        list.extend(args.into_iter().map(Value::String));
+    }
+    if let Some(env) = container["env"].as_array_mut() {
+        env.push(json!({"name": "TOOLGATE_COUNTER_STORE_USERNAME", "valueFrom": {"secretKeyRef": {
+            "name": store.secret, "key": "username", "optional": true}}}));
+    }
+    if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+        mounts.push(json!({"name": STORE_VOLUME, "mountPath": STORE_MOUNT, "readOnly": true}));
+    }
+}
+
+/// The store's Secret, only the keys the sidecar reads. Not optional: without the Secret
+/// the pod does not start (rather than run with limits it cannot count).
+fn store_volume(store: &CounterStoreConfig) -> Value {
+    let mut items = vec![json!({"key": "password", "path": "password"})];
+    if store.ca {
+        items.push(json!({"key": "ca.crt", "path": "ca.crt"}));
+    }
+    json!({"name": STORE_VOLUME, "secret": {"secretName": store.secret, "items": items}})
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,6 +35,8 @@ pub struct Metrics {
     registry: Registry,
     reconciles: Family<ResultLabels, Counter>,
     reconcile_errors: Family<ReasonLabels, Counter>,
+    reconcile_duration: Histogram,
+    approvals: Family<ResultLabels, Counter>,
     connected: Gauge,
     push_latency: Histogram,
     streams: Family<ResultLabels, Counter>,
@@ -69,6 +71,19 @@ impl Metrics {
             "toolgate_operator_reconcile_errors",
             "Failed McpPolicy reconciles by reason (status_patch, event, ...)",
             reconcile_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.000_5, 2.0, 14));
+        registry.register(
+            "toolgate_operator_reconcile_duration_seconds",
+            "Time to reconcile one McpPolicy (status computed and, when it changed, written)",
+            reconcile_duration.clone(),
+        );
+        let approvals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "toolgate_operator_approval_requests",
+            "Sidecar approval requests and closes by result (created, closed, bad_request, not_found, forbidden, \
+             unavailable)",
+            approvals.clone(),
         );
         let connected = Gauge::default();
         registry.register(
@@ -132,6 +147,8 @@ impl Metrics {
             registry,
             reconciles,
             reconcile_errors,
+            reconcile_duration,
+            approvals,
             connected,
             push_latency,
             streams,
@@ -153,6 +170,16 @@ impl Metrics {
 
     pub fn reconcile_error(&self, reason: &'static str) {
         self.reconcile_errors.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Observes the time until it is dropped in the reconcile-duration histogram.
+    pub fn reconcile_timer(&self) -> ReconcileTimer {
+        ReconcileTimer { histogram: self.reconcile_duration.clone(), started: Instant::now() }
+    }
+
+    /// A sidecar's approval request or close, by result.
+    pub fn approval_request(&self, result: &'static str) {
+        self.approvals.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn sidecars_connected(&self, n: usize) {
@@ -217,5 +244,37 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Measures one reconcile (see [`Metrics::reconcile_timer`]).
+#[derive(Debug)]
+pub struct ReconcileTimer {
+    histogram: Histogram,
+    started: Instant,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reconcile_is_observed_when_its_timer_drops() {
+        let metrics = Metrics::new();
+        let count = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find_map(|l| l.strip_prefix("toolgate_operator_reconcile_duration_seconds_count "))
+                .map(str::to_owned)
+        };
+        assert_eq!(count(&metrics).as_deref(), Some("0"));
+        drop(metrics.reconcile_timer());
+        assert_eq!(count(&metrics).as_deref(), Some("1"));
     }
 }

@@ -114,6 +114,25 @@ async fn a_namespace_editor_cannot_change_the_injected_sidecar_after_creation() 
     assert!(!out.status.success(), "an ephemeral container targeting the sidecar was added");
     assert!(stderr.contains("cannot target the toolgate-proxy sidecar"), "{stderr}");
 
+    // An ephemeral container mounting the sidecar's operator token (or the upstream
+    // credential): the webhook never sees ephemeral containers, the guard does.
+    let mount = r#"{"spec": {"ephemeralContainers": [{"name": "peek", "image": "busybox:1",
+        "volumeMounts": [{"name": "toolgate-token", "mountPath": "/peek", "readOnly": true}]}]}}"#;
+    let out = toolgate_tests::run_output(cluster.kubectl().args([
+        "-n",
+        ns,
+        "patch",
+        "pod/runpod-x",
+        "--subresource=ephemeralcontainers",
+        "--type=strategic",
+        "-p",
+        mount,
+    ]))
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an ephemeral container mounting the sidecar's token was added");
+    assert!(stderr.contains("cannot mount the toolgate-proxy sidecar's volumes"), "{stderr}");
+
     // Resizing the sidecar (as the cluster admin).
     let resize = r#"[{"op": "replace", "path": "/spec/initContainers/0/resources/limits/memory", "value": "64Mi"}]"#;
     let out = toolgate_tests::run_output(cluster.kubectl().args([

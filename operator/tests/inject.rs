@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
-use toolgate_operator::inject::{InjectConfig, Skip, inject};
+use toolgate_operator::inject::{InjectConfig, Skip, holds_injected_sidecar, inject};
 
 fn fixtures() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject");
@@ -310,4 +310,244 @@ fn only_a_pod_holding_the_injected_sidecar_counts_as_protected() {
     assert!(!holds_injected_sidecar(&pod, &other));
     let host = edit(&pod, |p| p["spec"]["hostNetwork"] = json!(true));
     assert!(!holds_injected_sidecar(&host, &config));
+}
+
+/// The Secret a pod names for its upstream credential is mounted read-only into the
+/// sidecar only, and the sidecar is told to set it; the app container never gets it.
+#[test]
+fn the_upstream_credential_secret_reaches_the_sidecar_only() {
+    let config = InjectConfig::default();
+    let (pod, ns) = injected("upstream-credential-secret.json");
+    let spec = pod.spec.as_ref().expect("spec");
+    let sidecar = &spec.init_containers.as_ref().expect("init")[0];
+    let args = sidecar.args.clone().expect("args");
+    for want in [
+        "--upstream-credential-file=/var/run/secrets/toolgate-upstream/credential",
+        "--upstream-credential-header=authorization",
+        "--upstream-credential-scheme=Bearer",
+        "--api-keys-file=/var/run/secrets/toolgate-api-keys/api-keys",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
+    }
+    let mount = sidecar.volume_mounts.iter().flatten().find(|m| m.name == "toolgate-upstream-credential").unwrap();
+    assert_eq!(mount.read_only, Some(true));
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "toolgate-upstream-credential").unwrap();
+    let secret = volume.secret.as_ref().expect("a Secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some("runpod-api-key"));
+    assert_eq!(serde_json::to_value(&secret.items).unwrap(), json!([{"key": "api-key", "path": "credential"}]));
+    for app in &spec.containers {
+        assert!(app.volume_mounts.is_none(), "the app container mounts nothing of the sidecar's: {app:?}");
+    }
+    assert!(holds_injected_sidecar(&pod, &config));
+
+    // Per-pod key, header and scheme.
+    let case =
+        load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/upstream-credential-secret.json"));
+    let custom = edit(&case.pod, |p| {
+        let a = &mut p["metadata"]["annotations"];
+        a["toolgate.dev/upstream-credential-key"] = json!("token");
+        a["toolgate.dev/upstream-credential-header"] = json!("X-Api-Key");
+        a["toolgate.dev/upstream-credential-scheme"] = json!("");
+    });
+    let injected_custom = apply(&custom, &inject(&custom, &case.ns_labels, &config).expect("injects"));
+    let spec = injected_custom.spec.as_ref().unwrap();
+    let args = spec.init_containers.as_ref().unwrap()[0].args.clone().unwrap();
+    assert!(args.contains(&"--upstream-credential-header=x-api-key".to_owned()), "{args:?}");
+    assert!(args.contains(&"--upstream-credential-scheme=".to_owned()), "{args:?}");
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "toolgate-upstream-credential").unwrap();
+    assert_eq!(volume.secret.as_ref().unwrap().items.as_ref().unwrap()[0].key, "token");
+
+    // After creation, the credential volume is part of what the sidecar is: a pod whose
+    // volume names another Secret, or whose app mounts it, is not the injected sidecar.
+    let other_secret = edit(&pod, |p| {
+        for v in p["spec"]["volumes"].as_array_mut().unwrap() {
+            if v["name"] == "toolgate-upstream-credential" {
+                v["secret"]["secretName"] = json!("someone-elses-key");
+            }
+        }
+    });
+    assert_eq!(inject(&other_secret, &ns, &config).map(|_| ()), Err(Skip::ForeignSidecar));
+    assert!(!holds_injected_sidecar(&other_secret, &config));
+    let app_mounts = edit(&pod, |p| {
+        p["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "toolgate-upstream-credential", "mountPath": "/key", "readOnly": true}]);
+    });
+    assert_eq!(inject(&app_mounts, &ns, &config).map(|_| ()), Err(Skip::SidecarVolumeInApp));
+    assert!(!holds_injected_sidecar(&app_mounts, &config));
+    let debug = edit(&pod, |p| {
+        p["spec"]["ephemeralContainers"] = json!([{"name": "debug", "image": "busybox",
+            "volumeMounts": [{"name": "toolgate-upstream-credential", "mountPath": "/key"}]}]);
+    });
+    assert_eq!(inject(&debug, &ns, &config).map(|_| ()), Err(Skip::SidecarVolumeInApp));
+    assert!(Skip::SidecarVolumeInApp.message().contains("toolgate-upstream-credential"));
+}
+
+#[test]
+fn bad_credential_annotations_are_refused() {
+    let config = InjectConfig::default();
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/labelled-pod.json"));
+    for (key, value) in [
+        ("toolgate.dev/upstream-credential-secret", ""),
+        ("toolgate.dev/upstream-credential-secret", "-key"),
+        ("toolgate.dev/upstream-credential-secret", "a/b"),
+        ("toolgate.dev/api-keys-secret", "Keys"),
+    ] {
+        let pod = edit(&case.pod, |p| p["metadata"]["annotations"] = json!({key: value}));
+        assert_eq!(inject(&pod, &case.ns_labels, &config).map(|_| ()), Err(Skip::BadCredentialAnnotation), "{value:?}");
+    }
+    for (key, value) in [
+        ("toolgate.dev/upstream-credential-key", "a/b"),
+        ("toolgate.dev/upstream-credential-header", "x y"),
+        ("toolgate.dev/upstream-credential-header", "x:\r\ny"),
+        ("toolgate.dev/upstream-credential-scheme", "Bearer x"),
+    ] {
+        let pod = edit(&case.pod, |p| {
+            p["metadata"]["annotations"] = json!({"toolgate.dev/upstream-credential-secret": "k", key: value});
+        });
+        assert_eq!(inject(&pod, &case.ns_labels, &config).map(|_| ()), Err(Skip::BadCredentialAnnotation), "{value:?}");
+    }
+    assert!(InjectConfig { credential_header: "a b".into(), ..InjectConfig::default() }.check().is_err());
+    assert!(InjectConfig { credential_scheme: String::new(), ..InjectConfig::default() }.check().is_ok());
+    assert!(InjectConfig { k8s_issuer: "http://x".into(), ..InjectConfig::default() }.check().is_err());
+}
+
+/// With a service-account audience configured, the sidecar authenticates callers by their
+/// projected tokens and reads the cluster's keys with its own API token and CA.
+#[test]
+fn sidecars_accept_service_account_tokens_when_configured() {
+    let config = InjectConfig { k8s_audience: Some("toolgate-mcp".into()), ..InjectConfig::default() };
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/labelled-pod.json"));
+    let pod = apply(&case.pod, &inject(&case.pod, &case.ns_labels, &config).expect("injects"));
+    let spec = pod.spec.as_ref().unwrap();
+    let args = spec.init_containers.as_ref().unwrap()[0].args.clone().unwrap();
+    for want in [
+        "--k8s-token-audience=toolgate-mcp",
+        "--k8s-issuer=https://kubernetes.default.svc.cluster.local",
+        "--k8s-api-token-file=/var/run/secrets/toolgate/kube-api-token",
+        "--k8s-ca-file=/var/run/secrets/toolgate/kube-ca.crt",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
+    }
+    let token = spec.volumes.iter().flatten().find(|v| v.name == "toolgate-token").unwrap();
+    let sources = serde_json::to_value(token).unwrap()["projected"]["sources"].clone();
+    assert_eq!(sources[2], json!({"serviceAccountToken": {"expirationSeconds": 3600, "path": "kube-api-token"}}));
+    assert_eq!(sources[3]["configMap"]["name"], "kube-root-ca.crt");
+    assert_eq!(inject(&pod, &case.ns_labels, &config).map(|_| ()), Err(Skip::AlreadyInjected));
+    // Without it, nothing of that.
+    let plain = apply(&case.pod, &inject(&case.pod, &case.ns_labels, &InjectConfig::default()).unwrap());
+    let args = plain.spec.unwrap().init_containers.unwrap()[0].args.clone().unwrap();
+    assert!(!args.iter().any(|a| a.starts_with("--k8s-")), "{args:?}");
+}
+
+fn store_config() -> InjectConfig {
+    use toolgate_operator::inject::CounterStoreConfig;
+    InjectConfig {
+        counter_store: Some(CounterStoreConfig {
+            url: "redis://toolgate-counter-store.toolgate-system.svc:6379".into(),
+            prefix: "toolgate:".into(),
+            secret: "toolgate-counter-store".into(),
+            ca: false,
+            on_failure: "closed".into(),
+            timeout_ms: 250,
+        }),
+        ..InjectConfig::default()
+    }
+}
+
+/// The injected pod in `namespace` (as the webhook sees it: the namespace's name label).
+fn injected_in(namespace: &str, config: &InjectConfig) -> Pod {
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/labelled-pod.json"));
+    let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), namespace.to_owned())]);
+    let mut pod = apply(&case.pod, &inject(&case.pod, &labels, config).expect("injects"));
+    pod.metadata.namespace = Some(namespace.to_owned());
+    pod
+}
+
+#[test]
+fn sidecars_count_in_the_shared_store_under_their_own_namespace() {
+    use toolgate_operator::inject::holds_injected_sidecar;
+    let config = store_config();
+    let pod = injected_in("agents", &config);
+    let spec = pod.spec.as_ref().expect("spec");
+    let sidecar = &spec.init_containers.as_ref().expect("init")[0];
+    let args = sidecar.args.clone().expect("args");
+    for want in [
+        "--counter-store=redis://toolgate-counter-store.toolgate-system.svc:6379",
+        "--counter-store-prefix=toolgate:agents/",
+        "--counter-store-password-file=/var/run/secrets/toolgate-store/password",
+        "--counter-store-on-failure=closed",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{want} in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--counter-store-ca-file")), "no CA unless configured");
+    // The password reaches the sidecar only, from the Secret of the pod's own namespace.
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "toolgate-store").expect("store volume");
+    let secret = volume.secret.as_ref().expect("a Secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some("toolgate-counter-store"));
+    assert_ne!(secret.optional, Some(true), "no Secret, no pod: never a sidecar without its store password");
+    let env = serde_json::to_value(&sidecar.env).expect("env");
+    assert_eq!(env[1]["name"], json!("TOOLGATE_COUNTER_STORE_USERNAME"));
+    assert_eq!(env[1]["valueFrom"]["secretKeyRef"]["key"], json!("username"));
+    let app = &spec.containers[0];
+    assert!(app.volume_mounts.iter().flatten().all(|m| m.name != "toolgate-store"), "the app does not get it");
+
+    // The same pod is what the operator recognises as injected (streams, status).
+    assert!(holds_injected_sidecar(&pod, &config));
+    assert!(!holds_injected_sidecar(&pod, &InjectConfig::default()), "another configuration is another sidecar");
+    // Another namespace's pod has another prefix: same McpPolicy names never share counters.
+    let other = injected_in("team-b", &config);
+    let other_args = other.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0].args.clone().unwrap();
+    assert!(other_args.contains(&"--counter-store-prefix=toolgate:team-b/".to_owned()), "{other_args:?}");
+    // A pod moved under another namespace's prefix is not the injected sidecar.
+    let moved = edit(&pod, |p| p["metadata"]["namespace"] = json!("team-b"));
+    assert!(!holds_injected_sidecar(&moved, &config));
+    // Removing the store volume or its mount is caught like any other change.
+    let unmounted = edit(&pod, |p| {
+        let volumes = p["spec"]["volumes"].as_array_mut().unwrap();
+        volumes.retain(|v| v["name"] != "toolgate-store");
+    });
+    assert!(!holds_injected_sidecar(&unmounted, &config));
+
+    // With a TLS store, the CA comes from the same Secret.
+    let mut tls = store_config();
+    if let Some(s) = tls.counter_store.as_mut() {
+        s.url = "rediss://redis.example:6380".into();
+        s.ca = true;
+    }
+    let pod = injected_in("agents", &tls);
+    let args = pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0].args.clone().unwrap();
+    assert!(args.contains(&"--counter-store-ca-file=/var/run/secrets/toolgate-store/ca.crt".to_owned()));
+}
+
+#[test]
+fn without_a_namespace_a_store_pod_is_refused() {
+    let case = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject/labelled-pod.json"));
+    let skip = inject(&case.pod, &case.ns_labels, &store_config()).expect_err("no namespace to key by");
+    assert_eq!(skip, Skip::NoNamespace);
+    assert!(skip.refused());
+    assert_eq!(skip.metric_label(), "refused_no_namespace");
+}
+
+#[test]
+fn store_settings_that_would_leak_or_break_are_refused() {
+    use toolgate_operator::inject::CounterStoreConfig;
+    let good = store_config().counter_store.expect("store");
+    assert_eq!(good.validate(), Ok(()));
+    let bad = |f: &dyn Fn(&mut CounterStoreConfig)| {
+        let mut c = good.clone();
+        f(&mut c);
+        c.validate().expect_err("refused")
+    };
+    assert!(bad(&|c| c.url = "redis://:hunter2@redis:6379".into()).contains("password"));
+    assert!(bad(&|c| c.url = "redis://user:pw@redis:6379/0".into()).contains("password"));
+    bad(&|c| c.url = "http://redis:6379".into());
+    bad(&|c| c.url = "redis+unix:///tmp/redis.sock".into());
+    bad(&|c| c.url = "redis://".into());
+    bad(&|c| c.prefix = "a{b}".into());
+    bad(&|c| c.prefix = "team*".into());
+    bad(&|c| c.prefix = "x".repeat(65));
+    bad(&|c| c.on_failure = "maybe".into());
+    bad(&|c| c.timeout_ms = 0);
+    bad(&|c| c.secret = String::new());
+    assert!(bad(&|c| c.ca = true).contains("rediss://"), "a CA for a plain-TCP store would stop every sidecar");
 }

@@ -766,6 +766,49 @@ async fn in_an_opted_in_namespace_a_pod_that_cannot_get_the_sidecar_is_refused()
         "named toolgate-proxy that is not the sidecar",
     )
     .await;
+    // The upstream key: mounted into the sidecar only; an app container that mounts the
+    // sidecar's volume is refused.
+    let annotated = json!({"annotations": {"toolgate.dev/upstream-credential-secret": "runpod-api-key"}});
+    let pod = eventually("a pod naming its upstream-credential Secret to be injected", TIMEOUT, || {
+        let (app, annotated) = (app.clone(), annotated.clone());
+        async move { try_create(cluster, &app, "custody", annotated, json!({})).await.ok() }
+    })
+    .await;
+    let spec = pod.spec.unwrap();
+    let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+    assert!(
+        sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "toolgate-upstream-credential" && m.read_only == Some(true)),
+        "{sidecar:?}"
+    );
+    assert!(
+        sidecar
+            .args
+            .iter()
+            .flatten()
+            .any(|a| a == "--upstream-credential-file=/var/run/secrets/toolgate-upstream/credential")
+    );
+    for c in &spec.containers {
+        assert!(!c.volume_mounts.iter().flatten().any(|m| m.name.starts_with("toolgate-")), "{c:?}");
+    }
+    refused(
+        "app-mounts-the-key",
+        annotated.clone(),
+        json!({"containers": [{"name": "runpod-mcp", "image": "node:22-slim", "ports": [{"containerPort": 3000}],
+            "volumeMounts": [{"name": "toolgate-upstream-credential", "mountPath": "/key"}]}]}),
+        "the upstream credential must never reach the app",
+    )
+    .await;
+    refused(
+        "bad-secret-name",
+        json!({"annotations": {"toolgate.dev/upstream-credential-secret": "RunPod Key"}}),
+        json!({}),
+        "is not valid",
+    )
+    .await;
 
     // The namespace owner allows opting out: the annotated pod is admitted without a sidecar.
     label_namespace(cluster, &app, json!({"toolgate.dev/allow-opt-out": "true"})).await;
@@ -789,7 +832,14 @@ async fn in_an_opted_in_namespace_a_pod_that_cannot_get_the_sidecar_is_refused()
     assert!(!pod.metadata.annotations.unwrap_or_default().contains_key("toolgate.dev/injected"));
 
     let m = operator.metrics();
-    for reason in ["host_network", "opt_out_not_allowed", "fake_marker", "foreign_sidecar"] {
+    for reason in [
+        "host_network",
+        "opt_out_not_allowed",
+        "fake_marker",
+        "foreign_sidecar",
+        "sidecar_volume_in_app",
+        "bad_credential_annotation",
+    ] {
         let sample = format!("toolgate_operator_webhook_requests_total{{result=\"refused_{reason}\"}}");
         assert!(toolgate_tests::mcp::sample(&m, &sample) >= 1.0, "{sample}: {m}");
     }
@@ -798,5 +848,55 @@ async fn in_an_opted_in_namespace_a_pod_that_cannot_get_the_sidecar_is_refused()
         "{m}"
     );
     drop(operator);
+    teardown(cluster, &op_ns, &app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_sidecars_count_in_the_shared_store_under_their_namespace() {
+    let (cluster, op_ns, app, operator) = setup(&[
+        "--sidecar-counter-store=redis://toolgate-counter-store.toolgate-system.svc:6379",
+        "--sidecar-counter-store-prefix=toolgate:",
+        "--sidecar-counter-store-secret=toolgate-counter-store",
+    ])
+    .await;
+    let (pod, ca, token) =
+        injected_pod(cluster, &app, "runpod-s", json!({"app": "runpod", "toolgate.dev/inject": "enabled"})).await;
+    let spec = pod.spec.as_ref().unwrap();
+    let sidecar = spec.init_containers.as_ref().and_then(|c| c.first()).expect("sidecar injected");
+    let args = sidecar.args.clone().unwrap_or_default();
+    for want in [
+        "--counter-store=redis://toolgate-counter-store.toolgate-system.svc:6379".to_owned(),
+        format!("--counter-store-prefix=toolgate:{app}/"),
+        "--counter-store-password-file=/var/run/secrets/toolgate-store/password".to_owned(),
+    ] {
+        assert!(args.contains(&want), "{want} in {args:?}");
+    }
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "toolgate-store").expect("the store's Secret");
+    assert_eq!(volume.secret.as_ref().and_then(|s| s.secret_name.as_deref()), Some("toolgate-counter-store"));
+    // The pod as the API server stored it (with its defaults) is the injected sidecar: the
+    // operator accepts its stream, so status and the policy push work with a store.
+    let mut stream = open_stream(operator.port, &ca, &token).await.expect("the stream of a store sidecar opens");
+    assert_eq!(stream.next_set().await.pod.name, "runpod-s");
+    drop(stream);
+    drop(operator);
+
+    // Settings that would put the password into pod specs, or keys that could collide, stop
+    // the operator at start with the reason.
+    for (flag, says) in [
+        ("--sidecar-counter-store=redis://:hunter2@redis:6379", "password"),
+        ("--sidecar-counter-store=http://redis:6379", "redis://"),
+        ("--sidecar-counter-store-prefix=a{b}", "prefix"),
+    ] {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_toolgate-operator"));
+        if !flag.starts_with("--sidecar-counter-store=") {
+            cmd.arg("--sidecar-counter-store=redis://redis:6379");
+        }
+        cmd.arg(flag).env("KUBECONFIG", "/nonexistent");
+        let out = cmd.output().await.expect("run the operator");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}: started");
+        assert!(stderr.contains("--sidecar-counter-store") && stderr.contains(says), "{flag}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "the refusal does not echo the password: {stderr}");
+    }
     teardown(cluster, &op_ns, &app).await;
 }

@@ -21,6 +21,7 @@ use crate::live::{Effective, Source};
 use crate::telemetry::Telemetry;
 use crate::telemetry::audit::AuditSink;
 use crate::telemetry::metrics::Metrics;
+use crate::transport::client::{ChildCommand, ChildCredential};
 use crate::transport::connections::Limits;
 use crate::transport::frontdoor::HostRules;
 use crate::transport::legacy::LegacyClients;
@@ -36,6 +37,10 @@ use crate::transport::{connections, stdio};
 #[derive(Parser, Debug)]
 #[command(name = "toolgate-proxy", version, about)]
 #[command(group(ArgGroup::new("source").required(true).multiple(false).args(["policies", "operator"])))]
+#[command(group(ArgGroup::new("credential_target").multiple(false).args(["upstream", "child_credential_env"])))]
+#[command(group(
+    ArgGroup::new("credential_source").multiple(false).args(["upstream_credential_file", "upstream_credential_env"])
+))]
 pub struct Args {
     /// Policy file (YAML or JSON, native or Intercept). Repeat to apply several documents
     /// together. Watched: valid edits apply at once, invalid ones keep the last good policy.
@@ -164,18 +169,31 @@ pub struct Args {
 
     /// A file holding the upstream's credential (a mounted Secret): the proxy sets it on
     /// every request upstream (--upstream-credential-header), so callers never need it.
+    /// With --child-credential-env, the child process gets it in its environment instead.
     #[arg(
         long = "upstream-credential-file",
         env = "TOOLGATE_UPSTREAM_CREDENTIAL_FILE",
-        requires = "upstream",
+        requires = "credential_target",
         conflicts_with = "upstream_credential_env"
     )]
     upstream_credential_file: Option<PathBuf>,
 
     /// The name of an environment variable holding the upstream's credential (as
     /// --upstream-credential-file).
-    #[arg(long = "upstream-credential-env", env = "TOOLGATE_UPSTREAM_CREDENTIAL_ENV", requires = "upstream")]
+    #[arg(long = "upstream-credential-env", env = "TOOLGATE_UPSTREAM_CREDENTIAL_ENV", requires = "credential_target")]
     upstream_credential_env: Option<String>,
+
+    /// Child-process custody: the MCP server run after `--` gets the upstream credential
+    /// (--upstream-credential-file or -env, as is: no header, no scheme) in this environment
+    /// variable, e.g. RUNPOD_API_KEY. The file is read again for every child, so a rotated
+    /// Secret reaches the next session. A child never sees the caller's headers.
+    #[arg(
+        long = "child-credential-env",
+        env = "TOOLGATE_CHILD_CREDENTIAL_ENV",
+        conflicts_with = "upstream",
+        requires = "credential_source"
+    )]
+    child_credential_env: Option<String>,
 
     /// The header that carries the upstream's credential.
     #[arg(
@@ -515,7 +533,7 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
             admin::admin,
             shutdown_rx,
         ));
-        let result = stdio::run(gate, &args.command, args.max_body_bytes).await;
+        let result = stdio::run(gate, &child_command(&args)?, args.max_body_bytes).await;
         let _ = shutdown_tx.send(true);
         let _ = admin.await;
         return result;
@@ -545,7 +563,7 @@ async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> 
             ))
         }
         None => Upstream::Stdio(Sessions::new(
-            Opener::Command(args.command.clone()),
+            Opener::Command(child_command(&args)?),
             args.max_sessions.max(1),
             per_identity,
             Duration::from_secs(args.session_idle_seconds),
@@ -711,6 +729,24 @@ fn custody(args: &Args, authenticated: bool) -> anyhow::Result<crate::transport:
     Ok(crate::transport::upstream::Custody { strip_caller, set })
 }
 
+/// The child MCP server to run, with the credential it gets (child-process custody).
+fn child_command(args: &Args) -> anyhow::Result<ChildCommand> {
+    let Some(var) = &args.child_credential_env else {
+        return Ok(ChildCommand::new(args.command.clone()));
+    };
+    let credential = match (&args.upstream_credential_file, &args.upstream_credential_env) {
+        (Some(p), _) => ChildCredential::from_file(var, p.clone()),
+        (None, Some(env)) => {
+            let value = std::env::var(env).with_context(|| format!("--upstream-credential-env {env}: not set"))?;
+            ChildCredential::from_value(var, &value)
+        }
+        (None, None) => bail!("--child-credential-env needs --upstream-credential-file or --upstream-credential-env"),
+    }
+    .map_err(|e| anyhow::anyhow!("--child-credential-env {var}: {e}"))?;
+    tracing::info!(var = credential.var(), "the MCP server's upstream credential is the proxy's to give");
+    Ok(ChildCommand { argv: args.command.clone(), credential: Some(credential) })
+}
+
 fn store_password(args: &StoreArgs) -> anyhow::Result<Option<String>> {
     if let Some(path) = &args.password_file {
         let text = std::fs::read_to_string(path)
@@ -791,5 +827,38 @@ mod cli_tests {
         .expect("parses");
         assert_eq!(a.store.store_ca_file.as_deref(), Some(std::path::Path::new("/ca.pem")));
         assert_eq!(a.ca_file, None, "the operator's --ca-file is another flag");
+    }
+
+    /// Custody flags go together: a credential needs somewhere to go (an HTTP upstream or a
+    /// child's variable), and a child's variable needs a credential.
+    #[test]
+    fn custody_flags_need_each_other() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["toolgate-proxy", "--policy", "p.yaml"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv)
+        };
+        let child = parse(&["--upstream-credential-file", "/k", "--child-credential-env", "RUNPOD_API_KEY", "--", "s"])
+            .expect("child custody parses");
+        assert_eq!(child.child_credential_env.as_deref(), Some("RUNPOD_API_KEY"));
+        assert!(parse(&["--upstream-credential-file", "/k", "--upstream", "http://u/mcp"]).is_ok());
+        assert!(parse(&["--upstream-credential-env", "K", "--child-credential-env", "V", "--", "s"]).is_ok());
+        for bad in [
+            &["--child-credential-env", "RUNPOD_API_KEY", "--", "s"][..],
+            &["--upstream-credential-file", "/k", "--", "s"],
+            &["--upstream-credential-file", "/k", "--child-credential-env", "V", "--upstream", "http://u/mcp"],
+            &[
+                "--upstream-credential-file",
+                "/k",
+                "--upstream-credential-env",
+                "K",
+                "--child-credential-env",
+                "V",
+                "--",
+                "s",
+            ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

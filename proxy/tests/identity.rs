@@ -230,3 +230,179 @@ fn agents_prove_who_they_are_and_only_the_sidecar_holds_the_runpod_key() {
     }
     drop(server);
 }
+
+/// Child-process custody: RunPod MCP 4.0.0 runs as the proxy's child (one per session) and
+/// gets its key from a file (a mounted Secret) in `RUNPOD_API_KEY`, never from a caller;
+/// callers prove who they are with their own API keys, and a rotated key file reaches the
+/// next session.
+#[test]
+fn a_child_server_gets_its_key_from_the_file_and_never_a_callers() {
+    let fake = fake_runpod();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(
+        dir.path(),
+        "p.yaml",
+        r#"
+version: "1"
+default: deny
+grants:
+  - name: agent-a
+    match: {apiKeys: [agent-a]}
+    tools:
+      list-pods: {}
+      pod-action:
+        require:
+          - {path: args.body.action, op: eq, value: start}
+        limits:
+          - {counter: starts, window: minute, max: 10, scope: identity}
+  - name: agent-b
+    match: {apiKeys: [agent-b]}
+    tools:
+      list-pods: {}
+"#,
+    );
+    let (key_a, key_b) = ("agent-a-own-key", "agent-b-own-key");
+    let hash = |k: &str| -> String { Sha256::digest(k.as_bytes()).iter().map(|b| format!("{b:02x}")).collect() };
+    let keys = write_policy(
+        dir.path(),
+        "api-keys",
+        &format!("agent-a sha256:{}\nagent-b sha256:{}\n", hash(key_a), hash(key_b)),
+    );
+    let key = write_policy(dir.path(), "runpod-key", &format!("{SIDECAR_KEY}\n"));
+    let server = node_dir().join("node_modules/runpod-mcp-4/dist/stdio.mjs");
+    let tail: Vec<String> = [
+        "--api-keys-file",
+        &keys.display().to_string(),
+        "--upstream-credential-file",
+        &key.display().to_string(),
+        "--child-credential-env",
+        "RUNPOD_API_KEY",
+        "--",
+        "node",
+        &server.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let base = format!("http://127.0.0.1:{}", fake.port);
+    // The proxy's own environment holds another key: the file's wins.
+    let env = [
+        ("RUNPOD_API_KEY", "a-key-the-proxy-inherited".to_owned()),
+        ("RUNPOD_API_BASE_URL", base.clone()),
+        ("RUNPOD_SERVERLESS_API_URL", format!("{base}/runtime/v2")),
+        ("RUNPOD_AUTHED_GRAPHQL_URL", format!("{base}/graphql")),
+        ("RUNPOD_PUBLIC_GRAPHQL_URL", format!("{base}/graphql")),
+    ];
+    let proxy = proxy(&[&policy], &tail, &env);
+
+    let sid_a = initialize(&proxy, key_a);
+    assert!(sid_a.is_some(), "a child session has an id");
+    let mut allowed = 0;
+    for i in 1..=12 {
+        let (_, _, msgs) = post(&proxy, Some(key_a), sid_a.as_deref(), &start(i));
+        if msgs.iter().any(|m| m.get("result").is_some() && m["result"]["isError"] != true) {
+            allowed += 1;
+        } else {
+            assert!(msgs.iter().any(|m| m["error"]["code"] == -32011), "refused as rate limited: {msgs:?}");
+        }
+    }
+    assert_eq!(allowed, 10);
+    let sid_b = initialize(&proxy, key_b);
+    let (_, _, msgs) = post(&proxy, Some(key_b), sid_b.as_deref(), &start(1));
+    assert!(msgs.iter().any(|m| m["error"]["code"] == -32010), "B may not start pods: {msgs:?}");
+    let (_, _, msgs) = post(&proxy, Some(key_b), sid_b.as_deref(), &call(2, "list-pods", json!({})));
+    assert!(msgs.iter().any(|m| m.get("result").is_some() && m["result"]["isError"] != true), "B lists: {msgs:?}");
+    // No credential: 401, no child.
+    let (status, _, _) = post(&proxy, None, None, &start(3));
+    assert_eq!(status, 401);
+
+    assert_eq!(starts(&fake), 10, "the RunPod API saw exactly A's allowed starts");
+    let auths = fake_authorizations(&fake);
+    assert!(auths.len() >= 11, "{auths:?}");
+    for a in &auths {
+        assert_eq!(a, &format!("Bearer {SIDECAR_KEY}"), "the RunPod API saw only the file's key");
+    }
+
+    // The Secret rotates: the next session's child gets the new key.
+    std::fs::write(&key, "rp-key-rotated\n").unwrap();
+    let sid_b2 = initialize(&proxy, key_b);
+    let (_, _, msgs) = post(&proxy, Some(key_b), sid_b2.as_deref(), &call(1, "list-pods", json!({})));
+    assert!(msgs.iter().any(|m| m.get("result").is_some()), "{msgs:?}");
+    let auths = fake_authorizations(&fake);
+    assert_eq!(auths.last().map(String::as_str), Some("Bearer rp-key-rotated"), "{auths:?}");
+    let all = serde_json::to_string(&fake_requests(&fake)).unwrap() + &auths.join("\n");
+    for secret in [key_a, key_b, "a-key-the-proxy-inherited"] {
+        assert!(!all.contains(secret), "{secret} reached the RunPod API");
+    }
+    let audit = serde_json::to_string(&*proxy.audit.lock().unwrap()).unwrap();
+    for secret in [key_a, key_b, SIDECAR_KEY, "rp-key-rotated"] {
+        assert!(!audit.contains(secret), "a credential in an audit line");
+    }
+}
+
+/// `--stdio` (a desktop client launches the proxy): the child RunPod MCP 4.0.0 gets its key
+/// from the file too, not from the environment the client launched the proxy with.
+#[test]
+fn over_stdio_the_child_gets_its_key_from_the_file() {
+    let fake = fake_runpod();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "p.yaml", "version: \"1\"\ndefault: deny\ntools:\n  list-pods: {}\n");
+    let key = write_policy(dir.path(), "runpod-key", &format!("{SIDECAR_KEY}\n"));
+    let server = node_dir().join("node_modules/runpod-mcp-4/dist/stdio.mjs");
+    let target: Vec<String> = [
+        "--stdio",
+        "--",
+        env!("CARGO_BIN_EXE_toolgate-proxy"),
+        "--stdio",
+        "--policy",
+        &policy.display().to_string(),
+        "--admin-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--upstream-credential-file",
+        &key.display().to_string(),
+        "--child-credential-env",
+        "RUNPOD_API_KEY",
+        "--",
+        "node",
+        &server.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let script = json!([
+        {"op": "call", "tool": "list-pods", "args": {}},
+        {"op": "call", "tool": "delete-pod", "args": {"id": "pod-1"}},
+    ]);
+    let base = format!("http://127.0.0.1:{}", fake.port);
+    // mcp-client passes its environment on to the stdio child (the proxy, then RunPod).
+    let out = std::process::Command::new("node")
+        .current_dir(node_dir())
+        .arg("mcp-client.mjs")
+        .args(&target)
+        .env("RUNPOD_API_KEY", "the-launching-environments-key")
+        .env("RUNPOD_API_BASE_URL", &base)
+        .env("RUNPOD_SERVERLESS_API_URL", format!("{base}/runtime/v2"))
+        .env("RUNPOD_AUTHED_GRAPHQL_URL", format!("{base}/graphql"))
+        .env("RUNPOD_PUBLIC_GRAPHQL_URL", format!("{base}/graphql"))
+        .env("TOOLGATE_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(script.to_string().as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let steps: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    assert_eq!(steps[0]["ok"], true, "{}", steps[0]);
+    assert_eq!(steps[1]["error"]["code"], -32010, "{}", steps[1]);
+    let auths = fake_authorizations(&fake);
+    assert!(!auths.is_empty());
+    for a in &auths {
+        assert_eq!(a, &format!("Bearer {SIDECAR_KEY}"), "the RunPod API saw only the file's key");
+    }
+    assert!(!fake_requests(&fake).iter().any(|(m, _, _)| m == "DELETE"));
+}

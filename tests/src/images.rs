@@ -231,6 +231,24 @@ pub fn runpod_example_image(name: &str, repo: &Path, node_modules: &Path) -> Res
     Ok(image)
 }
 
+/// A Redis image for the chart's counter store on the test node: Debian's
+/// `/usr/bin/redis-server` (the package `.ci/run` installs) with its shared libraries and
+/// an empty `/data`, run as the chart's default non-root user (999:1000) with
+/// `counters.redis.command={redis-server}` (the chart's default image is Valkey, which the
+/// node cannot pull).
+pub fn redis_server_image(name: &str) -> Result<OciImage> {
+    let binary = crate::redis::redis_server_binary()?;
+    let mut image = OciImage::new(name);
+    // Copied under its own name: the Debian binary is a link whose name selects the mode.
+    image.add_binary_with_libraries("/usr/bin/redis-server", &binary)?;
+    image.add("/data", ImageEntry::Dir { mode: 0o775 })?;
+    image.user = "999:1000".into();
+    image.working_dir = "/data".into();
+    image.entrypoint = vec!["/usr/bin/redis-server".into()];
+    image.exposed_ports = vec!["6379/tcp".into()];
+    Ok(image)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@
 mod certs;
 mod cluster;
 pub mod images;
+pub mod layering;
 pub mod mcp;
 pub mod node;
 pub mod oci;

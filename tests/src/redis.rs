@@ -19,6 +19,9 @@ pub struct RedisServer {
     /// With TLS: the TLS port (`port` stays plain, for readiness checks and [`Self::command`]).
     tls: Option<(u16, PathBuf, PathBuf)>,
     password: Option<String>,
+    /// With an ACL file: the user [`Self::command`] and the readiness check log in as.
+    user: Option<String>,
+    aclfile: Option<PathBuf>,
     dir: tempfile::TempDir,
     starts: u32,
 }
@@ -48,7 +51,16 @@ impl RedisServer {
         let mut last = None;
         for _ in 0..5 {
             let port = free_port()?;
-            let mut r = Self { server: None, port, tls: None, password: password.map(str::to_owned), dir, starts: 0 };
+            let mut r = Self {
+                server: None,
+                port,
+                tls: None,
+                password: password.map(str::to_owned),
+                user: None,
+                aclfile: None,
+                dir,
+                starts: 0,
+            };
             match r.restart() {
                 Ok(()) => return Ok(r),
                 Err(e) => {
@@ -73,6 +85,28 @@ impl RedisServer {
             port: free_port()?,
             tls: Some((free_port()?, cert, key)),
             password: None,
+            user: None,
+            aclfile: None,
+            dir,
+            starts: 0,
+        };
+        r.restart()?;
+        Ok(r)
+    }
+
+    /// Starts a server with this ACL file (`--aclfile`); `user` and `password` are one of
+    /// its users, for the readiness check and [`Self::command`].
+    pub fn start_with_acl(acl: &str, user: &str, password: &str) -> Result<Self> {
+        let dir = tempfile::tempdir().context("a scratch directory for redis")?;
+        let file = dir.path().join("users.acl");
+        std::fs::write(&file, acl)?;
+        let mut r = Self {
+            server: None,
+            port: free_port()?,
+            tls: None,
+            password: Some(password.to_owned()),
+            user: Some(user.to_owned()),
+            aclfile: Some(file),
             dir,
             starts: 0,
         };
@@ -128,7 +162,9 @@ impl RedisServer {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if let Some(p) = &self.password {
+        if let Some(file) = &self.aclfile {
+            args.extend(["--aclfile".into(), file.display().to_string()]);
+        } else if let Some(p) = &self.password {
             args.extend(["--requirepass".into(), p.clone()]);
         }
         if let Some((port, cert, key)) = &self.tls {
@@ -159,13 +195,19 @@ impl RedisServer {
         }
     }
 
+    fn auth_line(&self) -> String {
+        match (&self.user, &self.password) {
+            (Some(u), Some(p)) => format!("AUTH {u} {p}\r\n"),
+            (None, Some(p)) => format!("AUTH {p}\r\n"),
+            _ => String::new(),
+        }
+    }
+
     fn pings(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let mut cmd = String::new();
-        if let Some(p) = &self.password {
-            cmd.push_str(&format!("AUTH {p}\r\n"));
-        }
+        cmd.push_str(&self.auth_line());
         cmd.push_str("PING\r\n");
         if s.write_all(cmd.as_bytes()).is_err() {
             return false;
@@ -186,9 +228,7 @@ impl RedisServer {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).context("connecting to redis")?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut cmd = String::new();
-        if let Some(p) = &self.password {
-            cmd.push_str(&format!("AUTH {p}\r\n"));
-        }
+        cmd.push_str(&self.auth_line());
         cmd.push_str(line);
         cmd.push_str("\r\nQUIT\r\n");
         s.write_all(cmd.as_bytes())?;

@@ -54,7 +54,7 @@ fn read(path: impl AsRef<Path>) -> String {
 }
 
 fn all_features() -> Vec<&'static str> {
-    [CERT_MANAGER, MONITORING, NETWORK_POLICY, DASHBOARD].concat()
+    [CERT_MANAGER, MONITORING, NETWORK_POLICY, DASHBOARD, STORE].concat()
 }
 
 /// helm, with its cache/config/data directories in cargo's scratch directory, for the
@@ -230,6 +230,7 @@ async fn lint_is_clean_for_every_feature() {
         ("monitoring", MONITORING.to_vec()),
         ("network policy", NETWORK_POLICY.to_vec()),
         ("dashboard", DASHBOARD.to_vec()),
+        ("counter store", STORE.to_vec()),
         ("dev mode", DEV_MODE.to_vec()),
         ("everything", all_features()),
     ];
@@ -255,6 +256,9 @@ async fn values_schema_refuses_unknown_keys_and_bad_values() {
     for (set, mentions) in [
         ("operator.replica=3", "replica"),
         ("webhook.timeoutSeconds=10", "timeoutSeconds"),
+        ("sidecar.upstreamCredential.header=x y", "header"),
+        ("sidecar.upstreamCredential.scheme=Bearer x", "scheme"),
+        ("sidecar.identity.kubernetes.issuer=http://k", "issuer"),
         ("webhook.url=http://127.0.0.1:9443/inject", "url"),
         ("operator.image.digest=latest", "digest"),
     ] {
@@ -327,6 +331,10 @@ async fn chart_defaults_match_the_operator_and_the_workspace() {
     assert_eq!(flag(&args, "sidecar-image").unwrap(), inject_default("image"));
     assert_eq!(flag(&args, "sidecar-operator-url").unwrap(), inject_default("operator_url"));
     assert_eq!(flag(&args, "ca-config-map").unwrap(), inject_default("ca_config_map"));
+    assert_eq!(flag(&args, "sidecar-upstream-credential-key").unwrap(), inject_default("credential_key"));
+    assert_eq!(flag(&args, "sidecar-upstream-credential-header").unwrap(), inject_default("credential_header"));
+    assert_eq!(flag(&args, "sidecar-upstream-credential-scheme").unwrap(), inject_default("credential_scheme"));
+    assert_eq!(flag(&args, "sidecar-k8s-token-audience"), None, "service-account callers are opt-in");
     assert_eq!(operator_container(&docs)["image"], json!(format!("ghcr.io/toolgate/toolgate-operator:{version}")),);
     // The NetworkPolicy's ports are the ports the operator gives the sidecar.
     let values: Value = serde_norway::from_str(&read("charts/toolgate/values.yaml")).unwrap();
@@ -559,6 +567,9 @@ async fn operator_deployment_is_hardened_and_wired() {
         ("ca-config-map", "toolgate-ca"),
         ("sidecar-image", "ghcr.io/toolgate/toolgate-proxy:0.1.0"),
         ("sidecar-operator-url", "https://toolgate-operator.toolgate-system.svc:8443"),
+        ("sidecar-upstream-credential-key", "api-key"),
+        ("sidecar-upstream-credential-header", "authorization"),
+        ("sidecar-upstream-credential-scheme", "Bearer"),
         ("heartbeat-seconds", "10"),
         ("decider-service-accounts", "other-namespaces"),
         ("lease-name", "toolgate-operator-leader"),
@@ -616,6 +627,58 @@ async fn operator_deployment_is_hardened_and_wired() {
         "registry.example/proxy@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
     );
     assert!(all_of(&docs, "PodDisruptionBudget").is_empty(), "no PDB for a single replica");
+
+    // Credential custody and service-account callers are values.
+    let docs = render(
+        "toolgate",
+        "toolgate-system",
+        &[
+            "sidecar.upstreamCredential.key=token",
+            "sidecar.upstreamCredential.header=x-api-key",
+            "sidecar.upstreamCredential.scheme=",
+            "sidecar.identity.kubernetes.audience=toolgate-mcp",
+            "sidecar.identity.kubernetes.issuer=https://oidc.example.com/cluster",
+        ],
+    )
+    .await;
+    let a = args(&docs);
+    assert_eq!(flag(&a, "sidecar-upstream-credential-key").as_deref(), Some("token"));
+    assert_eq!(flag(&a, "sidecar-upstream-credential-header").as_deref(), Some("x-api-key"));
+    assert_eq!(flag(&a, "sidecar-upstream-credential-scheme").as_deref(), Some(""));
+    assert_eq!(flag(&a, "sidecar-k8s-token-audience").as_deref(), Some("toolgate-mcp"));
+    assert_eq!(flag(&a, "sidecar-k8s-issuer").as_deref(), Some("https://oidc.example.com/cluster"));
+}
+
+/// The sidecar guard keeps every volume of the sidecar (the upstream credential and API
+/// keys included) as injected, and refuses ephemeral containers that mount them.
+#[tokio::test]
+async fn the_sidecar_guard_covers_the_credential_volumes() {
+    let docs = render("toolgate", "toolgate-system", &[]).await;
+    let guard = find(&docs, "ValidatingAdmissionPolicy", "toolgate-sidecar-guard");
+    let volumes = guard["spec"]["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "sidecarVolumes")
+        .expect("a sidecarVolumes variable")["expression"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for name in ["toolgate-token", "toolgate-state", "toolgate-upstream-credential", "toolgate-api-keys"] {
+        assert!(volumes.contains(&format!("'{name}'")), "{name} in {volumes}");
+    }
+    let source = read("operator/src/inject.rs");
+    for constant in
+        ["CREDENTIAL_VOLUME: &str = \"toolgate-upstream-credential\"", "API_KEYS_VOLUME: &str = \"toolgate-api-keys\""]
+    {
+        assert!(source.contains(constant), "the operator injects {constant}");
+    }
+    let expressions: Vec<&str> =
+        guard["spec"]["validations"].as_array().unwrap().iter().filter_map(|v| v["expression"].as_str()).collect();
+    assert!(
+        expressions.iter().filter(|e| e.contains("variables.sidecarVolumes")).count() >= 2,
+        "volumes and ephemeral mounts: {expressions:?}"
+    );
 }
 
 #[tokio::test]
@@ -857,6 +920,179 @@ async fn network_policy_admits_only_the_proxy_ports() {
     }
     let error = render_error(&["networkPolicy.enabled=true"]).await;
     assert!(error.contains("networkPolicy.namespaces"), "{error}");
+}
+
+const STORE: &[&str] = &["counters.redis.deploy=true", "counters.redis.namespaces={agents,tools}"];
+
+/// The `stringData` value `key` of the Secret `name` in `namespace`.
+fn secret_value(docs: &[Value], namespace: &str, name: &str, key: &str) -> String {
+    let secret = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == name && d["metadata"]["namespace"] == namespace)
+        .unwrap_or_else(|| panic!("no Secret {namespace}/{name} among {:?}", kinds(docs)));
+    secret["stringData"][key].as_str().unwrap_or_else(|| panic!("no {key} in {secret}")).to_owned()
+}
+
+#[tokio::test]
+async fn counter_store_is_wired_into_the_operator_and_locked_down() {
+    // No store by default: the operator injects none.
+    let docs = render("toolgate", "toolgate-system", &[]).await;
+    assert!(!args(&docs).iter().any(|a| a.starts_with("--sidecar-counter-store")), "{:?}", args(&docs));
+    assert!(all_of(&docs, "StatefulSet").is_empty());
+
+    // An existing store: the URL and the Secret name reach the operator; nothing is run.
+    let docs = render(
+        "toolgate",
+        "toolgate-system",
+        &[
+            "counters.redis.url=rediss://redis.example:6380/2",
+            "counters.redis.existingSecret=redis-auth",
+            "counters.redis.tlsCa=true",
+        ],
+    )
+    .await;
+    let a = args(&docs);
+    assert_eq!(flag(&a, "sidecar-counter-store").as_deref(), Some("rediss://redis.example:6380/2"));
+    assert_eq!(flag(&a, "sidecar-counter-store-secret").as_deref(), Some("redis-auth"));
+    assert_eq!(flag(&a, "sidecar-counter-store-ca").as_deref(), Some("true"));
+    assert_eq!(flag(&a, "sidecar-counter-store-prefix").as_deref(), Some("toolgate:"));
+    assert_eq!(flag(&a, "sidecar-counter-store-on-failure").as_deref(), Some("closed"));
+    assert!(all_of(&docs, "StatefulSet").is_empty() && all_of(&docs, "Secret").is_empty());
+
+    // The chart's own store.
+    let docs = render("toolgate", "toolgate-system", STORE).await;
+    let a = args(&docs);
+    assert_eq!(
+        flag(&a, "sidecar-counter-store").as_deref(),
+        Some("redis://toolgate-counter-store.toolgate-system.svc:6379")
+    );
+    assert_eq!(flag(&a, "sidecar-counter-store-secret").as_deref(), Some("toolgate-counter-store"));
+    let set = find(&docs, "StatefulSet", "toolgate-counter-store");
+    assert_eq!(set["spec"]["replicas"], json!(1));
+    let pod = &set["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], json!(false));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], json!(true));
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], json!("docker.io/valkey/valkey:8.1-alpine"));
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], json!(true));
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], json!(false));
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    let server_args = strings(&c["args"]);
+    let after = |f: &str| server_args.iter().skip_while(|a| *a != f).nth(1).cloned();
+    assert_eq!(after("--aclfile").as_deref(), Some("/etc/toolgate-store/users.acl"));
+    assert_eq!(after("--maxmemory-policy").as_deref(), Some("noeviction"), "counters are never evicted");
+    assert_eq!(after("--appendonly").as_deref(), Some("no"));
+    assert!(set["spec"].get("volumeClaimTemplates").is_none(), "no persistence by default");
+    find(&docs, "Service", "toolgate-counter-store");
+    // Only injected sidecars of the listed namespaces reach it.
+    let policy = find(&docs, "NetworkPolicy", "toolgate-counter-store");
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    let from = &policy["spec"]["ingress"][0]["from"];
+    assert_eq!(from.as_array().unwrap().len(), 1, "{from}");
+    assert_eq!(from[0]["podSelector"], json!({"matchLabels": {"toolgate.dev/injected": "true"}}));
+    assert_eq!(from[0]["namespaceSelector"]["matchExpressions"][0]["values"], json!(["agents", "tools"]));
+    // One user per namespace, limited to its own keys; passwords only hashed in the ACL.
+    let acl = secret_value(&docs, "toolgate-system", "toolgate-counter-store-acl", "users.acl");
+    let agents = secret_value(&docs, "agents", "toolgate-counter-store", "password");
+    let tools = secret_value(&docs, "tools", "toolgate-counter-store", "password");
+    assert!(agents.len() >= 32 && agents != tools, "generated, distinct passwords");
+    assert!(!acl.contains(&agents) && !acl.contains(&tools), "{acl}");
+    assert!(acl.lines().any(|l| l == "user default off"), "{acl}");
+    assert!(acl.contains("user toolgate-agents on #") && acl.contains("~toolgate:agents/* "), "{acl}");
+    assert_eq!(secret_value(&docs, "tools", "toolgate-counter-store", "username"), "toolgate-tools");
+
+    // Persistence and another image.
+    let docs = render(
+        "toolgate",
+        "toolgate-system",
+        &[
+            STORE,
+            &[
+                "counters.redis.persistence.enabled=true",
+                "counters.redis.image.repository=redis",
+                "counters.redis.image.tag=7-alpine",
+                "counters.redis.command={redis-server}",
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    let set = find(&docs, "StatefulSet", "toolgate-counter-store");
+    assert_eq!(set["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], json!("1Gi"));
+    assert_eq!(set["spec"]["template"]["spec"]["containers"][0]["command"], json!(["redis-server"]));
+
+    // Mistakes are refused with the fix.
+    let error = render_error(&["counters.redis.deploy=true"]).await;
+    assert!(error.contains("counters.redis.namespaces"), "{error}");
+    let error = render_error(&[STORE, &["counters.redis.url=redis://elsewhere:6379"]].concat()).await;
+    assert!(error.contains("not both"), "{error}");
+    let error = render_error(&[STORE, &["counters.redis.tlsCa=true"]].concat()).await;
+    assert!(error.contains("tlsCa"), "{error}");
+    for bad in [
+        "counters.redis.url=redis://:secret@redis:6379",
+        "counters.redis.keyPrefix=a*",
+        "counters.redis.onFailure=maybe",
+    ] {
+        let mut cmd = helm();
+        cmd.args(["lint", "--strict"]).arg(chart()).args(["--set", bad]);
+        let out = run_output(&mut cmd).await;
+        assert!(!out.status.success(), "--set {bad} was accepted");
+    }
+}
+
+/// The ACL the chart generates, loaded by a real `redis-server`, used by the real counter
+/// store: each namespace's sidecars count under their own prefix, and one namespace's
+/// password can neither touch another namespace's counters nor do anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_store_users_reach_only_their_own_namespaces_counters() {
+    use toolgate_counters::{RedisConfig, RedisCounters};
+    use toolgate_policy::{CounterKey, Demand};
+    let docs = render("toolgate", "toolgate-system", STORE).await;
+    let acl = secret_value(&docs, "toolgate-system", "toolgate-counter-store-acl", "users.acl");
+    let agents = secret_value(&docs, "agents", "toolgate-counter-store", "password");
+    let tools = secret_value(&docs, "tools", "toolgate-counter-store", "password");
+    let server = toolgate_tests::redis::RedisServer::start_with_acl(&acl, "toolgate-agents", &agents).unwrap();
+    let store = |user: Option<&str>, password: Option<&str>, namespace: &str| {
+        RedisCounters::new(&RedisConfig {
+            username: user.map(str::to_owned),
+            password: password.map(str::to_owned),
+            // What the operator gives the sidecars of `namespace`.
+            prefix: format!("toolgate:{namespace}/"),
+            timeout: Duration::from_secs(10),
+            ..RedisConfig::new(server.url())
+        })
+        .unwrap()
+    };
+    let demand = || Demand {
+        key: CounterKey { policy: "seed".into(), counter: "start-pod_rate".into(), scope: "agent-a".into() },
+        window: Duration::from_secs(60),
+        max: 2,
+        amount: 1,
+    };
+    let own = store(Some("toolgate-agents"), Some(&agents), "agents");
+    for _ in 0..2 {
+        assert!(own.reserve(&[demand()], Duration::ZERO).await.unwrap().is_ok(), "admitted");
+    }
+    assert!(own.reserve(&[demand()], Duration::ZERO).await.unwrap().is_err(), "the third is refused: max 2");
+    // The same McpPolicy name in another namespace counts separately, with its own user.
+    let theirs = store(Some("toolgate-tools"), Some(&tools), "tools");
+    assert!(theirs.reserve(&[demand()], Duration::ZERO).await.unwrap().is_ok());
+    // The agents password on the tools keys: refused by the server (NOPERM).
+    let trespass = store(Some("toolgate-agents"), Some(&agents), "tools");
+    let error = trespass.reserve(&[demand()], Duration::ZERO).await.expect_err("no access to tools' keys");
+    assert!(error.to_string().to_lowercase().contains("noperm"), "{error}");
+    // No credentials, or the default user: nothing.
+    assert!(store(None, None, "agents").reserve(&[demand()], Duration::ZERO).await.is_err());
+    // The users run the counting scripts and nothing else.
+    for command in ["KEYS *", "FLUSHALL", "CONFIG GET requirepass", "ACL LIST", "DEL toolgate:agents/x"] {
+        let reply = server.command(command).unwrap();
+        let answer = reply.lines().nth(1).unwrap_or_default();
+        if command.starts_with("DEL") {
+            assert!(answer.starts_with(':'), "{command}: {reply}");
+        } else {
+            assert!(answer.contains("NOPERM"), "{command} was allowed: {reply}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -1296,9 +1532,15 @@ async fn chart_installs_with_every_option() {
                 .with_temp_namespace(|apps| async move {
                     let release = release_for(&release_ns);
                     let namespaces = format!("networkPolicy.namespaces[0]={apps}");
-                    let sets =
-                        [CERT_MANAGER, MONITORING, DASHBOARD, &["networkPolicy.enabled=true", namespaces.as_str()]]
-                            .concat();
+                    let store = format!("counters.redis.namespaces[0]={apps}");
+                    let sets = [
+                        CERT_MANAGER,
+                        MONITORING,
+                        DASHBOARD,
+                        &["networkPolicy.enabled=true", namespaces.as_str()],
+                        &["counters.redis.deploy=true", store.as_str()],
+                    ]
+                    .concat();
                     helm_install(cluster, &release, &release_ns, &sets).await;
                     let client = cluster.client();
                     with_release(cluster, &release, &release_ns, || async {
@@ -1334,8 +1576,47 @@ async fn chart_installs_with_every_option() {
                             config.metadata.annotations.unwrap()["cert-manager.io/inject-ca-from"],
                             format!("{release_ns}/{release}-operator-serving")
                         );
+                        // The counter store: its Secret in the workload namespace keeps its
+                        // generated password across upgrades (the server's ACL with it).
+                        let secrets = Api::<Secret>::namespaced(client.clone(), &apps);
+                        let store_secret = format!("{release}-counter-store");
+                        let password = |s: Secret| s.data.unwrap()["password"].0.clone();
+                        let before = password(secrets.get(&store_secret).await.expect("the store Secret"));
+                        assert!(before.len() >= 32);
+                        let acl = Api::<Secret>::namespaced(client.clone(), &release_ns)
+                            .get(&format!("{release}-counter-store-acl"))
+                            .await
+                            .expect("the store's ACL");
+                        let acl = String::from_utf8(acl.data.unwrap()["users.acl"].0.clone()).unwrap();
+                        assert!(acl.contains(&format!("user toolgate-{apps} on #")), "{acl}");
+                        for kind in ["statefulset", "service", "networkpolicy"] {
+                            run_ok(cluster.kubectl().args(["get", kind, &store_secret, "-n", &release_ns])).await;
+                        }
+                        let mut upgrade = cluster.helm();
+                        upgrade.args(["upgrade", &release]).arg(chart()).args([
+                            "--namespace",
+                            &release_ns,
+                            "--reuse-values",
+                        ]);
+                        run_ok(&mut upgrade).await;
+                        let after = password(secrets.get(&store_secret).await.unwrap());
+                        assert_eq!(before, after, "helm upgrade changed the store password");
+                        let acl_after = Api::<Secret>::namespaced(client.clone(), &release_ns)
+                            .get(&format!("{release}-counter-store-acl"))
+                            .await
+                            .unwrap();
+                        assert_eq!(
+                            String::from_utf8(acl_after.data.unwrap()["users.acl"].0.clone()).unwrap(),
+                            acl,
+                            "the same users and hashes after an upgrade"
+                        );
                     })
                     .await;
+                    let left = Api::<Secret>::namespaced(client.clone(), &apps)
+                        .get_opt(&format!("{release}-counter-store"))
+                        .await
+                        .unwrap();
+                    assert!(left.is_none(), "helm uninstall left the store's Secret in the workload namespace");
                     let left = Api::<NetworkPolicy>::namespaced(client.clone(), &apps)
                         .get_opt(&format!("{release}-injected-pods"))
                         .await

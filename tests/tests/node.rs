@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::api::{Api, ListParams};
-use toolgate_tests::images::{runpod_example_image, toolgate_image};
+use toolgate_tests::images::{redis_server_image, runpod_example_image, toolgate_image};
 use toolgate_tests::mcp::{fake_requests_on, fake_runpod_on, mcp_client};
 use toolgate_tests::node::{CLUSTER_DNS, NODE_IP, PAUSE_IMAGE, pod_is_ready};
 use toolgate_tests::{Prometheus, TestNode, eventually, run_ok, run_output};
@@ -172,7 +172,7 @@ async fn the_chart_runs_on_the_node_from_the_dockerfile_images() {
     let version = import_toolgate_images(&node);
 
     // 1. Install the chart (README's commands).
-    helm_install_and_roll_out(&node).await;
+    helm_install_and_roll_out(&node, &[]).await;
     let operators = Api::<Pod>::namespaced(node.client(), "toolgate-system")
         .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
         .await
@@ -254,11 +254,11 @@ spec:
         async move { pods.get(&name).await.ok().filter(|p| sidecar_status(p).is_some_and(|s| s.ready)) }
     })
     .await;
-    wait_seed_enforcing(&node, "ENFORCING 1 on the seed policy", Duration::from_secs(120)).await;
+    wait_seed_enforcing(&node, "ENFORCING 1 on the seed policy", Duration::from_secs(120), "1").await;
 }
 
-/// Waits until the example's seed McpPolicy reports `status.enforcing` 1.
-async fn wait_seed_enforcing(node: &TestNode, what: &str, timeout: Duration) {
+/// Waits until the example's seed McpPolicy reports `status.enforcing` `n`.
+async fn wait_seed_enforcing(node: &TestNode, what: &str, timeout: Duration, n: &str) {
     let enforcing = eventually(what, timeout, || async {
         let out = run_output(node.kubectl().args([
             "-n",
@@ -271,13 +271,25 @@ async fn wait_seed_enforcing(node: &TestNode, what: &str, timeout: Duration) {
         ]))
         .await;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (text == "1").then_some(text)
+        (text == n).then_some(text)
     })
     .await;
-    assert_eq!(enforcing, "1");
+    assert_eq!(enforcing, n);
 }
 
 const RUNPOD_IMAGE: &str = "toolgate.local/runpod-mcp:4.0.0";
+/// Debian's redis-server as the chart's counter store (tests/src/images.rs).
+const REDIS_IMAGE: &str = "toolgate.local/redis:7.0";
+
+/// The README's store values with the harness's Redis image (the node cannot pull Valkey's).
+const STORE_SETS: &[&str] = &[
+    "counters.redis.deploy=true",
+    "counters.redis.namespaces={runpod-mcp}",
+    "counters.redis.image.repository=toolgate.local/redis",
+    "counters.redis.image.tag=7.0",
+    "counters.redis.image.pullPolicy=Never",
+    "counters.redis.command={/usr/bin/redis-server}",
+];
 
 fn yaml_doc(text: &str) -> serde_json::Value {
     use serde::Deserialize as _;
@@ -299,14 +311,14 @@ fn import_toolgate_images(node: &TestNode) -> String {
     version
 }
 
-async fn helm_install_and_roll_out(node: &TestNode) {
+async fn helm_install_and_roll_out(node: &TestNode, sets: &[&str]) {
     let chart = repo().join("charts/toolgate");
-    run_ok(node.helm().arg("install").arg("toolgate").arg(&chart).args([
-        "--namespace",
-        "toolgate-system",
-        "--create-namespace",
-    ]))
-    .await;
+    let mut install = node.helm();
+    install.arg("install").arg("toolgate").arg(&chart).args(["--namespace", "toolgate-system", "--create-namespace"]);
+    for set in sets {
+        install.args(["--set", set]);
+    }
+    run_ok(&mut install).await;
     wait_operator_rollout(node).await;
 }
 
@@ -348,15 +360,16 @@ async fn run_client(target: Vec<String>, script: Vec<serde_json::Value>) -> Vec<
     tokio::task::spawn_blocking(move || mcp_client(&target, &serde_json::Value::Array(script))).await.expect("client")
 }
 
-/// README's journey on real pods: `helm install` → the example RunPod MCP server (its
-/// namespace, Service and Deployment from examples/runpod-mcp; the server image written by
-/// the harness with the pinned 4.0.0, since the node cannot run the npm-ci init container)
-/// gets its native sidecar → the seed McpPolicy → an MCP client (the official SDK) through
-/// the Service's ClusterIP sees 10 allowed, the 11th rate-limited, delete and stop refused,
-/// and the fake RunPod API (reached from the pod) sees exactly the 10 → Prometheus scrapes
-/// the sidecar's metrics on the pod IP → the operator pods
-/// are deleted: the sidecar keeps enforcing, the Deployment brings them back → `helm
-/// upgrade`, `helm uninstall`.
+/// README's journey on real pods: `helm install` with the shared counter store (the
+/// chart's Redis StatefulSet, Debian's redis-server as its image) → the example RunPod MCP
+/// server (its namespace, Service and Deployment from examples/runpod-mcp, at 2 replicas;
+/// the server image written by the harness with the pinned 4.0.0, since the node cannot
+/// run the npm-ci init container) gets its native sidecars → the seed McpPolicy → an MCP
+/// client (the official SDK) calling each replica's pod sees 10 allowed in all, the 11th
+/// rate-limited, delete and stop refused, and the fake RunPod API (reached from the pods)
+/// sees exactly the 10 → Prometheus scrapes both sidecars: each served some of the 10 → the
+/// operator pods are deleted: the sidecars keep enforcing (through the Service), the
+/// Deployment brings them back → `helm upgrade`, `helm uninstall`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and a node: make test-node"]
 async fn the_readme_journey_on_real_pods() {
@@ -365,17 +378,38 @@ async fn the_readme_journey_on_real_pods() {
     import_toolgate_images(&node);
     let server = runpod_example_image(RUNPOD_IMAGE, &repo(), &node_modules).expect("the RunPod MCP image");
     node.import_image(&server).expect("importing the RunPod MCP image");
+    let redis = redis_server_image(REDIS_IMAGE).expect("the Redis image");
+    node.import_image(&redis).expect("importing the Redis image");
     let fake = tokio::task::spawn_blocking(|| fake_runpod_on(NODE_IP)).await.expect("fake RunPod");
 
-    // 1. helm install
-    helm_install_and_roll_out(&node).await;
-
-    // 2. The example: namespace and Service as they are, the Deployment with the harness's
-    // server image (no npm-ci init container) pointed at the fake RunPod API.
+    // 1. The example's namespace (the store's Secret for its sidecars goes there), then
+    // helm install with the shared counter store.
     let example = repo().join("examples/runpod-mcp");
     run_ok(node.kubectl().arg("apply").arg("-f").arg(example.join("namespace.yaml"))).await;
+    helm_install_and_roll_out(&node, STORE_SETS).await;
+    let store = run_output(node.kubectl().args([
+        "-n",
+        "toolgate-system",
+        "rollout",
+        "status",
+        "statefulset/toolgate-counter-store",
+        "--timeout=240s",
+    ]))
+    .await;
+    assert!(
+        store.status.success(),
+        "the counter store did not start: {}\n{}",
+        String::from_utf8_lossy(&store.stderr),
+        String::from_utf8_lossy(
+            &run_output(node.kubectl().args(["-n", "toolgate-system", "describe", "statefulset,pods"])).await.stdout
+        )
+    );
+
+    // 2. The example: Service as it is, the Deployment at 2 replicas with the harness's
+    // server image (no npm-ci init container) pointed at the fake RunPod API.
     run_ok(node.kubectl().args(["-n", "runpod-mcp", "apply", "-f"]).arg(example.join("service.yaml"))).await;
     let mut deployment = yaml_doc(&std::fs::read_to_string(example.join("deployment.yaml")).expect("deployment.yaml"));
+    deployment["spec"]["replicas"] = 2.into();
     let spec = &mut deployment["spec"]["template"]["spec"];
     spec.as_object_mut().expect("pod spec").remove("initContainers");
     spec["volumes"] = serde_json::json!([{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}]);
@@ -397,29 +431,38 @@ async fn the_readme_journey_on_real_pods() {
     run_ok(node.kubectl().args(["label", "namespace", "runpod-mcp", "toolgate.dev/inject=enabled", "--overwrite"]))
         .await;
     let pods = Api::<Pod>::namespaced(node.client(), "runpod-mcp");
-    let pod = eventually("the example's pod running with its sidecar", Duration::from_secs(240), || {
+    let running = eventually("the example's 2 pods running with their sidecars", Duration::from_secs(300), || {
         let pods = pods.clone();
         async move {
             let list = pods.list(&ListParams::default().labels("app.kubernetes.io/name=runpod-mcp")).await.ok()?;
-            list.items.into_iter().find(|p| {
-                sidecar_status(p).is_some_and(|s| s.started == Some(true))
-                    && p.status
-                        .as_ref()
-                        .and_then(|s| s.container_statuses.as_ref())
-                        .is_some_and(|c| c.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())))
-            })
+            let running: Vec<Pod> =
+                list.items
+                    .into_iter()
+                    .filter(|p| {
+                        p.metadata.deletion_timestamp.is_none()
+                            && sidecar_status(p).is_some_and(|s| s.started == Some(true))
+                            && p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|c| {
+                                c.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                            })
+                    })
+                    .collect();
+            (running.len() == 2).then_some(running)
         }
     })
     .await;
-    let init: Vec<String> = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.init_containers.as_ref())
-        .into_iter()
-        .flatten()
-        .map(|c| c.name.clone())
-        .collect();
-    assert_eq!(init, ["toolgate-proxy"], "the webhook added the native sidecar");
+    for pod in &running {
+        let init = pod.spec.as_ref().and_then(|s| s.init_containers.as_ref()).expect("init containers");
+        let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["toolgate-proxy"], "the webhook added the native sidecar");
+        let args = init[0].args.clone().unwrap_or_default();
+        for want in [
+            "--counter-store=redis://toolgate-counter-store.toolgate-system.svc:6379",
+            "--counter-store-prefix=toolgate:runpod-mcp/",
+        ] {
+            assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
+        }
+    }
+    let names: Vec<String> = running.iter().map(|p| p.metadata.name.clone().expect("pod name")).collect();
 
     // 3. The seed policy.
     run_ok(
@@ -428,45 +471,46 @@ async fn the_readme_journey_on_real_pods() {
             .arg(example.join("policies/seed-4.0.0.mcppolicy.yaml")),
     )
     .await;
-    let name = pod.metadata.name.clone().expect("pod name");
-    eventually("the sidecar Ready with the seed policy", Duration::from_secs(180), || {
-        let pods = pods.clone();
-        let name = name.clone();
-        async move { pods.get(&name).await.ok().filter(|p| sidecar_status(p).is_some_and(|s| s.ready)) }
-    })
-    .await;
+    let mut ips = Vec::new();
+    for name in &names {
+        let ready = eventually("each sidecar Ready with the seed policy", Duration::from_secs(180), || {
+            let pods = pods.clone();
+            let name = name.clone();
+            async move { pods.get(&name).await.ok().filter(|p| sidecar_status(p).is_some_and(|s| s.ready)) }
+        })
+        .await;
+        ips.push(ready.status.and_then(|s| s.pod_ip).expect("pod IP"));
+    }
+    wait_seed_enforcing(&node, "ENFORCING 2 on the seed policy", Duration::from_secs(180), "2").await;
 
-    // 4. Calls through the Service.
-    let service = run_ok(node.kubectl().args([
-        "-n",
-        "runpod-mcp",
-        "get",
-        "svc",
-        "runpod-mcp",
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ]))
-    .await;
-    let agent = vec![
-        "--url".to_owned(),
-        format!("http://{}/mcp", service.trim()),
-        "--header".to_owned(),
-        "Authorization: Bearer agent-key-1".to_owned(),
-    ];
-    let mut script = vec![serde_json::json!({"op": "list"})];
-    script.extend((0..11).map(|_| start_pod()));
-    script.push(call("delete-pod", serde_json::json!({"id": "pod-1"})));
-    script.push(call("pod-action", serde_json::json!({"id": "pod-1", "body": {"action": "stop"}})));
-    let out = run_client(agent.clone(), script).await;
+    // 4. One agent calls both replicas (each pod's proxy port, so that both certainly
+    // serve): 6 starts on the first, 5 on the second. The seed's 10 a minute holds across
+    // the two: the second replica admits only 4.
+    let agent_at = |target: String| {
+        vec![
+            "--url".to_owned(),
+            format!("http://{target}/mcp"),
+            "--header".to_owned(),
+            "Authorization: Bearer agent-key-1".to_owned(),
+        ]
+    };
+    let mut first = vec![serde_json::json!({"op": "list"})];
+    first.extend((0..6).map(|_| start_pod()));
+    let out = run_client(agent_at(format!("{}:15080", ips[0])), first).await;
     let listed: Vec<&str> = out[0]["result"]["tools"]
         .as_array()
         .map(|t| t.iter().filter_map(|t| t["name"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(listed, ["pod-action"], "tools/list shows only what the policy allows: {:#?}", out[0]);
-    let mut want = vec![None; 11];
+    assert_eq!(codes(&out), vec![None; 7], "{out:#?}");
+    let mut second: Vec<serde_json::Value> = (0..5).map(|_| start_pod()).collect();
+    second.push(call("delete-pod", serde_json::json!({"id": "pod-1"})));
+    second.push(call("pod-action", serde_json::json!({"id": "pod-1", "body": {"action": "stop"}})));
+    let out2 = run_client(agent_at(format!("{}:15080", ips[1])), second).await;
+    let mut want = vec![None; 4];
     want.extend([Some(-32011), Some(-32010), Some(-32010)]);
-    assert_eq!(codes(&out), want, "{out:#?}");
-    for step in &out[1..11] {
+    assert_eq!(codes(&out2), want, "the second replica counts the first one's calls: {out2:#?}");
+    for step in out[1..].iter().chain(&out2[..4]) {
         assert_ne!(step["result"]["isError"], true, "RunPod answered: {step}");
     }
     let reached: Vec<_> =
@@ -477,24 +521,51 @@ async fn the_readme_journey_on_real_pods() {
         assert_eq!(body, &serde_json::json!({"action": "start"}));
     }
 
-    // Prometheus on the host scrapes the sidecar's admin port on the pod IP (Debian's
-    // Prometheus has no Kubernetes discovery: the target is the pod's IP and the port the
-    // chart's scrape annotations name).
-    let scraped = pods.get(&name).await.expect("pod");
+    // Prometheus on the host scrapes both sidecars' admin ports on the pod IPs (Debian's
+    // Prometheus has no Kubernetes discovery: the targets are the pods' IPs and the port
+    // the chart's scrape annotations name): each replica served its share of the 10.
+    let scraped = pods.get(&names[0]).await.expect("pod");
     let annotations = scraped.metadata.annotations.clone().unwrap_or_default();
     assert_eq!(annotations.get("prometheus.io/port").map(String::as_str), Some("15090"), "{annotations:?}");
-    let ip = scraped.status.and_then(|s| s.pod_ip).expect("pod IP");
-    let target: std::net::SocketAddr = format!("{ip}:15090").parse().expect("pod address");
-    let prometheus = Prometheus::scraping(&[target]).await;
-    let query = r#"sum by (tool, decision) (toolgate_decisions_total{tool="pod-action",decision="allow"})"#;
-    let samples = eventually("Prometheus scraping 10 allowed pod-action calls", Duration::from_secs(120), || async {
-        let samples = prometheus.query(query).await.ok()?;
-        let value = samples.as_array()?.first()?["value"][1].as_str()?.to_owned();
-        (value == "10").then_some(value)
-    })
-    .await;
-    assert_eq!(samples, "10");
+    let targets: Vec<std::net::SocketAddr> =
+        ips.iter().map(|ip| format!("{ip}:15090").parse().expect("pod address")).collect();
+    let prometheus = Prometheus::scraping(&targets).await;
+    let query = r#"sum by (instance) (toolgate_decisions_total{tool="pod-action",decision="allow"})"#;
+    let per_pod =
+        eventually("Prometheus scraping 6 + 4 allowed pod-action calls", Duration::from_secs(120), || async {
+            let samples = prometheus.query(query).await.ok()?;
+            let mut by_instance: Vec<(String, String)> = samples
+                .as_array()?
+                .iter()
+                .map(|s| {
+                    (
+                        s["metric"]["instance"].as_str().unwrap_or_default().to_owned(),
+                        s["value"][1].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect();
+            by_instance.sort();
+            let mut want =
+                vec![(format!("{}:15090", ips[0]), "6".to_owned()), (format!("{}:15090", ips[1]), "4".to_owned())];
+            want.sort();
+            (by_instance == want).then_some(by_instance)
+        })
+        .await;
+    assert_eq!(per_pod.len(), 2, "both replicas served calls: {per_pod:?}");
     drop(prometheus);
+
+    // Through the Service (either replica): still limited.
+    let service = run_ok(node.kubectl().args([
+        "-n",
+        "runpod-mcp",
+        "get",
+        "svc",
+        "runpod-mcp",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]))
+    .await;
+    let agent = agent_at(service.trim().to_owned());
 
     // 5. Without the operator the sidecar keeps enforcing; the Deployment brings it back.
     run_ok(node.kubectl().args([
@@ -511,8 +582,9 @@ async fn the_readme_journey_on_real_pods() {
         run_client(agent.clone(), vec![start_pod(), call("delete-pod", serde_json::json!({"id": "pod-1"}))]).await;
     assert_eq!(codes(&out), [Some(-32011), Some(-32010)], "still limited and refused: {out:#?}");
     wait_operator_rollout(&node).await;
-    // The new operator pods take the sidecar's stream back: status returns to ENFORCING 1.
-    wait_seed_enforcing(&node, "ENFORCING 1 again after the operator pods came back", Duration::from_secs(180)).await;
+    // The new operator pods take the sidecars' streams back: status returns to ENFORCING 2.
+    wait_seed_enforcing(&node, "ENFORCING 2 again after the operator pods came back", Duration::from_secs(180), "2")
+        .await;
     let reached = fake_requests_on(NODE_IP, &fake).into_iter().filter(|(_, path, _)| path != "/graphql").count();
     assert_eq!(reached, 10, "nothing more reached RunPod");
 

@@ -93,3 +93,34 @@ app.kubernetes.io/component: operator
 {{ include "toolgate.labels" . }}
 app.kubernetes.io/component: operator
 {{- end -}}
+
+{{/* The shared counter store (counters.redis): its objects' name, the Secret the
+sidecars read in their own namespace, and the URL they are given. */}}
+{{- define "toolgate.counterStoreName" -}}
+{{- printf "%s-counter-store" (include "toolgate.fullname" .) -}}
+{{- end -}}
+
+{{- define "toolgate.counterStoreSecret" -}}
+{{- default (include "toolgate.counterStoreName" .) .Values.counters.redis.existingSecret -}}
+{{- end -}}
+
+{{- define "toolgate.counterStoreUrl" -}}
+{{- $r := .Values.counters.redis -}}
+{{- if and $r.deploy $r.url -}}
+{{- fail "counters.redis: set url (an existing store) or deploy: true (the chart runs one), not both" -}}
+{{- end -}}
+{{- if and $r.deploy $r.tlsCa -}}
+{{- fail "counters.redis.tlsCa: the chart's own store (deploy) speaks plain TCP; tlsCa is for a rediss:// url" -}}
+{{- end -}}
+{{- if $r.deploy -}}
+{{- printf "redis://%s.%s.svc:%d" (include "toolgate.counterStoreName" .) .Release.Namespace (int $r.port) -}}
+{{- else -}}
+{{- $r.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "toolgate.counterStoreSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "toolgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: counter-store
+{{- end -}}

@@ -27,8 +27,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -358,36 +357,8 @@ fn new_instance() -> String {
 
 impl Config {
     fn tls(&self) -> Result<Arc<rustls::ClientConfig>, ControlError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_file {
-            Some(path) => {
-                let ca = |e: &dyn std::fmt::Display| ControlError::Tls(format!("CA file {}: {e}", path.display()));
-                let pem = std::fs::read(path).map_err(|e| ca(&e))?;
-                for cert in CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|e| ca(&e))?;
-                    roots.add(cert).map_err(|e| ca(&e))?;
-                }
-                if roots.is_empty() {
-                    return Err(ControlError::Tls(format!("CA file {}: no CERTIFICATE in it", path.display())));
-                }
-            }
-            None => {
-                let found = rustls_native_certs::load_native_certs();
-                for e in &found.errors {
-                    tracing::debug!(error = %e, "a platform root certificate could not be loaded");
-                }
-                roots.add_parsable_certificates(found.certs);
-                if roots.is_empty() {
-                    return Err(ControlError::Tls("no platform root certificates found: give --ca-file".into()));
-                }
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ControlError::Tls(format!("TLS configuration: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config =
+            toolgate_identity::client_tls(self.ca_file.as_deref(), "give --ca-file").map_err(ControlError::Tls)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }

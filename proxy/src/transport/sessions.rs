@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::sse;
-use crate::transport::client::{HttpClient, UpstreamError, spawn_server};
+use crate::transport::client::{ChildCommand, HttpClient, UpstreamError, spawn_server};
 use crate::transport::http::{BoxError, RespBody, json_response, status_only, strip_hop_by_hop, with_session};
 
 /// Requests of one session waiting for their answers at once.
@@ -46,7 +46,7 @@ const MAX_LINE_BYTES: usize = sse::MAX_EVENT_BYTES;
 #[derive(Debug)]
 pub enum Opener {
     /// Run this command, one process per session.
-    Command(Vec<String>),
+    Command(ChildCommand),
     /// Open an SSE stream at this URL (2024-11-05 HTTP+SSE transport).
     Sse(Box<SseTarget>),
 }
@@ -713,7 +713,7 @@ async fn post_message(
     Ok(Some(Response::from_parts(parts, body.map_err(std::io::Error::other).boxed())))
 }
 
-fn spawn_child(command: &[String], owner: &str) -> Result<Arc<Session>, UpstreamError> {
+fn spawn_child(command: &ChildCommand, owner: &str) -> Result<Arc<Session>, UpstreamError> {
     let mut child = spawn_server(command).map_err(|e| UpstreamError::Spawn(e.to_string()))?;
     let stdin = child.stdin.take().ok_or(UpstreamError::Spawn("no stdin".into()))?;
     let stdout = child.stdout.take().ok_or(UpstreamError::Spawn("no stdout".into()))?;

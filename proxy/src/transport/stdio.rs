@@ -22,7 +22,11 @@ const MAX_CHILD_LINE_BYTES: usize = crate::mcp::sse::MAX_EVENT_BYTES;
 /// Why calls that need approval are refused over `--stdio`.
 pub const NO_HOLD: &str = "calls are not held for approval over --stdio";
 
-pub async fn run(gate: Arc<Gate>, command: &[String], max_body: usize) -> anyhow::Result<()> {
+pub async fn run(
+    gate: Arc<Gate>,
+    command: &crate::transport::client::ChildCommand,
+    max_body: usize,
+) -> anyhow::Result<()> {
     let mut child = crate::transport::client::spawn_server(command).context("cannot start the MCP server")?;
     let mut child_in = child.stdin.take().context("child stdin")?;
     let child_out = child.stdout.take().context("child stdout")?;

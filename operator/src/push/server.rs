@@ -1,55 +1,30 @@
-//! The operator's two listeners: HTTPS (admission webhook `/inject`, sidecar policy stream
-//! `/v1/stream` and `/v1/ack`; HTTP/1.1 and h2) and plain HTTP admin (`/metrics`,
-//! `/healthz`, `/readyz`).
+//! The HTTPS endpoints sidecars call: the policy stream (`/v1/stream`), acknowledgements
+//! (`/v1/ack`) and approvals (`/v1/approvals`, `/v1/approvals/NAME/close`). Every request is
+//! authenticated as a pod's injected sidecar first ([`caller`]).
 
-use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::Api;
-use kube::runtime::reflector::{ObjectRef, Store};
-use serde_json::json;
-use tokio::net::TcpListener;
+use hyper::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 use toolgate_policy::push::{
-    ACK_PATH, APPROVALS_PATH, Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, ApprovalUpdate, INSTANCE_HEADER,
-    Message, PolicySet, STREAM_PATH,
+    Ack, ApprovalClose, ApprovalCreated, ApprovalRequest, ApprovalUpdate, INSTANCE_HEADER, Message, PolicySet,
 };
+use tracing::instrument;
 
+use crate::approvals::ApprovalError;
 use crate::auth::{AuthError, Authenticator, ConnAuth, PodIdentity, bearer};
-use crate::hub::{Hub, StreamGuard};
+use crate::http::{Body, PeerAddr, error, json_response, no_content, read_body, stopped};
 use crate::inject::InjectConfig;
 use crate::metrics::Metrics;
-use crate::webhook;
-
-pub type Body = BoxBody<Bytes, std::io::Error>;
-
-/// HTTP/2 keepalive of the HTTPS listener.
-#[derive(Clone, Copy, Debug)]
-pub struct Keepalive {
-    pub interval: Duration,
-    pub timeout: Duration,
-}
-
-impl Default for Keepalive {
-    fn default() -> Self {
-        Self { interval: Duration::from_secs(10), timeout: Duration::from_secs(10) }
-    }
-}
-
-/// The TCP peer of a request's connection (a request extension).
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub SocketAddr);
+use crate::push::streams::{Hub, StreamGuard};
 
 /// The pod's IP addresses (`status.podIP` and `status.podIPs`), as reported by its kubelet.
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
@@ -63,106 +38,29 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Everything the handlers need.
-pub struct Ctx {
+/// What the sidecar endpoints need.
+pub struct Server {
     pub client: kube::Client,
     pub hub: Arc<Hub>,
     pub auth: Authenticator,
-    pub namespaces: Store<Namespace>,
-    pub namespace_api: Api<Namespace>,
+    /// The sidecar the webhook injects: only a pod holding it gets a stream.
     pub inject: InjectConfig,
-    /// Who may create and decide McpApprovals.
-    pub deciders: crate::approvals::Deciders,
     pub heartbeat: Duration,
     /// Accept a sidecar's requests only from its pod's IP address (`status.podIP(s)`).
     pub bind_pod_ip: bool,
-    /// HTTP/2 keepalive: ping every `interval`; a connection that does not answer within
-    /// `timeout` is closed (and its stream no longer counts as enforcing).
-    pub keepalive: Keepalive,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
-    /// Caches synced and a serving certificate loaded.
-    pub ready: AtomicBool,
 }
 
-impl std::fmt::Debug for Ctx {
+impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").finish_non_exhaustive()
+        f.debug_struct("Server").finish_non_exhaustive()
     }
-}
-
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
-}
-
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(full(value.to_string()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
-    r
-}
-
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
-    json_response(status, &json!({"error": message.to_string()}))
-}
-
-/// Reads a body up to `max` bytes.
-pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Response<Body>> {
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {max} bytes")))
-        }
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}"))),
-    }
-}
-
-/// Routes of the HTTPS listener.
-pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let response = match (req.method(), req.uri().path()) {
-        (&Method::POST, "/inject") => webhook::handle(&ctx, req).await,
-        (&Method::GET, STREAM_PATH) => stream(&ctx, req).await,
-        (&Method::POST, ACK_PATH) => ack(&ctx, req).await,
-        (&Method::POST, "/approval") => webhook::handle_approval(&ctx, req).await,
-        (&Method::POST, APPROVALS_PATH) => approval_create(&ctx, req).await,
-        (&Method::POST, path) if path.starts_with(APPROVALS_PATH) && path.ends_with("/close") => {
-            let name = path[APPROVALS_PATH.len()..].trim_start_matches('/').trim_end_matches("/close").to_owned();
-            approval_close(&ctx, req, &name).await
-        }
-        (_, "/inject" | "/approval" | STREAM_PATH | ACK_PATH | APPROVALS_PATH) => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
-        _ => error(StatusCode::NOT_FOUND, "not found"),
-    };
-    Ok(response)
-}
-
-/// Routes of the admin listener.
-pub async fn admin(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let response = match req.uri().path() {
-        "/metrics" => {
-            let mut r = Response::new(full(ctx.metrics.encode()));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
-            r
-        }
-        "/healthz" => Response::new(full("ok\n")),
-        "/readyz" if ctx.ready.load(Ordering::Relaxed) => Response::new(full("ready\n")),
-        "/readyz" => {
-            let mut r = Response::new(full("not ready: caches or certificate not loaded yet\n"));
-            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            r
-        }
-        _ => error(StatusCode::NOT_FOUND, "not found"),
-    };
-    Ok(response)
 }
 
 /// The caller's pod, authenticated and found in the cache of injected pods.
-async fn caller(ctx: &Ctx, req: &Request<Incoming>) -> Result<(PodIdentity, Arc<Pod>), Response<Body>> {
-    let refuse = |ctx: &Ctx, result: &'static str, status: StatusCode, message: String| {
+async fn caller(ctx: &Server, req: &Request<Incoming>) -> Result<(PodIdentity, Arc<Pod>), Response<Body>> {
+    let refuse = |ctx: &Server, result: &'static str, status: StatusCode, message: String| {
         ctx.metrics.stream_request(result);
         error(status, message)
     };
@@ -178,15 +76,15 @@ async fn caller(ctx: &Ctx, req: &Request<Incoming>) -> Result<(PodIdentity, Arc<
         Err(e @ AuthError::NotPodBound) => return Err(refuse(ctx, "forbidden", StatusCode::FORBIDDEN, e.to_string())),
         Err(e) => return Err(refuse(ctx, "unauthenticated", StatusCode::UNAUTHORIZED, e.to_string())),
     };
+    tracing::Span::current().record("pod", tracing::field::display(format_args!("{}/{}", id.namespace, id.pod_name)));
     // A pod that was just created may not be in the cache yet, or have no IP address
     // reported yet: wait a little for it.
     let key = ObjectRef::new(&id.pod_name).within(&id.namespace);
     let deadline = Instant::now() + Duration::from_secs(3);
     let pod = loop {
-        let found =
-            ctx.hub.pods.get(&key).filter(|pod| {
-                pod.metadata.uid.as_deref() == Some(id.pod_uid.as_str()) && ctx.hub.governs(&id.namespace)
-            });
+        let found = ctx.hub.index.pods.get(&key).filter(|pod| {
+            pod.metadata.uid.as_deref() == Some(id.pod_uid.as_str()) && ctx.hub.index.governs(&id.namespace)
+        });
         match found {
             Some(pod) if !ctx.bind_pod_ip || !pod_ips(&pod).is_empty() || Instant::now() >= deadline => break pod,
             None if Instant::now() >= deadline => {
@@ -261,7 +159,9 @@ struct StreamState {
     _guard: StreamGuard,
 }
 
-async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+/// `GET /v1/stream`: the pod's policy sets, approval decisions and heartbeats as NDJSON.
+#[instrument(name = "policy_stream", skip_all, fields(pod = tracing::field::Empty))]
+pub async fn stream(ctx: &Server, req: Request<Incoming>) -> Response<Body> {
     let (id, pod) = match caller(ctx, &req).await {
         Ok(c) => c,
         Err(r) => return r,
@@ -344,7 +244,7 @@ async fn stream(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
 
 /// An authenticated sidecar's JSON request body of type `T` (at most `max` bytes).
 async fn sidecar_json<T: serde::de::DeserializeOwned>(
-    ctx: &Ctx,
+    ctx: &Server,
     req: Request<Incoming>,
     max: usize,
     what: &str,
@@ -356,15 +256,15 @@ async fn sidecar_json<T: serde::de::DeserializeOwned>(
     Ok((id, value))
 }
 
-fn no_content() -> Response<Body> {
-    Response::builder().status(StatusCode::NO_CONTENT).body(full("")).unwrap_or_default()
+/// An approval failure as the sidecar sees it, counted by kind.
+fn approval_failed(ctx: &Server, e: &ApprovalError) -> Response<Body> {
+    ctx.metrics.approval_request(e.metric_label());
+    error(e.status(), e)
 }
 
-fn from_code(code: u16, message: String) -> Response<Body> {
-    error(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY), message)
-}
-
-async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+/// `POST /v1/ack`: the sidecar applied (or could not apply) a revision.
+#[instrument(name = "ack", skip_all, fields(pod = tracing::field::Empty))]
+pub async fn ack(ctx: &Server, req: Request<Incoming>) -> Response<Body> {
     let (id, ack) = match sidecar_json::<Ack>(ctx, req, 64 * 1024, "an ack").await {
         Ok(v) => v,
         Err(r) => return r,
@@ -387,103 +287,34 @@ async fn ack(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn approval_create(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+/// `POST /v1/approvals`: the sidecar holds a call for a person's decision.
+#[instrument(name = "approval_create", skip_all, fields(pod = tracing::field::Empty))]
+pub async fn approval_create(ctx: &Server, req: Request<Incoming>) -> Response<Body> {
     let (id, request) = match sidecar_json::<ApprovalRequest>(ctx, req, 1024 * 1024, "an approval request").await {
         Ok(v) => v,
         Err(r) => return r,
     };
     match crate::approvals::create(&ctx.client, &id, request).await {
         Ok(name) => {
+            ctx.metrics.approval_request("created");
             json_response(StatusCode::CREATED, &serde_json::to_value(ApprovalCreated { name }).unwrap_or_default())
         }
-        Err((code, message)) => from_code(code, message),
+        Err(e) => approval_failed(ctx, &e),
     }
 }
 
-async fn approval_close(ctx: &Ctx, req: Request<Incoming>, name: &str) -> Response<Body> {
+/// `POST /v1/approvals/NAME/close`: the sidecar stopped waiting.
+#[instrument(name = "approval_close", skip_all, fields(pod = tracing::field::Empty, approval = %name))]
+pub async fn approval_close(ctx: &Server, req: Request<Incoming>, name: &str) -> Response<Body> {
     let (id, close) = match sidecar_json::<ApprovalClose>(ctx, req, 64 * 1024, "an approval close").await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    match crate::approvals::close(&ctx.client, &id, name, close.phase.as_str()).await {
-        Ok(()) => no_content(),
-        Err((code, message)) => from_code(code, message),
+    match crate::approvals::close(&ctx.client, &id, name, close.phase).await {
+        Ok(()) => {
+            ctx.metrics.approval_request("closed");
+            no_content()
+        }
+        Err(e) => approval_failed(ctx, &e),
     }
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
-/// Serves `listener` (with TLS when `tls` is given) until `shutdown` turns true.
-pub async fn serve<F, Fut>(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    ctx: Arc<Ctx>,
-    handler: F,
-    mut shutdown: watch::Receiver<bool>,
-) where
-    F: Fn(Arc<Ctx>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
-{
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut shutdown) => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let ctx = ctx.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // Per connection: what a token proved here (see `ConnAuth`).
-            let conn_auth = Arc::new(ConnAuth::default());
-            let keepalive = ctx.keepalive;
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(conn_auth.clone());
-                req.extensions_mut().insert(PeerAddr(peer));
-                handler(ctx.clone(), req)
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // A sidecar that stops answering pings (frozen, partitioned, its node gone) is
-            // dropped: its stream ends and it no longer counts as enforcing.
-            builder
-                .http2()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(Some(keepalive.interval))
-                .keep_alive_timeout(keepalive.timeout);
-            let result = match tls {
-                Some(acceptor) => {
-                    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    watcher.watch(conn).await
-                }
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
-                    watcher.watch(conn).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    // Streams end on shutdown by themselves; give in-flight requests a bounded time.
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
 }

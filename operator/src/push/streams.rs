@@ -1,10 +1,10 @@
-//! The operator's shared view: the informer caches of McpPolicies and pods (all of them,
-//! so that status can count the selected pods without a sidecar), the validated policies,
-//! the connected sidecar streams (at most one per pod) and what each acknowledged.
+//! The operator's shared view: the [`Index`] (caches, validated policies, selections),
+//! the connected sidecar streams (at most one per pod) and what each acknowledged, and
+//! the acknowledgements other replicas reported.
 //!
 //! Every replica has one [`Hub`]; it serves the streams of the sidecars connected to it
-//! from its own caches. Status (`targets`, `enforcing`, `unprotected`, conditions) is
-//! computed here and written by the leader's controller.
+//! from its own caches. The counts status needs (`enforcing`) come from here; status
+//! itself is computed and written by the leader's controller (`crate::status`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,61 +13,14 @@ use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::core::{Selector, SelectorExt};
 use kube::runtime::reflector::{ObjectRef, Store};
-use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
-use toolgate_policy::crd::{ApprovalPhase, McpApproval, McpPolicy, Mode};
-use toolgate_policy::push::{ApprovalUpdate, PodRef, PolicySet, PushedPolicy};
+use toolgate_policy::crd::{ApprovalPhase, McpApproval, McpPolicy};
+use toolgate_policy::push::{ApprovalUpdate, PolicySet};
 
-use crate::inject::{InjectConfig, holds_injected_sidecar};
+use crate::inject::InjectConfig;
 use crate::metrics::Metrics;
-
-/// The document pushed for a policy that was never valid: deny everything it selects.
-pub fn deny_all_document() -> Value {
-    json!({"version": "1", "default": "deny"})
-}
-
-/// A policy generation that passed validation.
-#[derive(Clone, Debug)]
-pub struct Accepted {
-    pub generation: i64,
-    pub selector: Selector,
-    pub dry_run: bool,
-    pub document: Arc<Value>,
-}
-
-/// The validation result of one McpPolicy, remembered per uid.
-#[derive(Clone, Debug)]
-struct Validation {
-    generation: i64,
-    /// `Err(message naming the field)` when this generation is invalid.
-    current: Result<Accepted, String>,
-    /// The newest generation that was valid (what sidecars keep enforcing).
-    last_good: Option<Accepted>,
-}
-
-/// What the hub knows about one McpPolicy.
-#[derive(Clone, Debug)]
-pub struct PolicyView {
-    /// The generation the sidecars get (current if valid, else the last valid one).
-    pub pushed: Option<Accepted>,
-    /// Why the current generation is refused.
-    pub error: Option<String>,
-    /// The selector used to pick targets: the pushed one, or the current one when the
-    /// policy never was valid (its targets then get deny-all).
-    pub selector: Option<Selector>,
-}
-
-/// Validates the `spec` of one generation with the policy crate.
-pub fn validate(policy: &McpPolicy) -> Result<Accepted, String> {
-    let generation = policy.metadata.generation.unwrap_or(0);
-    let selector = Selector::try_from(policy.spec.selector.clone()).map_err(|e| format!("spec.selector: {e}"))?;
-    let value = serde_json::to_value(&policy.spec.policy).map_err(|e| format!("spec: {e}"))?;
-    let (doc, _) = toolgate_policy::document_from_value(value.clone()).map_err(|e| e.to_string())?;
-    toolgate_policy::Policy::compile(vec![(policy.name_any(), doc)]).map_err(|e| e.to_string())?;
-    Ok(Accepted { generation, selector, dry_run: policy.spec.mode == Mode::DryRun, document: Arc::new(value) })
-}
+use crate::push::index::{Index, Scope};
 
 type Enforced = Vec<(String, i64)>;
 
@@ -103,10 +56,8 @@ const SENT_KEPT: usize = 16;
 
 /// Shared state of one operator replica.
 pub struct Hub {
-    pub policies: Store<McpPolicy>,
-    pub pods: Store<Pod>,
-    pub approvals: Store<McpApproval>,
-    validations: Mutex<HashMap<String, Validation>>,
+    /// The caches and what is derived from them.
+    pub index: Index,
     slots: Mutex<HashMap<String, Slot>>,
     /// Acknowledgements of sidecars connected to other replicas (leader only).
     remote: Mutex<AckReport>,
@@ -116,26 +67,6 @@ pub struct Hub {
     /// Policies whose status may have changed (acks, disconnects), for the controller.
     status_tx: tokio::sync::mpsc::UnboundedSender<ObjectRef<McpPolicy>>,
     pub metrics: Arc<Metrics>,
-    scope: Option<Scope>,
-    /// The sidecar the webhook injects: what a pod must hold to count as protected.
-    sidecar: InjectConfig,
-    /// Per policy uid: the pods (uid -> name) it selected when last computed, and the pods
-    /// that left its selection while still running (uid -> name), for status and metrics.
-    selections: Mutex<HashMap<String, Selection>>,
-}
-
-#[derive(Debug, Default)]
-struct Selection {
-    selected: BTreeMap<String, String>,
-    departed: BTreeMap<String, String>,
-}
-
-/// The namespaces an operator governs (`--namespace-selector`); without one, all.
-#[derive(Clone)]
-#[allow(missing_debug_implementations)]
-pub struct Scope {
-    pub namespaces: Store<k8s_openapi::api::core::v1::Namespace>,
-    pub selector: Selector,
 }
 
 impl std::fmt::Debug for Hub {
@@ -174,155 +105,21 @@ impl Hub {
     ) -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<ObjectRef<McpPolicy>>) {
         let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Self {
-            policies,
-            pods,
-            approvals,
-            validations: Mutex::default(),
+            index: Index::new(policies, pods, approvals, scope, sidecar),
             slots: Mutex::default(),
             remote: Mutex::default(),
             next_id: AtomicU64::new(1),
             changed: Notify::new(),
             status_tx,
             metrics,
-            scope,
-            sidecar,
-            selections: Mutex::default(),
         };
         (Arc::new(hub), status_rx)
     }
 
-    /// Whether this operator governs `namespace` (its policies, pods and streams).
-    pub fn governs(&self, namespace: &str) -> bool {
-        match &self.scope {
-            None => true,
-            Some(scope) => {
-                scope.namespaces.get(&ObjectRef::new(namespace)).is_some_and(|ns| scope.selector.matches(ns.labels()))
-            }
-        }
-    }
-
-    /// Validation (cached per uid and generation) and what is pushed for `policy`.
-    pub fn view(&self, policy: &McpPolicy) -> PolicyView {
-        let uid = policy.uid().unwrap_or_default();
-        let generation = policy.metadata.generation.unwrap_or(0);
-        let mut map = self.validations.lock().expect("validations lock");
-        let entry = match map.get_mut(&uid) {
-            Some(v) if v.generation == generation => v,
-            _ => {
-                let previous_good = map.remove(&uid).and_then(|v| v.last_good);
-                let current = validate(policy);
-                let last_good = match &current {
-                    Ok(a) => Some(a.clone()),
-                    Err(_) => previous_good,
-                };
-                map.entry(uid).or_insert(Validation { generation, current, last_good })
-            }
-        };
-        let pushed = entry.current.as_ref().ok().cloned().or_else(|| entry.last_good.clone());
-        let error = entry.current.as_ref().err().cloned();
-        let selector = match &pushed {
-            Some(a) => Some(a.selector.clone()),
-            None => Selector::try_from(policy.spec.selector.clone()).ok(),
-        };
-        PolicyView { pushed, error, selector }
-    }
-
     /// Forgets validations and per-policy metrics of policies that no longer exist.
     pub fn prune(&self) {
-        let state = self.policies.state();
-        let live: std::collections::HashSet<String> = state.iter().filter_map(|p| p.uid()).collect();
-        self.validations.lock().expect("validations lock").retain(|uid, _| live.contains(uid));
-        self.selections.lock().expect("selections lock").retain(|uid, _| live.contains(uid));
-        let names = state.iter().map(|p| (p.namespace().unwrap_or_default(), p.name_any())).collect();
+        let names = self.index.prune();
         self.metrics.retain_policies(&names);
-    }
-
-    /// The effective policy set of a pod: every McpPolicy of its namespace whose selector
-    /// matches its labels, ordered by name.
-    pub fn effective_set(&self, pod: &Pod) -> PolicySet {
-        let namespace = pod.namespace().unwrap_or_default();
-        let labels = pod.labels();
-        let mut selected: Vec<(String, PushedPolicy)> = Vec::new();
-        for policy in self.policies.state() {
-            if policy.namespace().as_deref() != Some(namespace.as_str()) {
-                continue;
-            }
-            let view = self.view(&policy);
-            let Some(selector) = &view.selector else { continue };
-            if !selector.matches(labels) {
-                continue;
-            }
-            let name = policy.name_any();
-            let uid = policy.uid().unwrap_or_default();
-            let pushed = match view.pushed {
-                Some(a) => PushedPolicy {
-                    name: name.clone(),
-                    uid,
-                    generation: a.generation,
-                    dry_run: a.dry_run,
-                    document: (*a.document).clone(),
-                },
-                None => PushedPolicy {
-                    name: name.clone(),
-                    uid,
-                    generation: policy.metadata.generation.unwrap_or(0),
-                    dry_run: false,
-                    document: deny_all_document(),
-                },
-            };
-            selected.push((name, pushed));
-        }
-        selected.sort_by(|a, b| a.0.cmp(&b.0));
-        PolicySet::new(PodRef { namespace, name: pod.name_any() }, selected.into_iter().map(|(_, p)| p).collect())
-    }
-
-    /// Pods of the policy's namespace that it selects (running or pending, not deleted).
-    pub fn targets(&self, policy: &McpPolicy, view: &PolicyView) -> Vec<Arc<Pod>> {
-        let Some(selector) = &view.selector else { return Vec::new() };
-        let namespace = policy.namespace();
-        self.pods.state_filter(|pod| {
-            pod.namespace() == namespace
-                && pod.metadata.deletion_timestamp.is_none()
-                && !matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
-                && selector.matches(pod.labels())
-        })
-    }
-
-    /// Whether `pod` holds the sidecar as the webhook injects it (and so can enforce).
-    pub fn protected(&self, pod: &Pod) -> bool {
-        holds_injected_sidecar(pod, &self.sidecar)
-    }
-
-    /// Records the current `targets` of `policy` and returns the pods that left its
-    /// selection while still existing (relabelled away, or the selector changed), oldest
-    /// first, and how many of them left since the previous call.
-    pub fn departures(&self, policy: &McpPolicy, targets: &[Arc<Pod>]) -> (Vec<String>, usize) {
-        let uid = policy.uid().unwrap_or_default();
-        let now: BTreeMap<String, String> =
-            targets.iter().map(|p| (p.uid().unwrap_or_default(), p.name_any())).collect();
-        let namespace = policy.namespace();
-        let alive = |pod_uid: &str, name: &str| {
-            self.pods.get(&ObjectRef::new(name).within(namespace.as_deref().unwrap_or_default())).is_some_and(|p| {
-                p.uid().as_deref() == Some(pod_uid)
-                    && p.metadata.deletion_timestamp.is_none()
-                    && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
-            })
-        };
-        let mut selections = self.selections.lock().expect("selections lock");
-        let entry = selections.entry(uid).or_default();
-        let mut fresh = 0;
-        for (pod_uid, name) in &entry.selected {
-            if !now.contains_key(pod_uid) && alive(pod_uid, name) && !entry.departed.contains_key(pod_uid) {
-                entry.departed.insert(pod_uid.clone(), name.clone());
-                fresh += 1;
-            }
-        }
-        // Back in the selection, or gone: no longer reported.
-        entry.departed.retain(|pod_uid, name| !now.contains_key(pod_uid) && alive(pod_uid, name));
-        entry.selected = now;
-        let mut names: Vec<String> = entry.departed.values().cloned().collect();
-        names.sort();
-        (names, fresh)
     }
 
     /// How many of `targets` have a connected sidecar that acknowledged `generation` of
@@ -379,7 +176,7 @@ impl Hub {
             changed
         };
         if changed {
-            for p in self.policies.state() {
+            for p in self.index.policies.state() {
                 let _ = self.status_tx.send(ObjectRef::from_obj(&*p));
             }
         }
@@ -396,7 +193,7 @@ impl Hub {
         if let Some(held) = self.slots.lock().expect("slots lock").get(&pod_uid) {
             return Err(held.instance.clone());
         }
-        let set = Arc::new(self.effective_set(pod));
+        let set = Arc::new(self.index.effective_set(pod));
         let (tx, rx) = watch::channel(set.clone());
         let (approvals, approvals_rx) = tokio::sync::mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -431,6 +228,7 @@ impl Hub {
     /// namespace names the same pod uid but is not the held call's approval).
     pub fn push_approvals(&self) {
         let decided: Vec<Arc<McpApproval>> = self
+            .index
             .approvals
             .state_filter(|a| a.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p != ApprovalPhase::Pending));
         if decided.is_empty() {
@@ -500,7 +298,7 @@ impl Hub {
     /// Asks the controller to recompute the status of the policy `uid` in `namespace`.
     fn touch(&self, namespace: &str, uid: &str) {
         if let Some(p) =
-            self.policies.find(|p| p.uid().as_deref() == Some(uid) && p.namespace().as_deref() == Some(namespace))
+            self.index.policies.find(|p| p.uid().as_deref() == Some(uid) && p.namespace().as_deref() == Some(namespace))
         {
             let _ = self.status_tx.send(ObjectRef::from_obj(&*p));
         }
@@ -512,7 +310,7 @@ impl Hub {
         let mut gone = Vec::new();
         for (pod_uid, slot) in slots.iter_mut() {
             let key = ObjectRef::new(&slot.name).within(&slot.namespace);
-            let Some(pod) = self.pods.get(&key) else {
+            let Some(pod) = self.index.pods.get(&key) else {
                 // The pod is gone (or its cache entry is): its sidecar is done.
                 gone.push(pod_uid.clone());
                 continue;
@@ -521,7 +319,7 @@ impl Hub {
                 gone.push(pod_uid.clone());
                 continue;
             }
-            let set = self.effective_set(&pod);
+            let set = self.index.effective_set(&pod);
             if set.revision == slot.tx.borrow().revision {
                 continue;
             }
@@ -554,9 +352,10 @@ fn enforced(set: &PolicySet) -> Enforced {
 mod tests {
     use kube::runtime::reflector::store;
     use kube::runtime::watcher;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
+    use crate::push::index::deny_all_document;
 
     fn policy(name: &str, uid: &str, generation: i64, spec: Value) -> McpPolicy {
         serde_json::from_value(json!({
@@ -609,14 +408,14 @@ mod tests {
         let mut c = seed();
         c["selector"] = json!({"matchLabels": {"app": "other"}});
         apply_policy(&mut w, policy("c-other", "u-c", 1, c));
-        let set = w.hub.effective_set(&pod("p", "pu", json!({"app": "runpod"})));
+        let set = w.hub.index.effective_set(&pod("p", "pu", json!({"app": "runpod"})));
         let names: Vec<_> = set.policies.iter().map(|p| (p.name.as_str(), p.generation)).collect();
         assert_eq!(names, [("a-all", 3), ("b-runpod", 1)]);
         assert!(
             set.policies.iter().all(|p| p.document.get("selector").is_none()),
             "selector is not part of the document"
         );
-        let other = w.hub.effective_set(&pod("q", "qu", json!({"app": "none"})));
+        let other = w.hub.index.effective_set(&pod("q", "qu", json!({"app": "none"})));
         assert_eq!(other.policies.len(), 1);
     }
 
@@ -625,19 +424,22 @@ mod tests {
         let mut w = world();
         apply_policy(&mut w, policy("seed", "u1", 1, seed()));
         let p = pod("p", "pu", json!({}));
-        let first = w.hub.effective_set(&p);
+        let first = w.hub.index.effective_set(&p);
         assert_eq!(first.policies[0].generation, 1);
         let mut bad = seed();
         bad["tools"]["start-pod"]["limits"][0]["window"] = json!("fortnight");
         apply_policy(&mut w, policy("seed", "u1", 2, bad.clone()));
-        let view = w.hub.view(&w.hub.policies.state()[0]);
-        assert!(view.error.as_deref().is_some_and(|e| e.contains("window")), "{view:?}");
-        let second = w.hub.effective_set(&p);
+        let view = w.hub.index.view(&w.hub.index.policies.state()[0]);
+        assert!(
+            view.error.as_ref().is_some_and(|e| e.to_string().contains("window") && e.metric_label() == "invalid"),
+            "{view:?}"
+        );
+        let second = w.hub.index.effective_set(&p);
         assert_eq!(second.policies[0].generation, 1, "sidecars keep the last valid generation");
         assert_eq!(second.revision, first.revision);
 
         apply_policy(&mut w, policy("fresh", "u2", 1, bad));
-        let third = w.hub.effective_set(&p);
+        let third = w.hub.index.effective_set(&p);
         let fresh = third.policies.iter().find(|x| x.name == "fresh").expect("selected");
         assert_eq!(fresh.document, deny_all_document(), "never valid: its pods deny everything");
     }
@@ -650,7 +452,8 @@ mod tests {
         w.pods.apply_watcher_event(&watcher::Event::Apply(p.clone()));
         let (guard, rx, _approvals) = w.hub.register(&p, "i1").expect("registered");
         let revision = rx.borrow().revision.clone();
-        let targets = w.hub.targets(&w.hub.policies.state()[0], &w.hub.view(&w.hub.policies.state()[0]));
+        let targets =
+            w.hub.index.targets(&w.hub.index.policies.state()[0], &w.hub.index.view(&w.hub.index.policies.state()[0]));
         assert_eq!(targets.len(), 1);
         assert_eq!(w.hub.enforcing("u1", 1, &targets), 0);
         assert!(!w.hub.ack("pu", "not-a-revision"));
@@ -681,9 +484,9 @@ mod tests {
         let p = pod("p", "pu", json!({"tier": "strict"}));
         w.pods.apply_watcher_event(&watcher::Event::Apply(p.clone()));
         let current = |w: &World| {
-            let policy = w.hub.policies.state()[0].clone();
-            let targets = w.hub.targets(&policy, &w.hub.view(&policy));
-            w.hub.departures(&policy, &targets)
+            let policy = w.hub.index.policies.state()[0].clone();
+            let targets = w.hub.index.targets(&policy, &w.hub.index.view(&policy));
+            w.hub.index.departures(&policy, &targets)
         };
         assert_eq!(current(&w), (vec![], 0));
         let relabelled = pod("p", "pu", json!({"tier": "relaxed"}));

@@ -112,7 +112,7 @@ pub async fn run(
         });
         tokio::select! {
             _ = tokio::time::sleep(timing.renew) => {}
-            _ = crate::server::stopped(&mut shutdown) => break,
+            _ = crate::http::stopped(&mut shutdown) => break,
         }
     }
     if *tx.borrow() {

@@ -23,8 +23,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 use toolgate_policy::crd::{McpPolicy, McpPolicyStatus};
+use tracing::instrument;
 
-use crate::hub::Hub;
+use crate::push::index::Invalid;
+use crate::push::streams::Hub;
 
 /// Field manager of every status write.
 pub const FIELD_MANAGER: &str = "toolgate-operator";
@@ -54,6 +56,15 @@ struct Ctx {
 enum Error {
     #[error("writing status: {0}")]
     Status(#[source] kube::Error),
+}
+
+impl Error {
+    /// A stable, low-cardinality label (`toolgate_operator_reconcile_errors_total`).
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Status(_) => "status_patch",
+        }
+    }
 }
 
 fn truncate(mut s: String) -> String {
@@ -86,19 +97,19 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: i
 }
 
 /// The status `policy` should have now.
-pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option<String>) {
-    let view = hub.view(policy);
+pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option<Invalid>) {
+    let view = hub.index.view(policy);
     let generation = policy.metadata.generation.unwrap_or(0);
     let uid = policy.uid().unwrap_or_default();
-    let targets = hub.targets(policy, &view);
+    let targets = hub.index.targets(policy, &view);
     let old = policy.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let n = targets.len();
     // Selected pods without the injected sidecar: nothing enforces the policy there.
     let (protected, unprotected): (Vec<Arc<Pod>>, Vec<Arc<Pod>>) =
-        targets.iter().cloned().partition(|p| hub.protected(p));
+        targets.iter().cloned().partition(|p| hub.index.protected(p));
     let mut unprotected_names: Vec<String> = unprotected.iter().map(|p| p.name_any()).collect();
     unprotected_names.sort();
-    let (departed, fresh) = hub.departures(policy, &targets);
+    let (departed, fresh) = hub.index.departures(policy, &targets);
     let namespace = policy.namespace().unwrap_or_default();
     if fresh > 0 {
         hub.metrics.pods_left_selection(&namespace, &policy.name_any(), fresh);
@@ -182,8 +193,11 @@ pub fn desired_status(hub: &Hub, policy: &McpPolicy) -> (McpPolicyStatus, Option
     (status, view.error)
 }
 
+#[instrument(skip_all, fields(policy = %format!("{}/{}", policy.namespace().unwrap_or_default(), policy.name_any())))]
 async fn reconcile(policy: Arc<McpPolicy>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    if policy.meta().deletion_timestamp.is_some() || !ctx.hub.governs(&policy.namespace().unwrap_or_default()) {
+    // Observed when dropped: on every return, errors included.
+    let _timer = ctx.hub.metrics.reconcile_timer();
+    if policy.meta().deletion_timestamp.is_some() || !ctx.hub.index.governs(&policy.namespace().unwrap_or_default()) {
         return Ok(Action::await_change());
     }
     let (status, problem) = desired_status(&ctx.hub, &policy);
@@ -205,11 +219,12 @@ async fn reconcile(policy: Arc<McpPolicy>, ctx: Arc<Ctx>) -> Result<Action, Erro
     let key = (policy.uid().unwrap_or_default(), policy.metadata.generation.unwrap_or(0));
     let fresh = ctx.evented.lock().expect("evented lock").insert(key);
     if fresh {
-        tracing::warn!(policy = %format!("{namespace}/{}", policy.name_any()), %problem, "McpPolicy rejected");
+        tracing::warn!(policy = %format!("{namespace}/{}", policy.name_any()), %problem, kind = problem.metric_label(),
+            "McpPolicy rejected");
         let event = Event {
             type_: EventType::Warning,
             reason: "InvalidPolicy".into(),
-            note: Some(truncate(problem)),
+            note: Some(truncate(problem.to_string())),
             action: "Validate".into(),
             secondary: None,
         };
@@ -224,9 +239,7 @@ async fn reconcile(policy: Arc<McpPolicy>, ctx: Arc<Ctx>) -> Result<Action, Erro
 
 fn error_policy(policy: Arc<McpPolicy>, error: &Error, ctx: Arc<Ctx>) -> Action {
     ctx.hub.metrics.reconciled("error");
-    ctx.hub.metrics.reconcile_error(match error {
-        Error::Status(_) => "status_patch",
-    });
+    ctx.hub.metrics.reconcile_error(error.metric_label());
     let mut failures = ctx.failures.lock().expect("failures lock");
     let n = failures.entry(ObjectRef::from_obj(&*policy)).or_insert(0);
     *n = n.saturating_add(1);
@@ -257,6 +270,7 @@ pub async fn run(
         .watches(pods, watcher::Config::default(), move |pod: Pod| {
             let namespace = pod.namespace();
             mapper_hub
+                .index
                 .policies
                 .state()
                 .into_iter()

@@ -16,7 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::hub::{AckReport, Hub};
+use crate::push::streams::{AckReport, Hub};
 
 /// Label of report Leases.
 pub const REPORT_LABEL: &str = "toolgate.dev/ack-report";
@@ -72,7 +72,7 @@ pub async fn publish(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            _ = crate::server::stopped(&mut shutdown) => break,
+            _ = crate::http::stopped(&mut shutdown) => break,
         }
     }
     // Leaving: a stale report would only be ignored, but say goodbye properly.
@@ -111,7 +111,7 @@ pub async fn abandon_replaced(client: kube::Client, hub: Arc<Hub>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = Timestamp::now();
-        let pending = hub.approvals.state_filter(|a| {
+        let pending = hub.index.approvals.state_filter(|a| {
             a.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == ApprovalPhase::Pending)
                 && a.metadata
                     .creation_timestamp
@@ -120,7 +120,7 @@ pub async fn abandon_replaced(client: kube::Client, hub: Arc<Hub>) {
         });
         for approval in pending {
             let namespace = approval.namespace().unwrap_or_default();
-            if !hub.governs(&namespace) {
+            if !hub.index.governs(&namespace) {
                 continue;
             }
             let instances = hub.instances(&approval.spec.pod_uid);
