@@ -164,11 +164,15 @@ impl CounterStoreConfig {
                         put them in the Secret (keys username, password)"
                 .to_owned());
         }
-        if !matches!(scheme, "redis" | "rediss") || authority.is_empty() {
-            return Err("use a redis://host:port or rediss://host:port URL".to_owned());
+        if !matches!(scheme, "redis" | "rediss" | "redis+cluster" | "rediss+cluster" | "redis+sentinel")
+            || authority.is_empty()
+        {
+            return Err("use a redis://host:port, rediss://host:port, redis+cluster://h1:p,h2:p, \
+                        rediss+cluster://… or redis+sentinel://s1:p,s2:p/<master> URL"
+                .to_owned());
         }
-        if self.ca && scheme != "rediss" {
-            return Err("a CA is only used with a rediss:// URL".to_owned());
+        if self.ca && !scheme.starts_with("rediss") {
+            return Err("a CA is only used with a rediss:// or rediss+cluster:// URL".to_owned());
         }
         if self.prefix.len() > Self::MAX_PREFIX || self.prefix.contains(['{', '}', '*', '?', '[', ']', ' ']) {
             return Err(format!(

@@ -550,4 +550,15 @@ fn store_settings_that_would_leak_or_break_are_refused() {
     bad(&|c| c.timeout_ms = 0);
     bad(&|c| c.secret = String::new());
     assert!(bad(&|c| c.ca = true).contains("rediss://"), "a CA for a plain-TCP store would stop every sidecar");
+    assert!(bad(&|c| c.url = "redis+cluster://u:pw@r1:7000,r2:7001".into()).contains("password"));
+    bad(&|c| c.url = "redis+sentinel://".into());
+    // The proxy's Cluster and Sentinel forms pass through to the sidecars.
+    for url in
+        ["redis+cluster://r1:7000,r2:7001", "rediss+cluster://r1:7000", "redis+sentinel://s1:26379,s2:26379/main"]
+    {
+        let mut c = good.clone();
+        c.url = url.into();
+        c.ca = url.starts_with("rediss");
+        assert_eq!(c.validate(), Ok(()), "{url}");
+    }
 }

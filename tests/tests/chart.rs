@@ -1068,6 +1068,7 @@ async fn generated_store_users_reach_only_their_own_namespaces_counters() {
         window: Duration::from_secs(60),
         max: 2,
         amount: 1,
+        counters: Default::default(),
     };
     let own = store(Some("toolgate-agents"), Some(&agents), "agents");
     for _ in 0..2 {
