@@ -5,3 +5,6 @@ pub mod canonical;
 pub mod jsonrpc;
 pub mod lines;
 pub mod sse;
+
+#[cfg(test)]
+pub(crate) mod proptests;
