@@ -46,6 +46,7 @@ pub use serve::{TestServer, http_get, response, serve_http, serve_https, url_enc
 pub use tools::{Tool, command, run_ok, run_output, testbin_cache, tool_path};
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Installs rustls' ring crypto provider as the process default (kube's rustls client and
@@ -74,4 +75,18 @@ where
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(500));
     }
+}
+
+/// The repository's root (the test crate sits in `tests/`).
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repository root")
+}
+
+/// Every document of a multi-document YAML text (empty documents left out).
+pub fn yaml_docs(text: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize as _;
+    serde_norway::Deserializer::from_str(text)
+        .map(|doc| serde_json::Value::deserialize(doc).unwrap_or_else(|e| panic!("invalid YAML: {e}\n{text}")))
+        .filter(|doc| !doc.is_null())
+        .collect()
 }

@@ -238,3 +238,24 @@ pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
     assert!(path.exists(), "{} missing after the build", path.display());
     path
 }
+
+/// A script step for [`mcp_client`]: call `tool` with `args`.
+pub fn call_step(tool: &str, args: Value) -> Value {
+    serde_json::json!({"op": "call", "tool": tool, "args": args})
+}
+
+/// The step the journeys limit: `pod-action` starting `pod-2`.
+pub fn start_pod_step() -> Value {
+    call_step("pod-action", serde_json::json!({"id": "pod-2", "body": {"action": "start"}}))
+}
+
+/// The JSON-RPC error code of each step of [`mcp_client`]'s output (None: answered by the
+/// server).
+pub fn error_codes(out: &[Value]) -> Vec<Option<i64>> {
+    out.iter().map(|s| if s["ok"] == true { None } else { Some(s["error"]["code"].as_i64().unwrap_or(0)) }).collect()
+}
+
+/// [`mcp_client`] on a blocking thread.
+pub async fn run_client(target: Vec<String>, script: Vec<Value>) -> Vec<Value> {
+    tokio::task::spawn_blocking(move || mcp_client(&target, &Value::Array(script))).await.expect("the client thread")
+}

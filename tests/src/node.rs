@@ -734,3 +734,19 @@ spec:
 "#
     )
 }
+
+/// `target/release` of this build (the test runs from `target/debug/deps`): the binaries
+/// `make build` and the Dockerfile's build stage produce. `TOOLGATE_NODE_IMAGE_BINARIES`
+/// names another directory (e.g. `target/debug`, for a quicker edit-test loop).
+pub fn release_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TOOLGATE_NODE_IMAGE_BINARIES").filter(|d| !d.is_empty()) {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    exe.ancestors().nth(3).expect("target directory").join("release")
+}
+
+/// The sidecar container's status in a pod (a native sidecar: an init container).
+pub fn sidecar_status(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status.as_ref()?.init_container_statuses.as_ref()?.iter().find(|s| s.name == "toolgate-proxy").cloned()
+}

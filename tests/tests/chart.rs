@@ -22,10 +22,9 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-use toolgate_tests::{TestCluster, Tool, command, eventually, http_get, run_ok, run_output};
+use toolgate_tests::{TestCluster, Tool, command, eventually, http_get, repo_root, run_ok, run_output, yaml_docs};
 
 /// The Kubernetes version of the test apiserver; `helm template` has no cluster to ask and
 /// the chart requires >= 1.30.
@@ -40,16 +39,12 @@ const NETWORK_POLICY: &[&str] = &["networkPolicy.enabled=true", "networkPolicy.n
 const DASHBOARD: &[&str] = &["dashboard.enabled=true"];
 const DEV_MODE: &[&str] = &["operator.enabled=false", "webhook.url=https://127.0.0.1:9443/inject"];
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
-}
-
 fn chart() -> PathBuf {
-    repo().join("charts/toolgate")
+    repo_root().join("charts/toolgate")
 }
 
 fn read(path: impl AsRef<Path>) -> String {
-    let path = repo().join(path);
+    let path = repo_root().join(path);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -97,13 +92,6 @@ async fn render_error(sets: &[&str]) -> String {
     let out = run_output(&mut template_cmd("toolgate", "toolgate-system", sets)).await;
     assert!(!out.status.success(), "helm template {sets:?} succeeded but should have failed");
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("invalid YAML: {e}\n{text}")))
-        .filter(|doc| !doc.is_null())
-        .collect()
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -281,7 +269,7 @@ async fn chart_crds_are_the_generated_crds() {
             .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap()))
             .collect()
     };
-    let generated = list(&repo().join("crds"));
+    let generated = list(&repo_root().join("crds"));
     let in_chart = list(&chart().join("crds"));
     assert!(!generated.is_empty());
     assert_eq!(
@@ -1111,7 +1099,7 @@ async fn notes_tell_the_next_two_steps() {
     assert!(notes.contains("kubectl label namespace <namespace> toolgate.dev/inject=enabled"), "{notes}");
     assert!(notes.contains("apply -f examples/runpod-mcp/policies/seed.mcppolicy.yaml"), "{notes}");
     assert!(notes.contains("get mcpp"), "{notes}");
-    assert!(repo().join("examples/runpod-mcp/policies/seed.mcppolicy.yaml").is_file());
+    assert!(repo_root().join("examples/runpod-mcp/policies/seed.mcppolicy.yaml").is_file());
 }
 
 // ------------------------------------------------------------------ images
@@ -1143,7 +1131,7 @@ async fn images_build_with_the_make_build_command() {
 
     // make images: one build per target, tagged as the chart's defaults.
     let out = std::process::Command::new("make")
-        .current_dir(repo())
+        .current_dir(repo_root())
         .args(["-n", "images", "CONTAINER_ENGINE=podman"])
         .output()
         .unwrap();
@@ -1160,7 +1148,7 @@ async fn images_build_with_the_make_build_command() {
 
     // Without an engine it says so.
     let out = std::process::Command::new("make")
-        .current_dir(repo())
+        .current_dir(repo_root())
         .args(["images", "CONTAINER_ENGINE="])
         .stdin(Stdio::null())
         .output()
@@ -1633,7 +1621,7 @@ async fn chart_installs_with_every_option() {
 
 #[tokio::test]
 async fn example_policies_are_valid_and_match_their_sources() {
-    let dir = repo().join("examples/runpod-mcp/policies");
+    let dir = repo_root().join("examples/runpod-mcp/policies");
     let cases = [
         ("seed.mcppolicy.yaml", "seed", "examples/policies/seed-start-pod.json", "enforce"),
         ("runpod-4.0.0.mcppolicy.yaml", "runpod", "examples/policies/runpod-4.0.0.yaml", "enforce"),
@@ -1682,7 +1670,7 @@ async fn example_policies_are_valid_and_match_their_sources() {
 #[tokio::test]
 async fn example_workload_opts_in_and_is_reached_through_the_proxy() {
     let cluster = TestCluster::shared();
-    let example = repo().join("examples/runpod-mcp");
+    let example = repo_root().join("examples/runpod-mcp");
     let rendered = run_ok(cluster.kubectl().arg("kustomize").arg(&example)).await;
     let docs = yaml_docs(&rendered);
     let namespace = find(&docs, "Namespace", "runpod-mcp");
@@ -1754,11 +1742,11 @@ fn tcp_listeners(port: u16) -> Vec<String> {
 /// Runs examples/runpod-mcp/server.mjs with the RunPod MCP 4.0.0 package of tests/node:
 /// it listens on 127.0.0.1 only and serves all 68 tools over Streamable HTTP.
 async fn run_example_server() {
-    let node_dir = repo().join("tests/node");
+    let node_dir = repo_root().join("tests/node");
     let package = node_dir.join("node_modules/runpod-mcp-4");
     assert!(package.is_dir(), "tests/node/node_modules is missing: run `make node` (npm ci) first");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(repo().join("examples/runpod-mcp/server.mjs"), dir.path().join("server.mjs")).unwrap();
+    std::fs::copy(repo_root().join("examples/runpod-mcp/server.mjs"), dir.path().join("server.mjs")).unwrap();
     std::fs::create_dir_all(dir.path().join("node_modules/@runpod")).unwrap();
     std::os::unix::fs::symlink(&package, dir.path().join("node_modules/@runpod/mcp-server")).unwrap();
 

@@ -23,12 +23,15 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
-use toolgate_tests::mcp::{ExampleServer, Proc, fake_requests, http, mcp_client, runpod_example, sample};
+use toolgate_tests::mcp::{
+    ExampleServer, Proc, call_step, error_codes, fake_requests, http, run_client, runpod_example, sample,
+    start_pod_step,
+};
 use toolgate_tests::sidecar::{SIDECAR_CONTAINER, Sidecar, sidecar_container};
 use toolgate_tests::{
-    Prometheus, Supervised, TestCluster, eventually, free_port, install_crypto_provider, log_tail, run_ok, run_output,
+    Prometheus, Supervised, TestCluster, eventually, free_port, install_crypto_provider, log_tail, repo_root, run_ok,
+    run_output, yaml_docs,
 };
 
 /// Generous: the machine running the tests may be busy with other builds.
@@ -43,19 +46,8 @@ const SEED_NAME: &str = "seed-v4";
 /// The PromQL query README.md shows.
 const DECISIONS_QUERY: &str = r#"sum by (tool, decision) (toolgate_decisions_total{namespace="runpod-mcp"})"#;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
-}
-
 fn chart() -> PathBuf {
-    repo().join("charts/toolgate")
-}
-
-fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("invalid YAML: {e}\n{text}")))
-        .filter(|doc| !doc.is_null())
-        .collect()
+    repo_root().join("charts/toolgate")
 }
 
 fn strings(value: &Value) -> Vec<String> {
@@ -75,24 +67,6 @@ async fn policy_status(cluster: &TestCluster, name: &str, what: &str, check: imp
         async move { api.get(name).await.ok().filter(|p| check(&p.data["status"])) }
     })
     .await
-}
-
-fn call(tool: &str, args: Value) -> Value {
-    json!({"op": "call", "tool": tool, "args": args})
-}
-
-fn start_pod() -> Value {
-    call("pod-action", json!({"id": "pod-2", "body": {"action": "start"}}))
-}
-
-/// The JSON-RPC error code of each step (None: answered by the server).
-fn codes(out: &[Value]) -> Vec<Option<i64>> {
-    out.iter().map(|s| if s["ok"] == true { None } else { Some(s["error"]["code"].as_i64().unwrap_or(0)) }).collect()
-}
-
-/// Runs the official-SDK client (a Node process) on a blocking thread.
-async fn run_client(target: Vec<String>, script: Vec<Value>) -> Vec<Value> {
-    tokio::task::spawn_blocking(move || mcp_client(&target, &Value::Array(script))).await.unwrap()
 }
 
 /// What reached the fake RunPod API, without the server's credential checks
@@ -421,7 +395,7 @@ async fn five_minutes_on_a_cluster() {
     assert_eq!(sample(&operator.metrics(), "toolgate_operator_leader"), 1.0, "the only replica leads");
 
     // ---------------------------------------------------------------- 3. labelled namespace, injected pod
-    run_ok(cluster.kubectl().args(["apply", "-k"]).arg(repo().join("examples/runpod-mcp"))).await;
+    run_ok(cluster.kubectl().args(["apply", "-k"]).arg(repo_root().join("examples/runpod-mcp"))).await;
     // The controller-manager's job: the namespace's default ServiceAccount.
     cluster.ensure_service_account(APP_NS, "default").await;
     let namespace = Api::<Namespace>::all(client.clone()).get(APP_NS).await.unwrap();
@@ -523,12 +497,12 @@ async fn five_minutes_on_a_cluster() {
     let agent = sidecar.client("agent-key-1");
 
     // Connected, but no McpPolicy selects the pod: every call is refused, not ready.
-    let out = run_client(agent.clone(), vec![start_pod()]).await;
-    assert_eq!(codes(&out), [Some(-32013)], "{out:?}");
+    let out = run_client(agent.clone(), vec![start_pod_step()]).await;
+    assert_eq!(error_codes(&out), [Some(-32013)], "{out:?}");
     assert_eq!(sidecar.ready(), 503);
 
     // ---------------------------------------------------------------- 5. the seed McpPolicy
-    let applied = run_ok(cluster.kubectl().args(["-n", APP_NS, "apply", "-f"]).arg(repo().join(SEED))).await;
+    let applied = run_ok(cluster.kubectl().args(["-n", APP_NS, "apply", "-f"]).arg(repo_root().join(SEED))).await;
     assert_eq!(applied.trim(), format!("mcppolicy.toolgate.dev/{SEED_NAME} created"));
     let enforced = policy_status(cluster, SEED_NAME, "status.enforcing 1 for generation 1", |s| {
         s["enforcing"] == 1 && s["targets"] == 1 && s["observedGeneration"] == 1
@@ -548,16 +522,16 @@ async fn five_minutes_on_a_cluster() {
     assert_eq!(sidecar.ready(), 200);
 
     let mut script = vec![json!({"op": "list"})];
-    script.extend((0..11).map(|_| start_pod()));
-    script.push(call("delete-pod", json!({"id": "pod-1"})));
-    script.push(call("pod-action", json!({"id": "pod-1", "body": {"action": "stop"}})));
+    script.extend((0..11).map(|_| start_pod_step()));
+    script.push(call_step("delete-pod", json!({"id": "pod-1"})));
+    script.push(call_step("pod-action", json!({"id": "pod-1", "body": {"action": "stop"}})));
     let out = run_client(agent.clone(), script).await;
     let listed: Vec<&str> =
         out[0]["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
     assert_eq!(listed, ["pod-action"], "tools/list shows only what the policy allows");
     let mut want = vec![None; 11];
     want.extend([Some(-32011), Some(-32010), Some(-32010)]);
-    assert_eq!(codes(&out), want, "{out:#?}");
+    assert_eq!(error_codes(&out), want, "{out:#?}");
     for step in &out[1..11] {
         assert_ne!(step["result"]["isError"], true, "RunPod answered: {step}");
     }
@@ -699,10 +673,10 @@ async fn five_minutes_on_a_cluster() {
     policy_status(cluster, SEED_NAME, "generation 2 enforced", |s| s["enforcing"] == 1 && s["observedGeneration"] == 2)
         .await;
     // A new caller (limits are per grant, i.e. per credential): 12 allowed, the 13th not.
-    let out = run_client(sidecar.client("agent-key-2"), (0..13).map(|_| start_pod()).collect()).await;
+    let out = run_client(sidecar.client("agent-key-2"), (0..13).map(|_| start_pod_step()).collect()).await;
     let mut want = vec![None; 12];
     want.push(Some(-32011));
-    assert_eq!(codes(&out), want, "{out:#?}");
+    assert_eq!(error_codes(&out), want, "{out:#?}");
     assert_eq!(runpod_calls(&fake).len(), 22);
 
     // ---------------------------------------------------------------- 7b. helm upgrade
@@ -749,9 +723,12 @@ async fn five_minutes_on_a_cluster() {
     })
     .await;
     // Calls are still decided.
-    let out =
-        run_client(sidecar.client("agent-key-3"), vec![start_pod(), call("delete-pod", json!({"id": "pod-1"}))]).await;
-    assert_eq!(codes(&out), [None, Some(-32010)], "{out:#?}");
+    let out = run_client(
+        sidecar.client("agent-key-3"),
+        vec![start_pod_step(), call_step("delete-pod", json!({"id": "pod-1"}))],
+    )
+    .await;
+    assert_eq!(error_codes(&out), [None, Some(-32010)], "{out:#?}");
     assert_eq!(runpod_calls(&fake).len(), 23);
 
     // ---------------------------------------------------------------- 7c. helm uninstall
@@ -793,8 +770,8 @@ async fn five_minutes_on_a_cluster() {
         "a pod created after helm uninstall was injected"
     );
     // A running sidecar keeps enforcing its last policy without the operator.
-    let out = run_client(sidecar.client("agent-key-4"), vec![call("delete-pod", json!({"id": "pod-1"}))]).await;
-    assert_eq!(codes(&out), [Some(-32010)], "{out:#?}");
+    let out = run_client(sidecar.client("agent-key-4"), vec![call_step("delete-pod", json!({"id": "pod-1"}))]).await;
+    assert_eq!(error_codes(&out), [Some(-32010)], "{out:#?}");
 
     drop(sidecar);
     drop(server);

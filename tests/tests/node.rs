@@ -5,12 +5,12 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use toolgate_tests::images::{redis_server_image, runpod_example_image, toolgate_image};
-use toolgate_tests::mcp::{fake_requests_on, fake_runpod_on, mcp_client};
-use toolgate_tests::node::{CLUSTER_DNS, NODE_IP, PAUSE_IMAGE, pod_is_ready};
-use toolgate_tests::{Prometheus, TestNode, eventually, run_ok, run_output};
+use toolgate_tests::mcp::{call_step, error_codes, fake_requests_on, fake_runpod_on, run_client, start_pod_step};
+use toolgate_tests::node::{CLUSTER_DNS, NODE_IP, PAUSE_IMAGE, pod_is_ready, release_dir, sidecar_status};
+use toolgate_tests::{Prometheus, TestNode, eventually, repo_root, run_ok, run_output};
 
 /// An A query for `name` (recursion desired), id 0x7467.
 fn dns_query(name: &str) -> Vec<u8> {
@@ -128,34 +128,13 @@ async fn node_runs_pods_from_local_images_and_routes_services() {
     assert_eq!(existed, exist, "{fixed:?} exist as before");
 }
 
-fn repo() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repository root")
-}
-
-/// `target/release` of this build (the test runs from `target/debug/deps`): the binaries
-/// `make build` and the Dockerfile's build stage produce. `TOOLGATE_NODE_IMAGE_BINARIES`
-/// names another directory (e.g. `target/debug`, for a quicker edit-test loop).
-fn release_dir() -> std::path::PathBuf {
-    if let Some(dir) = std::env::var_os("TOOLGATE_NODE_IMAGE_BINARIES").filter(|d| !d.is_empty()) {
-        return dir.into();
-    }
-    let exe = std::env::current_exe().expect("test executable");
-    let target = exe.ancestors().nth(3).expect("target directory");
-    target.join("release")
-}
-
 fn chart_app_version() -> String {
-    let chart = std::fs::read_to_string(repo().join("charts/toolgate/Chart.yaml")).expect("Chart.yaml");
+    let chart = std::fs::read_to_string(repo_root().join("charts/toolgate/Chart.yaml")).expect("Chart.yaml");
     chart
         .lines()
         .find_map(|l| l.strip_prefix("appVersion:"))
         .map(|v| v.trim().trim_matches('"').to_owned())
         .expect("appVersion in Chart.yaml")
-}
-
-/// The sidecar container's status in a pod (a native sidecar: an init container).
-fn sidecar_status(pod: &Pod) -> Option<ContainerStatus> {
-    pod.status.as_ref()?.init_container_statuses.as_ref()?.iter().find(|s| s.name == "toolgate-proxy").cloned()
 }
 
 /// README's "5 minutes on a cluster", steps 0–3, on real pods: the operator and sidecar
@@ -245,7 +224,7 @@ spec:
     assert_eq!(sidecar_status(&fresh).map(|s| s.ready), Some(false), "not Ready without a policy");
 
     // 3. The seed policy: the sidecar holds it and turns Ready.
-    let seed = std::fs::read_to_string(repo().join("examples/runpod-mcp/policies/seed-4.0.0.mcppolicy.yaml"))
+    let seed = std::fs::read_to_string(repo_root().join("examples/runpod-mcp/policies/seed-4.0.0.mcppolicy.yaml"))
         .expect("seed policy");
     node.kubectl_apply(Some("runpod-mcp"), &seed).await;
     eventually("the sidecar Ready with the seed policy", Duration::from_secs(180), || {
@@ -301,7 +280,7 @@ fn yaml_doc(text: &str) -> serde_json::Value {
 /// returns the tag (the chart's appVersion).
 fn import_toolgate_images(node: &TestNode) -> String {
     let release = release_dir();
-    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
     let version = chart_app_version();
     for target in ["toolgate-operator", "toolgate-proxy"] {
         let image = toolgate_image(&dockerfile, target, &format!("ghcr.io/toolgate/{target}:{version}"), &release)
@@ -312,7 +291,7 @@ fn import_toolgate_images(node: &TestNode) -> String {
 }
 
 async fn helm_install_and_roll_out(node: &TestNode, sets: &[&str]) {
-    let chart = repo().join("charts/toolgate");
+    let chart = repo_root().join("charts/toolgate");
     let mut install = node.helm();
     install.arg("install").arg("toolgate").arg(&chart).args(["--namespace", "toolgate-system", "--create-namespace"]);
     for set in sets {
@@ -343,23 +322,6 @@ async fn wait_operator_rollout(node: &TestNode) {
     );
 }
 
-fn call(tool: &str, args: serde_json::Value) -> serde_json::Value {
-    serde_json::json!({"op": "call", "tool": tool, "args": args})
-}
-
-fn start_pod() -> serde_json::Value {
-    call("pod-action", serde_json::json!({"id": "pod-2", "body": {"action": "start"}}))
-}
-
-/// The JSON-RPC error code of each step (None: answered by the server).
-fn codes(out: &[serde_json::Value]) -> Vec<Option<i64>> {
-    out.iter().map(|s| if s["ok"] == true { None } else { Some(s["error"]["code"].as_i64().unwrap_or(0)) }).collect()
-}
-
-async fn run_client(target: Vec<String>, script: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
-    tokio::task::spawn_blocking(move || mcp_client(&target, &serde_json::Value::Array(script))).await.expect("client")
-}
-
 /// README's journey on real pods: `helm install` with the shared counter store (the
 /// chart's Redis StatefulSet, Debian's redis-server as its image) → the example RunPod MCP
 /// server (its namespace, Service and Deployment from examples/runpod-mcp, at 2 replicas;
@@ -376,7 +338,7 @@ async fn the_readme_journey_on_real_pods() {
     let node_modules = toolgate_tests::mcp::node_dir().join("node_modules");
     let node = TestNode::start().await;
     import_toolgate_images(&node);
-    let server = runpod_example_image(RUNPOD_IMAGE, &repo(), &node_modules).expect("the RunPod MCP image");
+    let server = runpod_example_image(RUNPOD_IMAGE, &repo_root(), &node_modules).expect("the RunPod MCP image");
     node.import_image(&server).expect("importing the RunPod MCP image");
     let redis = redis_server_image(REDIS_IMAGE).expect("the Redis image");
     node.import_image(&redis).expect("importing the Redis image");
@@ -384,7 +346,7 @@ async fn the_readme_journey_on_real_pods() {
 
     // 1. The example's namespace (the store's Secret for its sidecars goes there), then
     // helm install with the shared counter store.
-    let example = repo().join("examples/runpod-mcp");
+    let example = repo_root().join("examples/runpod-mcp");
     run_ok(node.kubectl().arg("apply").arg("-f").arg(example.join("namespace.yaml"))).await;
     helm_install_and_roll_out(&node, STORE_SETS).await;
     let store = run_output(node.kubectl().args([
@@ -495,21 +457,21 @@ async fn the_readme_journey_on_real_pods() {
         ]
     };
     let mut first = vec![serde_json::json!({"op": "list"})];
-    first.extend((0..6).map(|_| start_pod()));
+    first.extend((0..6).map(|_| start_pod_step()));
     let out = run_client(agent_at(format!("{}:15080", ips[0])), first).await;
     let listed: Vec<&str> = out[0]["result"]["tools"]
         .as_array()
         .map(|t| t.iter().filter_map(|t| t["name"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(listed, ["pod-action"], "tools/list shows only what the policy allows: {:#?}", out[0]);
-    assert_eq!(codes(&out), vec![None; 7], "{out:#?}");
-    let mut second: Vec<serde_json::Value> = (0..5).map(|_| start_pod()).collect();
-    second.push(call("delete-pod", serde_json::json!({"id": "pod-1"})));
-    second.push(call("pod-action", serde_json::json!({"id": "pod-1", "body": {"action": "stop"}})));
+    assert_eq!(error_codes(&out), vec![None; 7], "{out:#?}");
+    let mut second: Vec<serde_json::Value> = (0..5).map(|_| start_pod_step()).collect();
+    second.push(call_step("delete-pod", serde_json::json!({"id": "pod-1"})));
+    second.push(call_step("pod-action", serde_json::json!({"id": "pod-1", "body": {"action": "stop"}})));
     let out2 = run_client(agent_at(format!("{}:15080", ips[1])), second).await;
     let mut want = vec![None; 4];
     want.extend([Some(-32011), Some(-32010), Some(-32010)]);
-    assert_eq!(codes(&out2), want, "the second replica counts the first one's calls: {out2:#?}");
+    assert_eq!(error_codes(&out2), want, "the second replica counts the first one's calls: {out2:#?}");
     for step in out[1..].iter().chain(&out2[..4]) {
         assert_ne!(step["result"]["isError"], true, "RunPod answered: {step}");
     }
@@ -579,8 +541,9 @@ async fn the_readme_journey_on_real_pods() {
     ]))
     .await;
     let out =
-        run_client(agent.clone(), vec![start_pod(), call("delete-pod", serde_json::json!({"id": "pod-1"}))]).await;
-    assert_eq!(codes(&out), [Some(-32011), Some(-32010)], "still limited and refused: {out:#?}");
+        run_client(agent.clone(), vec![start_pod_step(), call_step("delete-pod", serde_json::json!({"id": "pod-1"}))])
+            .await;
+    assert_eq!(error_codes(&out), [Some(-32011), Some(-32010)], "still limited and refused: {out:#?}");
     wait_operator_rollout(&node).await;
     // The new operator pods take the sidecars' streams back: status returns to ENFORCING 2.
     wait_seed_enforcing(&node, "ENFORCING 2 again after the operator pods came back", Duration::from_secs(180), "2")
@@ -589,7 +552,7 @@ async fn the_readme_journey_on_real_pods() {
     assert_eq!(reached, 10, "nothing more reached RunPod");
 
     // 6. helm upgrade and uninstall.
-    run_ok(node.helm().args(["upgrade", "toolgate"]).arg(repo().join("charts/toolgate")).args([
+    run_ok(node.helm().args(["upgrade", "toolgate"]).arg(repo_root().join("charts/toolgate")).args([
         "-n",
         "toolgate-system",
         "--reuse-values",
@@ -598,8 +561,8 @@ async fn the_readme_journey_on_real_pods() {
     ]))
     .await;
     wait_operator_rollout(&node).await;
-    let out = run_client(agent.clone(), vec![call("delete-pod", serde_json::json!({"id": "pod-1"}))]).await;
-    assert_eq!(codes(&out), [Some(-32010)], "enforcing across the upgrade: {out:#?}");
+    let out = run_client(agent.clone(), vec![call_step("delete-pod", serde_json::json!({"id": "pod-1"}))]).await;
+    assert_eq!(error_codes(&out), [Some(-32010)], "enforcing across the upgrade: {out:#?}");
     run_ok(node.helm().args(["uninstall", "toolgate", "-n", "toolgate-system", "--wait"])).await;
     let left = run_ok(node.kubectl().args(["-n", "toolgate-system", "get", "deployments", "-o", "name"])).await;
     assert_eq!(left.trim(), "", "helm uninstall removed the operator");

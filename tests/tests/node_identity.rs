@@ -8,13 +8,13 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 use toolgate_tests::images::{runpod_example_image, toolgate_image};
-use toolgate_tests::mcp::fake_runpod_on;
-use toolgate_tests::node::NODE_IP;
-use toolgate_tests::{TestNode, eventually, run_ok, run_output};
+use toolgate_tests::mcp::{call_step, error_codes, fake_runpod_on, start_pod_step};
+use toolgate_tests::node::{NODE_IP, release_dir, sidecar_status};
+use toolgate_tests::{TestNode, eventually, repo_root, run_ok, run_output, yaml_docs};
 
 const RUNPOD_IMAGE: &str = "toolgate.local/runpod-mcp:4.0.0";
 /// The audience the chart's sidecars accept (examples/runpod-mcp/custody uses it).
@@ -49,41 +49,6 @@ for (const [i, s] of JSON.parse(process.env.SCRIPT).entries()) {
 await client.close().catch(() => {});
 process.exit(0);
 "#;
-
-fn repo() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repository root")
-}
-
-/// The release binaries (as tests/tests/node.rs), or `TOOLGATE_NODE_IMAGE_BINARIES`.
-fn release_dir() -> std::path::PathBuf {
-    if let Some(dir) = std::env::var_os("TOOLGATE_NODE_IMAGE_BINARIES").filter(|d| !d.is_empty()) {
-        return dir.into();
-    }
-    let exe = std::env::current_exe().expect("test executable");
-    exe.ancestors().nth(3).expect("target directory").join("release")
-}
-
-fn yaml_docs(text: &str) -> Vec<Value> {
-    use serde::Deserialize as _;
-    serde_norway::Deserializer::from_str(text).map(|d| Value::deserialize(d).expect("valid YAML")).collect()
-}
-
-fn sidecar_status(pod: &Pod) -> Option<ContainerStatus> {
-    pod.status.as_ref()?.init_container_statuses.as_ref()?.iter().find(|s| s.name == "toolgate-proxy").cloned()
-}
-
-fn call(tool: &str, args: Value) -> Value {
-    json!({"op": "call", "tool": tool, "args": args})
-}
-
-fn start_pod() -> Value {
-    call("pod-action", json!({"id": "pod-2", "body": {"action": "start"}}))
-}
-
-/// The JSON-RPC error code of each step (None: answered by the server).
-fn codes(out: &[Value]) -> Vec<Option<i64>> {
-    out.iter().map(|s| if s["ok"] == true { None } else { Some(s["error"]["code"].as_i64().unwrap_or(0)) }).collect()
-}
 
 /// Runs an agent pod (the example's agent manifest, with the harness's image and the
 /// client script) to completion and returns its output lines.
@@ -153,8 +118,8 @@ async fn agents_call_with_their_service_accounts_and_only_the_sidecar_holds_the_
     let node_modules = toolgate_tests::mcp::node_dir().join("node_modules");
     let node = TestNode::start().await;
     let release = release_dir();
-    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
-    let chart = std::fs::read_to_string(repo().join("charts/toolgate/Chart.yaml")).expect("Chart.yaml");
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
+    let chart = std::fs::read_to_string(repo_root().join("charts/toolgate/Chart.yaml")).expect("Chart.yaml");
     let version = chart
         .lines()
         .find_map(|l| l.strip_prefix("appVersion:"))
@@ -165,12 +130,12 @@ async fn agents_call_with_their_service_accounts_and_only_the_sidecar_holds_the_
             .unwrap_or_else(|e| panic!("image {target}: {e:#}"));
         node.import_image(&image).unwrap_or_else(|e| panic!("importing {target}: {e:#}"));
     }
-    let server = runpod_example_image(RUNPOD_IMAGE, &repo(), &node_modules).expect("the RunPod MCP image");
+    let server = runpod_example_image(RUNPOD_IMAGE, &repo_root(), &node_modules).expect("the RunPod MCP image");
     node.import_image(&server).expect("importing the RunPod MCP image");
     let fake = tokio::task::spawn_blocking(|| fake_runpod_on(NODE_IP)).await.expect("fake RunPod");
 
     // 1. The chart, with sidecars that accept service-account tokens of the audience.
-    run_ok(node.helm().arg("install").arg("toolgate").arg(repo().join("charts/toolgate")).args([
+    run_ok(node.helm().arg("install").arg("toolgate").arg(repo_root().join("charts/toolgate")).args([
         "--namespace",
         "toolgate-system",
         "--create-namespace",
@@ -190,7 +155,7 @@ async fn agents_call_with_their_service_accounts_and_only_the_sidecar_holds_the_
     assert!(rollout.status.success(), "the operator did not roll out: {}", String::from_utf8_lossy(&rollout.stderr));
 
     // 2. The example server, its RunPod key in a Secret, the custody patch applied.
-    let example = repo().join("examples/runpod-mcp");
+    let example = repo_root().join("examples/runpod-mcp");
     run_ok(node.kubectl().arg("apply").arg("-f").arg(example.join("namespace.yaml"))).await;
     run_ok(node.kubectl().args(["-n", "runpod-mcp", "apply", "-f"]).arg(example.join("service.yaml"))).await;
     run_ok(node.kubectl().args([
@@ -276,8 +241,8 @@ async fn agents_call_with_their_service_accounts_and_only_the_sidecar_holds_the_
     let mut template = agent_pod;
     template["spec"]["containers"][0]["env"][0]["value"] = url.into();
     let mut script_a = vec![json!({"op": "list"})];
-    script_a.extend((0..12).map(|_| start_pod()));
-    script_a.push(call("pod-action", json!({"id": "pod-1", "body": {"action": "stop"}})));
+    script_a.extend((0..12).map(|_| start_pod_step()));
+    script_a.push(call_step("pod-action", json!({"id": "pod-1", "body": {"action": "stop"}})));
     let out_a = run_agent(&node, &template, "agent-a", AUDIENCE, &script_a).await;
     let mut listed: Vec<&str> = out_a[0]["result"]["tools"]
         .as_array()
@@ -287,17 +252,17 @@ async fn agents_call_with_their_service_accounts_and_only_the_sidecar_holds_the_
     assert_eq!(listed, ["list-pods", "pod-action"], "A sees its grant's tools: {out_a:#?}");
     let mut want = vec![None; 11];
     want.extend([Some(-32011), Some(-32011), Some(-32010)]);
-    assert_eq!(codes(&out_a), want, "{out_a:#?}");
+    assert_eq!(error_codes(&out_a), want, "{out_a:#?}");
 
     let mut template_b = template.clone();
     template_b["spec"]["serviceAccountName"] = "agent-b".into();
-    let script_b = [call("list-pods", json!({})), start_pod()];
+    let script_b = [call_step("list-pods", json!({})), start_pod_step()];
     let out_b = run_agent(&node, &template_b, "agent-b", AUDIENCE, &script_b).await;
-    assert_eq!(codes(&out_b), [None, Some(-32010)], "{out_b:#?}");
+    assert_eq!(error_codes(&out_b), [None, Some(-32010)], "{out_b:#?}");
     assert_ne!(out_b[0]["result"]["isError"], true, "RunPod answered B's list: {}", out_b[0]);
 
     // A token of another audience (what a pod's default API token is) proves nothing.
-    let out_c = run_agent(&node, &template, "agent-a-wrong-audience", "kubernetes", &[start_pod()]).await;
+    let out_c = run_agent(&node, &template, "agent-a-wrong-audience", "kubernetes", &[start_pod_step()]).await;
     assert_eq!(out_c.len(), 1, "{out_c:#?}");
     assert_eq!(out_c[0]["op"], "connect", "refused at initialize: {out_c:#?}");
     assert!(
