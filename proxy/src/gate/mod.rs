@@ -99,6 +99,8 @@ pub struct Gate {
     pub identity: IdentitySource,
     pub approver: Approvers,
     epoch: Instant,
+    /// Credential fingerprints of recent callers (`IdentitySource::Authorization`).
+    fingerprints: canonical::FingerprintCache,
 }
 
 impl Gate {
@@ -118,6 +120,7 @@ impl Gate {
             identity,
             approver,
             epoch: Instant::now(),
+            fingerprints: canonical::FingerprintCache::default(),
         }
     }
 
@@ -161,7 +164,7 @@ impl Gate {
                 Err(e) => return Err(CallerError(format!("{e}: send the request again"))),
             },
             IdentitySource::Authorization => {
-                authorization.map(|v| canonical::fingerprint_bytes(v.as_bytes())).unwrap_or_default()
+                authorization.map(|v| self.fingerprints.fingerprint(v.as_bytes())).unwrap_or_default()
             }
             IdentitySource::Header(name) => match single(name.as_str())? {
                 None => String::new(),
@@ -751,7 +754,7 @@ pub(crate) mod tests {
             Arc::new(crate::telemetry::metrics::Metrics::new()),
             None,
             false,
-            crate::telemetry::audit::AuditSink::Stdout,
+            Arc::new(crate::telemetry::audit::AuditSink::new(crate::telemetry::audit::Target::Stdout)),
         ))
     }
 
