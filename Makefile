@@ -16,6 +16,8 @@ help:
 	@echo "make unit    - only the fast tests (no apiserver, no node)"
 	@echo "make test-node - the tests on a real kubelet + containerd node (root; part of make test when possible)"
 	@echo "make bench   - criterion benchmarks of the policy engine"
+	@echo "make bench-proxy - the proxy against direct, a byte relay, a peer and the Redis store (bench/run.sh)"
+	@echo "make bench-count - instructions and syscalls per proxied call (callgrind, strace)"
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -58,6 +60,13 @@ bench:
 
 bench-proxy:
 	bash bench/run.sh
+
+# User-space instructions (callgrind) and system calls (strace -c -f) per proxied
+# tools/call, over BENCH_COUNT_CALLS calls minus a BENCH_COUNT_BASE-call run; the byte
+# relay counted alike (bench/count.sh, docs/benchmarks.md). Needs valgrind and strace.
+.PHONY: bench-count
+bench-count:
+	bash bench/count.sh
 
 # Policy push (McpPolicy edit -> acks of 1, 100, 1000 sidecar clients) and admission-webhook
 # latency of a release toolgate-operator against the test apiserver (bench/src/bin/push-bench.rs,

@@ -19,7 +19,7 @@ use crate::gate::{Approvers, Gate, IdentitySource};
 use crate::live::files as policy_files;
 use crate::live::{Effective, Source};
 use crate::telemetry::Telemetry;
-use crate::telemetry::audit::AuditSink;
+use crate::telemetry::audit::{AuditSink, Target};
 use crate::telemetry::metrics::Metrics;
 use crate::transport::client::{ChildCommand, ChildCredential};
 use crate::transport::connections::Limits;
@@ -294,6 +294,14 @@ pub struct Args {
     /// Where rate limits are counted (docs/proxy.md, Counter store).
     #[command(flatten)]
     store: StoreArgs,
+
+    /// Threads that serve requests: 1 (the default) is a single-threaded runtime (no
+    /// cross-thread wake-ups: the cheapest per call, docs/benchmarks.md); N > 1 a
+    /// multi-threaded one with N workers; 0 one worker per CPU. With a Redis
+    /// --counter-store, 1 means 2 (a decision waits for Redis on its worker).
+    #[arg(long, env = "TOOLGATE_WORKER_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(0..=256))]
+    worker_threads: u64,
 }
 
 /// The counter-store flags of `toolgate-proxy`.
@@ -414,14 +422,54 @@ pub fn main() -> ExitCode {
             }
         },
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // In `--stdio` mode stdout carries the protocol, so audit lines go to stderr.
+    let sink = Arc::new(AuditSink::new(if args.stdio { Target::Stderr } else { Target::Stdout }));
+    // Audit lines are buffered (telemetry::audit): written when a runtime thread runs out
+    // of work, and on the way out — also on a panic (the release profile aborts).
+    let weak = Arc::downgrade(&sink);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Some(s) = weak.upgrade() {
+            s.try_flush();
+        }
+        previous(info);
+    }));
+    let idle = sink.clone();
+    // A shared counter store waits for Redis inside the (synchronous) decision with
+    // `block_in_place`, which needs a multi-thread runtime: two workers at least.
+    let workers = match args.worker_threads {
+        1 if args.store.url != "local" => 2,
+        n => n,
+    };
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(usize::try_from(n).unwrap_or(1));
+            }
+            b
+        }
+    };
+    let runtime = match builder
+        .enable_all()
+        .on_thread_park(move || {
+            if idle.has_pending() {
+                idle.flush();
+            }
+        })
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("toolgate-proxy: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, start, front)) {
+    let result = runtime.block_on(run(args, start, front, sink.clone()));
+    drop(runtime);
+    sink.flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("toolgate-proxy: {e:#}");
@@ -430,10 +478,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args, start: Start, front: Arc<Front>) -> anyhow::Result<()> {
+async fn run(args: Args, start: Start, front: Arc<Front>, sink: Arc<AuditSink>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    // In `--stdio` mode stdout carries the protocol, so audit lines go to stderr.
-    let sink = if args.stdio { AuditSink::Stderr } else { AuditSink::Stdout };
     let telemetry = Arc::new(Telemetry::new(metrics.clone(), args.pod_name.clone(), args.audit_arguments, sink));
     // The store first: loading a policy checks whether it can count shared limits.
     // The same store remembers approvals given with `reuse_for` for every replica.

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! mcp-load run --url http://127.0.0.1:PORT/mcp [--sessions N] [--warmup-secs 5] [--secs 10] [--count N]
-//! mcp-load report --direct-1 F --proxy-1 F --direct-8 F --proxy-8 F --rss-idle-kib K --rss-load-kib K --out F
+//! mcp-load report --direct-1 F --proxy-1 F --direct-8 F --proxy-8 F [--relay-1 F --relay-8 F] [--peer-1 F --peer-8 F]
+//!     [--redis-1 F --redis-8 F --redis-commands N] [--cpu RUN=SECONDS]... --rss-idle-kib K --rss-load-kib K --out F
 //! ```
 //!
 //! `run`: N sessions, each on its own keep-alive HTTP/1.1 connection: `initialize`,
@@ -92,6 +93,25 @@ struct ReportArgs {
     relay_1: Option<PathBuf>,
     #[arg(long, requires = "relay_1")]
     relay_8: Option<PathBuf>,
+    /// The same loads through a peer MCP proxy (e.g. mcp-proxy 0.6.0), named by --peer-name.
+    #[arg(long, requires = "peer_8")]
+    peer_1: Option<PathBuf>,
+    #[arg(long, requires = "peer_1")]
+    peer_8: Option<PathBuf>,
+    #[arg(long, default_value = "peer")]
+    peer_name: String,
+    /// The same loads through toolgate-proxy counting its limits in Redis.
+    #[arg(long)]
+    redis_1: Option<PathBuf>,
+    #[arg(long)]
+    redis_8: Option<PathBuf>,
+    /// Round trips to Redis during the redis runs (EVALSHA, EVAL, SCRIPT from INFO commandstats).
+    #[arg(long)]
+    redis_commands: Option<u64>,
+    /// CPU time (user + system) a process used during one run, `RUN=SECONDS` (e.g.
+    /// `proxy-8=4.21`), repeated; divided by the run's calls (warm-up included).
+    #[arg(long = "cpu", value_parser = parse_cpu)]
+    cpu: Vec<(String, f64)>,
     /// Proxy VmRSS after start, before any load (KiB).
     #[arg(long)]
     rss_idle_kib: u64,
@@ -112,10 +132,18 @@ struct ReportArgs {
     out: PathBuf,
 }
 
+fn parse_cpu(s: &str) -> Result<(String, f64), String> {
+    let (name, secs) = s.split_once('=').ok_or("expected RUN=SECONDS")?;
+    let secs: f64 = secs.parse().map_err(|e| format!("{secs}: {e}"))?;
+    Ok((name.to_owned(), secs))
+}
+
 /// What one session measured.
 struct SessionResult {
     hist: Histogram<u64>,
     calls: u64,
+    /// Every call made, the warm-up's included (what the proxy's CPU time is divided by).
+    all_calls: u64,
     errors: u64,
     first_error: Option<String>,
     last_end: Option<Instant>,
@@ -216,7 +244,8 @@ async fn session(
     let start = *START.get_or_init(Instant::now);
     let warm_end = start + Duration::from_secs_f64(args.warmup_secs);
     let end = warm_end + Duration::from_secs_f64(args.secs);
-    let mut res = SessionResult { hist: new_hist()?, calls: 0, errors: 0, first_error: None, last_end: None };
+    let mut res =
+        SessionResult { hist: new_hist()?, calls: 0, all_calls: 0, errors: 0, first_error: None, last_end: None };
     let mut id: u64 = 1;
     let mut body = Vec::with_capacity(prefix.len() + 24);
     loop {
@@ -231,6 +260,7 @@ async fn session(
         }
         let outcome = conn.post(&target, auth.as_ref(), Bytes::copy_from_slice(&body)).await;
         let t1 = Instant::now();
+        res.all_calls += 1;
         let problem = match &outcome {
             Ok((StatusCode::OK, _, b)) if contains(b, b"\"result\"") && !contains(b, b"\"isError\":true") => None,
             Ok((s, _, b)) => Some(format!("{s}: {}", String::from_utf8_lossy(b))),
@@ -287,10 +317,11 @@ fn run(args: RunArgs) -> anyhow::Result<bool> {
     })?;
 
     let mut hist = new_hist()?;
-    let (mut calls, mut errors, mut first_error, mut last_end) = (0, 0, None, None);
+    let (mut calls, mut all_calls, mut errors, mut first_error, mut last_end) = (0, 0, 0, None, None);
     for r in results {
         hist.add(&r.hist).context("merge histograms")?;
         calls += r.calls;
+        all_calls += r.all_calls;
         errors += r.errors;
         first_error = first_error.or(r.first_error);
         last_end = last_end.max(r.last_end);
@@ -311,6 +342,7 @@ fn run(args: RunArgs) -> anyhow::Result<bool> {
         "warmup_secs": args.warmup_secs,
         "measured_secs": measured,
         "calls": calls,
+        "all_calls": all_calls,
         "errors": errors,
         "first_error": first_error,
         "rps": if measured > 0.0 { calls as f64 / measured } else { 0.0 },
@@ -337,83 +369,116 @@ fn num(v: &Value, ptr: &str) -> f64 {
 }
 
 fn report(a: ReportArgs) -> anyhow::Result<bool> {
-    let (d1, p1, d8, p8) = (load(&a.direct_1)?, load(&a.proxy_1)?, load(&a.direct_8)?, load(&a.proxy_8)?);
-    let relay = match (&a.relay_1, &a.relay_8) {
-        (Some(r1), Some(r8)) => Some((load(r1)?, load(r8)?)),
-        _ => None,
+    let peer_1_name = format!("{}-1", a.peer_name);
+    let peer_8_name = format!("{}-8", a.peer_name);
+    let mut runs: Vec<(&str, Value)> = vec![("direct-1", load(&a.direct_1)?)];
+    let opt = |p: &Option<PathBuf>| p.as_ref().map(load).transpose();
+    let (relay_1, relay_8) = (opt(&a.relay_1)?, opt(&a.relay_8)?);
+    let (peer_1, peer_8) = (opt(&a.peer_1)?, opt(&a.peer_8)?);
+    let (redis_1, redis_8) = (opt(&a.redis_1)?, opt(&a.redis_8)?);
+    let mut push = |name: &'static str, v: Option<Value>| {
+        if let Some(v) = v {
+            runs.push((name, v));
+        }
     };
-    let added_p50_1 = num(&p1, "/latency_us/p50") - num(&d1, "/latency_us/p50");
-    let added_p99_1 = num(&p1, "/latency_us/p99") - num(&d1, "/latency_us/p99");
-    let added_p50_8 = num(&p8, "/latency_us/p50") - num(&d8, "/latency_us/p50");
-    let added_p99_8 = num(&p8, "/latency_us/p99") - num(&d8, "/latency_us/p99");
-    let ratio_1 = num(&p1, "/rps") / num(&d1, "/rps");
-    let ratio_8 = num(&p8, "/rps") / num(&d8, "/rps");
-    let idle_mib = a.rss_idle_kib as f64 / 1024.0;
-    let load_mib = a.rss_load_kib as f64 / 1024.0;
-    let targets = json!([
-        {"what": "added p50 at 1 session (µs)", "target": "<= 20", "value": added_p50_1, "met": added_p50_1 <= 20.0},
-        {"what": "added p99 at 1 session (µs)", "target": "<= 50", "value": added_p99_1, "met": added_p99_1 <= 50.0},
-        {"what": "throughput ratio at 8 sessions", "target": ">= 0.85", "value": ratio_8, "met": ratio_8 >= 0.85},
-        {"what": "idle RSS (MiB)", "target": "<= 8", "value": idle_mib, "met": idle_mib <= 8.0},
-    ]);
+    push("relay-1", relay_1);
+    push("proxy-1", Some(load(&a.proxy_1)?));
+    push("redis-1", redis_1);
+    push("direct-8", Some(load(&a.direct_8)?));
+    push("relay-8", relay_8);
+    push("proxy-8", Some(load(&a.proxy_8)?));
+    push("redis-8", redis_8);
+    if let Some(v) = peer_1 {
+        runs.insert(runs.iter().position(|r| r.0 == "proxy-1").map_or(0, |i| i + 1), (peer_1_name.as_str(), v));
+    }
+    if let Some(v) = peer_8 {
+        runs.insert(runs.iter().position(|r| r.0 == "proxy-8").map_or(0, |i| i + 1), (peer_8_name.as_str(), v));
+    }
+    let get = |name: &str| runs.iter().find(|r| r.0 == name).map(|r| &r.1);
+    let val = |name: &str, ptr: &str| get(name).map_or(f64::NAN, |v| num(v, ptr));
+    let p50 = |name: &str| val(name, "/latency_us/p50");
+    let rps = |name: &str| val(name, "/rps");
+    // CPU µs per call of the process in the path (warm-up calls included on both sides).
+    let cpu_us = |name: &str| -> f64 {
+        let secs = a.cpu.iter().find(|c| c.0 == name).map_or(f64::NAN, |c| c.1);
+        secs * 1e6 / val(name, "/all_calls")
+    };
 
     println!();
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "scenario", "p50 µs", "p90 µs", "p99 µs", "max µs", "calls/s", "errors"
+        "{:<18} {:>9} {:>9} {:>9} {:>10} {:>10} {:>12} {:>7}",
+        "run", "p50 µs", "p90 µs", "p99 µs", "max µs", "calls/s", "CPU µs/call", "errors"
     );
-    let mut rows = vec![("direct-1", &d1), ("proxy-1", &p1), ("direct-8", &d8), ("proxy-8", &p8)];
-    if let Some((r1, r8)) = &relay {
-        rows.insert(1, ("relay-1", r1));
-        rows.insert(4, ("relay-8", r8));
-    }
-    for (name, v) in rows {
+    for (name, v) in &runs {
         println!(
-            "{:<10} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>8}",
+            "{:<18} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.0} {:>12.1} {:>7}",
             name,
             num(v, "/latency_us/p50"),
             num(v, "/latency_us/p90"),
             num(v, "/latency_us/p99"),
             num(v, "/latency_us/max"),
             num(v, "/rps"),
+            cpu_us(name),
             num(v, "/errors"),
         );
     }
     println!();
-    println!(
-        "added latency, 1 session:  p50 {added_p50_1:+.1} µs  p99 {added_p99_1:+.1} µs  (throughput ratio {ratio_1:.3})"
-    );
-    println!(
-        "added latency, 8 sessions: p50 {added_p50_8:+.1} µs  p99 {added_p99_8:+.1} µs  (throughput ratio {ratio_8:.3})"
-    );
-    // What any process in the path costs here (the relay), and what toolgate adds on top.
-    let floor = relay.as_ref().map(|(r1, r8)| {
-        let relay_p50_1 = num(r1, "/latency_us/p50") - num(&d1, "/latency_us/p50");
-        let relay_p99_1 = num(r1, "/latency_us/p99") - num(&d1, "/latency_us/p99");
-        let over_p50_1 = num(&p1, "/latency_us/p50") - num(r1, "/latency_us/p50");
-        let over_p99_1 = num(&p1, "/latency_us/p99") - num(r1, "/latency_us/p99");
-        let relay_ratio_8 = num(r8, "/rps") / num(&d8, "/rps");
-        let proxy_vs_relay_8 = num(&p8, "/rps") / num(r8, "/rps");
+    // Each process in the path against the direct connection and the relay (the floor).
+    let mut compare = serde_json::Map::new();
+    for who in ["relay", "proxy", a.peer_name.as_str(), "redis"] {
+        let (one, eight) = (format!("{who}-1"), format!("{who}-8"));
+        if get(&one).is_none() && get(&eight).is_none() {
+            continue;
+        }
+        let c = json!({
+            "added_p50_us_1": p50(&one) - p50("direct-1"),
+            "over_relay_p50_us_1": p50(&one) - p50("relay-1"),
+            "throughput_vs_direct_8": rps(&eight) / rps("direct-8"),
+            "throughput_vs_relay_8": rps(&eight) / rps("relay-8"),
+            "cpu_us_per_call_8": cpu_us(&eight),
+            "cpu_vs_relay_8": cpu_us(&eight) / cpu_us("relay-8"),
+            "cpu_us_per_call_1": cpu_us(&one),
+        });
         println!(
-            "byte relay (floor), 1 session: p50 {relay_p50_1:+.1} µs  p99 {relay_p99_1:+.1} µs over direct; \
-             toolgate over the relay: p50 {over_p50_1:+.1} µs  p99 {over_p99_1:+.1} µs"
+            "{who:<12} 1 session: p50 {:+.1} µs over direct, {:+.1} over the relay; 8 sessions: {:.3}× direct's \
+             throughput, {:.3}× the relay's; CPU {:.1} µs/call ({:.2}× the relay's)",
+            num(&c, "/added_p50_us_1"),
+            num(&c, "/over_relay_p50_us_1"),
+            num(&c, "/throughput_vs_direct_8"),
+            num(&c, "/throughput_vs_relay_8"),
+            num(&c, "/cpu_us_per_call_8"),
+            num(&c, "/cpu_vs_relay_8"),
         );
+        compare.insert(who.to_owned(), c);
+    }
+    let redis = get("redis-1").map(|_| {
+        let calls = val("redis-1", "/all_calls") + get("redis-8").map_or(0.0, |v| num(v, "/all_calls"));
+        let per_call = a.redis_commands.map_or(f64::NAN, |c| c as f64 / calls);
+        let added = p50("redis-1") - p50("proxy-1");
         println!(
-            "byte relay (floor), 8 sessions: throughput ratio {relay_ratio_8:.3} of direct; toolgate {proxy_vs_relay_8:.3} of the relay"
+            "redis store vs local limiter, 1 session: p50 {added:+.1} µs; Redis round trips per limited call: {per_call:.3}"
         );
-        json!({
-            "relay_added_us_1": {"p50": relay_p50_1, "p99": relay_p99_1},
-            "proxy_over_relay_us_1": {"p50": over_p50_1, "p99": over_p99_1},
-            "relay_throughput_ratio_8": relay_ratio_8,
-            "proxy_vs_relay_throughput_8": proxy_vs_relay_8,
-        })
+        json!({"added_p50_us_1": added, "round_trips": a.redis_commands, "calls": calls, "round_trips_per_call": per_call})
     });
-    print!("proxy RSS: idle {idle_mib:.1} MiB, peak under 8-session load {load_mib:.1} MiB");
+    let idle_mib = a.rss_idle_kib as f64 / 1024.0;
+    let load_mib = a.rss_load_kib as f64 / 1024.0;
+    print!("toolgate-proxy RSS: idle {idle_mib:.1} MiB, peak under the 8-session load {load_mib:.1} MiB");
     if let Some(after) = a.rss_after_kib {
         print!(", after the loads {:.1} MiB", after as f64 / 1024.0);
     }
     println!();
     println!();
+    let (relay_p50_1, proxy_p50_1) = (p50("relay-1") - p50("direct-1"), p50("proxy-1") - p50("direct-1"));
+    let ratio_8 = rps("proxy-8") / rps("relay-8");
+    let cpu_ratio = cpu_us("proxy-8") / cpu_us("relay-8");
+    let targets = json!([
+        {"what": "throughput at 8 sessions, × the relay's", "target": ">= 0.85", "value": ratio_8, "met": ratio_8 >= 0.85},
+        {"what": "CPU per call at 8 sessions, × the relay's", "target": "<= 1.4", "value": cpu_ratio, "met": cpu_ratio <= 1.4},
+        {"what": "added p50 at 1 session over the relay's (µs)", "target": "<= 15", "value": proxy_p50_1 - relay_p50_1,
+         "met": proxy_p50_1 - relay_p50_1 <= 15.0},
+        {"what": "idle RSS (MiB)", "target": "<= 8", "value": idle_mib, "met": idle_mib <= 8.0},
+        {"what": "peak RSS at 8 sessions (MiB)", "target": "<= 12", "value": load_mib, "met": load_mib <= 12.0},
+    ]);
     let mut all_met = true;
     for t in targets.as_array().into_iter().flatten() {
         let met = t["met"].as_bool().unwrap_or(false);
@@ -428,14 +493,10 @@ fn report(a: ReportArgs) -> anyhow::Result<bool> {
     }
     let out = json!({
         "machine": a.machine,
-        "runs": {"direct_1": d1, "proxy_1": p1, "direct_8": d8, "proxy_8": p8,
-                 "relay_1": relay.as_ref().map(|r| &r.0), "relay_8": relay.as_ref().map(|r| &r.1)},
-        "relay_floor": floor,
-        "added_latency_us": {
-            "sessions_1": {"p50": added_p50_1, "p99": added_p99_1},
-            "sessions_8": {"p50": added_p50_8, "p99": added_p99_8},
-        },
-        "throughput_ratio": {"sessions_1": ratio_1, "sessions_8": ratio_8},
+        "runs": runs.iter().map(|(n, v)| ((*n).to_owned(), v.clone())).collect::<serde_json::Map<_, _>>(),
+        "cpu_seconds": a.cpu.iter().map(|(n, s)| (n.clone(), json!(s))).collect::<serde_json::Map<_, _>>(),
+        "compare": compare,
+        "redis": redis,
         "proxy_rss_kib": {"idle": a.rss_idle_kib, "load_peak": a.rss_load_kib, "after": a.rss_after_kib},
         "audit_lines": a.audit_lines,
         "targets": targets,

@@ -105,6 +105,8 @@ pub struct Gate {
     /// Approvals given with `reuse_for`, shared by the replicas (the counter store).
     pub approval_memory: Option<Arc<dyn ApprovalMemory>>,
     epoch: Instant,
+    /// Credential fingerprints of recent callers (`IdentitySource::Authorization`).
+    fingerprints: canonical::FingerprintCache,
 }
 
 impl Gate {
@@ -125,6 +127,7 @@ impl Gate {
             approver,
             approval_memory: None,
             epoch: Instant::now(),
+            fingerprints: canonical::FingerprintCache::default(),
         }
     }
 
@@ -185,7 +188,7 @@ impl Gate {
                 Err(e) => return Err(CallerError(format!("{e}: send the request again"))),
             },
             IdentitySource::Authorization => {
-                authorization.map(|v| canonical::fingerprint_bytes(v.as_bytes())).unwrap_or_default()
+                authorization.map(|v| self.fingerprints.fingerprint(v.as_bytes())).unwrap_or_default()
             }
             IdentitySource::Header(name) => match single(name.as_str())? {
                 None => String::new(),
@@ -782,7 +785,7 @@ pub(crate) mod tests {
             Arc::new(crate::telemetry::metrics::Metrics::new()),
             None,
             false,
-            crate::telemetry::audit::AuditSink::Stdout,
+            Arc::new(crate::telemetry::audit::AuditSink::new(crate::telemetry::audit::Target::Stdout)),
         ))
     }
 

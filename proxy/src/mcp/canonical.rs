@@ -42,6 +42,41 @@ pub fn fingerprint_bytes(credential: &[u8]) -> String {
     sha256_text(&Sha256::digest(toolgate_policy::canonical_credential(credential)))
 }
 
+/// The fingerprints of recently seen credentials, so a client that sends the same
+/// `Authorization` on every request is hashed once (SHA-256 and hex were ~4.5 k
+/// instructions of every call). Keyed by the header's exact bytes, so a hit is the value
+/// [`fingerprint_bytes`] would compute; bounded (at most [`Self::ENTRIES`] values of at
+/// most [`Self::MAX_KEY`] bytes: longer ones are computed every time), emptied when full.
+#[derive(Debug, Default)]
+pub struct FingerprintCache(std::sync::Mutex<std::collections::HashMap<Box<[u8]>, std::sync::Arc<str>>>);
+
+impl FingerprintCache {
+    pub const ENTRIES: usize = 256;
+    pub const MAX_KEY: usize = 512;
+
+    /// [`fingerprint_bytes`] of `credential`.
+    pub fn fingerprint(&self, credential: &[u8]) -> String {
+        if credential.len() > Self::MAX_KEY {
+            return fingerprint_bytes(credential);
+        }
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = map.get(credential) {
+            return f.to_string();
+        }
+        let f = fingerprint_bytes(credential);
+        if map.len() >= Self::ENTRIES {
+            map.clear();
+        }
+        map.insert(credential.into(), f.as_str().into());
+        f
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
 fn sha256_text(digest: &[u8]) -> String {
     let mut s = String::with_capacity(7 + 2 * digest.len());
     s.push_str("sha256:");
@@ -172,6 +207,25 @@ mod tests {
             assert_eq!(fingerprint(spelling), canonical, "{spelling:?}");
         }
         assert_ne!(fingerprint("Bearer BENCH-token"), canonical, "the credential itself is case-sensitive");
+    }
+
+    #[test]
+    fn cached_fingerprints_are_the_computed_ones_and_bounded() {
+        let cache = FingerprintCache::default();
+        let spellings = ["Bearer a", "bearer a", "Bearer b", " Bearer   a ", "Bearer A"];
+        for _ in 0..2 {
+            for s in spellings {
+                assert_eq!(cache.fingerprint(s.as_bytes()), fingerprint(s), "{s:?}");
+            }
+        }
+        let long = format!("Bearer {}", "x".repeat(FingerprintCache::MAX_KEY));
+        assert_eq!(cache.fingerprint(long.as_bytes()), fingerprint(&long));
+        assert_eq!(cache.len(), spellings.len(), "long credentials are not kept");
+        for i in 0..FingerprintCache::ENTRIES + 10 {
+            let s = format!("Bearer t{i}");
+            assert_eq!(cache.fingerprint(s.as_bytes()), fingerprint(&s));
+            assert!(cache.len() <= FingerprintCache::ENTRIES);
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Credentials never appear: the identity is the fingerprint.
 
 use std::io::Write;
+use std::sync::Mutex;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -64,34 +65,97 @@ pub fn argument_keys(args: &Value) -> Vec<&str> {
 
 /// Now, in UTC, as RFC 3339 with microseconds (`2026-12-06T21:40:00.123456Z`).
 pub fn now_rfc3339() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    // jiff prints a timestamp as RFC 3339 in UTC; `.6` fixes six fraction digits (cheaper
+    // than a strftime pattern).
+    format!("{:.6}", jiff::Timestamp::now())
 }
 
 /// Where audit lines go, chosen when the proxy starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AuditSink {
+pub enum Target {
     /// The default: stdout carries audit lines, logs go to stderr.
     Stdout,
     /// `--stdio`: stdout carries the protocol, so audit lines go to stderr.
     Stderr,
 }
 
+/// Pending lines are written at once when they reach this size.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// The audit sink: lines are appended to a buffer in memory and written to the target in
+/// one `write` when a runtime thread runs out of work (`on_thread_park`, see
+/// `config::main`), when the buffer reaches 64 KiB, when the proxy stops (after the
+/// runtime, on a panic, on drop) — and at once for a line that refuses a call, so every
+/// refusal's line is out before its answer. One `write` per burst of calls instead of one
+/// per call; a line of an admitted call waits at most until the proxy is next idle, and
+/// only a `SIGKILL` (or an abort outside a panic) can lose the lines written since.
+#[derive(Debug)]
+pub struct AuditSink {
+    target: Target,
+    pending: Mutex<Vec<u8>>,
+}
+
 impl AuditSink {
-    /// Writes `record` as one JSON line.
-    pub fn write(self, record: &Record<'_>) {
-        if let Ok(mut line) = serde_json::to_vec(record) {
-            line.push(b'\n');
-            match self {
-                Self::Stderr => {
-                    let _ = std::io::stderr().lock().write_all(&line);
-                }
-                Self::Stdout => {
-                    let mut out = std::io::stdout().lock();
-                    let _ = out.write_all(&line);
-                    let _ = out.flush();
-                }
-            }
+    pub fn new(target: Target) -> Self {
+        Self { target, pending: Mutex::new(Vec::new()) }
+    }
+
+    /// Appends `record` as one JSON line; `now`: write it (and what is pending) at once.
+    pub fn write(&self, record: &Record<'_>, now: bool) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let start = pending.len();
+        if serde_json::to_writer(&mut *pending, record).is_err() {
+            pending.truncate(start);
+            return;
         }
+        pending.push(b'\n');
+        if now || pending.len() >= FLUSH_AT {
+            self.write_out(&mut pending);
+        }
+    }
+
+    /// Writes every pending line.
+    pub fn flush(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_out(&mut pending);
+    }
+
+    /// Writes the pending lines unless another thread is writing (a panic hook must not
+    /// wait for a lock its own thread may hold).
+    pub fn try_flush(&self) {
+        if let Ok(mut pending) = self.pending.try_lock() {
+            self.write_out(&mut pending);
+        }
+    }
+
+    /// Whether lines are waiting to be written.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Writes under the buffer's lock, so lines keep their order.
+    fn write_out(&self, pending: &mut Vec<u8>) {
+        if pending.is_empty() {
+            return;
+        }
+        // A failed write (stdout closed) loses the lines, as the per-line writes did.
+        let _ = match self.target {
+            Target::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(pending).and_then(|()| out.flush())
+            }
+            Target::Stderr => std::io::stderr().lock().write_all(pending),
+        };
+        pending.clear();
+        if pending.capacity() > 4 * FLUSH_AT {
+            pending.shrink_to(FLUSH_AT);
+        }
+    }
+}
+
+impl Drop for AuditSink {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -66,14 +66,19 @@ pub struct Telemetry {
     pub metrics: Arc<Metrics>,
     pod: Option<String>,
     audit_arguments: bool,
-    sink: AuditSink,
+    sink: Arc<AuditSink>,
 }
 
 impl Telemetry {
     /// `pod`: written in every audit line; `audit_arguments`: write argument values too
     /// (`--audit-arguments`); `sink`: where audit lines go.
-    pub fn new(metrics: Arc<Metrics>, pod: Option<String>, audit_arguments: bool, sink: AuditSink) -> Self {
+    pub fn new(metrics: Arc<Metrics>, pod: Option<String>, audit_arguments: bool, sink: Arc<AuditSink>) -> Self {
         Self { metrics, pod, audit_arguments, sink }
+    }
+
+    /// The audit sink (flushed by the runtime when a thread goes idle).
+    pub fn sink(&self) -> &Arc<AuditSink> {
+        &self.sink
     }
 
     /// Writes the audit line of a decision and, if `count`, counts it in
@@ -102,6 +107,8 @@ impl Telemetry {
             approval: e.approval,
             latency_us: started.elapsed().as_micros() as u64,
         };
-        self.sink.write(&record);
+        // Anything but an admitted call is written at once: a refusal's line is out
+        // before its answer.
+        self.sink.write(&record, e.decision != "allow");
     }
 }

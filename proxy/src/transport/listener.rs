@@ -104,7 +104,9 @@ pub async fn serve<S, F, Fut>(
             let body_read = limits.body_read;
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let in_flight = activity.begin();
-                let fut = handler(state.clone(), conn.clone(), req.map(|b| ReqBody::new(b, body_read)));
+                // Boxed: the handler's state machine is several KiB, and hyper moves the
+                // future it is given (a memcpy of all of it per request, ~12 k instructions).
+                let fut = Box::pin(handler(state.clone(), conn.clone(), req.map(|b| ReqBody::new(b, body_read))));
                 async move {
                     let resp = fut.await?;
                     Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, in_flight)))
