@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::HeaderMap;
 use serde_json::Value;
 use tokio::sync::watch;
 use toolgate_policy::{
@@ -32,62 +31,18 @@ use crate::mcp::jsonrpc::{self, Body, Kind, code, id_key};
 use crate::telemetry::decision::would;
 use crate::telemetry::{DecisionEvent, Telemetry, audit};
 
+mod account;
 pub mod authn;
+mod caller;
 mod hold;
 #[cfg(test)]
 mod proptests;
 mod refusal;
 
+pub use account::{Held, Keep, Tracker};
+pub use caller::{CallerError, IdentitySource};
 pub use hold::{Approver, Approvers, Hold, Outcome, OwnedCall, Reusable, ReuseKey};
 pub use refusal::{ApprovalRefusal, Refusal};
-
-/// How callers are identified.
-#[derive(Clone, Debug)]
-pub enum IdentitySource {
-    /// SHA-256 fingerprint of the `Authorization` header value.
-    Authorization,
-    /// The value of a header set by a trusted gateway.
-    Header(hyper::header::HeaderName),
-    /// Nobody authenticates callers (a child process that uses its own key and never sees
-    /// the caller's `Authorization`): every caller is one identity, so a limit holds for
-    /// the whole server instead of per header value a client picks.
-    Shared,
-    /// Callers prove who they are (a verified bearer token or API key): the identity is
-    /// the principal's stable key, and grants can match it.
-    Authenticated(Arc<authn::Authn>),
-}
-
-/// Quota held for one forwarded call: the enforcing documents' and, if any, the dry-run
-/// documents' (kept apart, so trying a policy out never spends real quota). Both settle
-/// together.
-#[derive(Debug)]
-pub struct Held {
-    enforce: Reservation,
-    dry_run: Option<Reservation>,
-}
-
-impl Held {
-    /// Gives back everything held (the call does not happen).
-    fn rollback_dry_run(dry_run: Option<Reservation>) {
-        if let Some(d) = dry_run {
-            d.rollback();
-        }
-    }
-
-    fn commit(self) {
-        self.enforce.commit();
-        if let Some(d) = self.dry_run {
-            d.commit();
-        }
-    }
-
-    fn rollback(self) {
-        self.enforce.rollback();
-        if let Some(d) = self.dry_run {
-            d.rollback();
-        }
-    }
-}
 
 /// Everything the enforcement layer needs, shared by all connections.
 #[derive(Debug)]
@@ -162,134 +117,24 @@ impl Gate {
         self.policy.borrow().clone()
     }
 
-    /// Who is calling. Refused (the request is answered 400, nothing forwarded) when a
-    /// header that identifies the caller or its session is repeated: which copy counts
-    /// would be the caller's choice, and the upstream may read another one than the
-    /// proxy did.
-    pub fn caller(&self, headers: &HeaderMap, policy: &Effective) -> Result<Caller, CallerError> {
-        let single = |name: &str| -> Result<Option<&hyper::header::HeaderValue>, CallerError> {
-            let mut all = headers.get_all(name).iter();
-            let first = all.next();
-            if all.next().is_some() {
-                return Err(CallerError(format!("the {name} header is repeated: send it once")));
-            }
-            Ok(first)
-        };
-        let authorization = single(hyper::header::AUTHORIZATION.as_str())?;
-        let mut principal = None;
-        let identity = match &self.identity {
-            IdentitySource::Authenticated(authn) => match authn.principal(authorization.map(|v| v.as_bytes())) {
-                Ok(Some(p)) => {
-                    let key = p.key();
-                    principal = Some(p);
-                    key
-                }
-                Ok(None) => String::new(),
-                Err(e) => return Err(CallerError(format!("{e}: send the request again"))),
-            },
-            IdentitySource::Authorization => {
-                authorization.map(|v| self.fingerprints.fingerprint(v.as_bytes())).unwrap_or_default()
-            }
-            IdentitySource::Header(name) => match single(name.as_str())? {
-                None => String::new(),
-                Some(v) => v
-                    .to_str()
-                    .map(|s| s.trim().to_owned())
-                    .map_err(|_| CallerError(format!("the {name} header is not visible ASCII")))?,
-            },
-            IdentitySource::Shared => String::new(),
-        };
-        let session = match single("mcp-session-id")? {
-            None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .map_err(|_| CallerError("the Mcp-Session-Id header is not visible ASCII".into()))?
-                    .to_owned(),
-            ),
-        };
-        let wanted = policy.header_names();
-        let mut matched = Vec::new();
-        for n in wanted {
-            if let Some(v) = single(n)?
-                && let Ok(v) = v.to_str()
-            {
-                matched.push((n.clone(), v.to_owned()));
-            }
-        }
-        Ok(Caller { identity, session, headers: matched, principal })
-    }
-}
-
-/// A request whose caller cannot be told unambiguously (see [`Gate::caller`]).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CallerError(pub String);
-
-impl CallerError {
-    /// The JSON-RPC answer (sent with HTTP 400).
-    pub fn answer(&self) -> Value {
-        jsonrpc::error(Value::Null, code::INVALID_REQUEST, format!("toolgate: {}", self.0), None)
-    }
-}
-
-/// Requests of one POST whose answers must be inspected, keyed by the id's canonical
-/// text ([`id_key`]).
-#[derive(Debug, Default)]
-pub struct Tracker {
-    calls: HashMap<String, Held>,
-    lists: HashMap<String, ()>,
-    /// Held until the answers are settled (dropped with the tracker): the claim on the
-    /// requests' ids in their session.
-    keep: Option<Keep>,
-}
-
-/// Something a [`Tracker`] holds until it is dropped.
-pub struct Keep(#[allow(dead_code, reason = "held for its Drop")] Box<dyn Send + Sync>);
-
-impl std::fmt::Debug for Keep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Keep")
-    }
-}
-
-impl Tracker {
-    /// One forwarded call (a held call, once approved).
-    fn single(id: &Value, held: Held) -> Self {
-        let mut t = Self::default();
-        t.calls.insert(id_key(id), held);
-        t
+    /// Who is calling (see [`caller::identify`]).
+    pub fn caller(&self, headers: &hyper::HeaderMap, policy: &Effective) -> Result<Caller, CallerError> {
+        caller::identify(&self.identity, &self.fingerprints, headers, policy)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.calls.is_empty() && self.lists.is_empty()
+    /// Inspects one message the upstream sent back. Returns a replacement when the
+    /// message must change (a filtered tools/list result).
+    pub fn inspect_answer(&self, msg: &Value, tracker: &mut Tracker, caller: &Caller) -> Option<Value> {
+        self.inspector().inspect_answer(msg, tracker, caller)
     }
 
-    /// Holds `k` until this tracker is dropped (its answers settled or given up).
-    pub fn keep_until_settled(&mut self, k: impl Send + Sync + 'static) {
-        self.keep = Some(Keep(Box::new(k)));
+    /// Inspects a JSON answer body (one message or a batch). None = unchanged.
+    pub fn inspect_body(&self, body: &[u8], tracker: &mut Tracker, caller: &Caller) -> Option<Vec<u8>> {
+        self.inspector().inspect_body(body, tracker, caller)
     }
 
-    /// Takes over the entries of another tracker (stdio mode keeps one for the session).
-    pub fn absorb(&mut self, other: Tracker) {
-        self.calls.extend(other.calls);
-        self.lists.extend(other.lists);
-    }
-
-    /// Calls whose outcome is unknown (no answer seen): their units stay spent, since
-    /// the upstream may have acted. Failing closed never admits more than `max`.
-    pub fn keep_spent(self) {
-        for (_, r) in self.calls {
-            r.commit();
-        }
-    }
-
-    /// The call never completed upstream (transport error, error status, stream ended
-    /// without its answer): give its quota back.
-    pub fn rollback_all(&mut self) {
-        for (_, r) in self.calls.drain() {
-            r.rollback();
-        }
-        self.lists.clear();
+    fn inspector(&self) -> account::Inspector<'_> {
+        account::Inspector { policy: &self.policy, metrics: &self.telemetry.metrics }
     }
 }
 
@@ -630,97 +475,6 @@ impl Gate {
         let event = d.map_or_else(|| DecisionEvent::bare(decision), |d| DecisionEvent::of(decision, d));
         self.telemetry.decision(call, &event, &policy.revision, started, true);
     }
-
-    /// Inspects one message the upstream sent back. Returns a replacement when the
-    /// message must change (a filtered tools/list result).
-    pub fn inspect_answer(&self, msg: &Value, tracker: &mut Tracker, caller: &Caller) -> Option<Value> {
-        // Only answers (no `method`) settle or match a request: a server's own request
-        // to the client may carry any id, also one of the client's.
-        let key = msg.get("id").filter(|_| msg.get("method").is_none()).map(id_key);
-        if let Some(k) = &key
-            && let Some(r) = tracker.calls.remove(k)
-        {
-            settle(r, msg.get("error").is_some());
-            return None;
-        }
-        let tracked_list = key.as_ref().is_some_and(|k| tracker.lists.remove(k).is_some());
-        // Untracked answers that look like a tools/list result (e.g. replayed on a
-        // resumed stream) are filtered too: a hidden tool must never be shown.
-        let tools = msg.get("result").and_then(|r| r.get("tools")).and_then(Value::as_array)?;
-        if !tracked_list && !tools.iter().all(|t| t.get("name").is_some_and(Value::is_string)) {
-            return None;
-        }
-        let policy = self.current();
-        self.telemetry.metrics.learn_tools(tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)));
-        let kept: Vec<Value> = tools
-            .iter()
-            .filter(|t| t.get("name").and_then(Value::as_str).is_some_and(|n| policy.lists_tool(n, caller)))
-            .cloned()
-            .collect();
-        let mut out = msg.clone();
-        out["result"]["tools"] = Value::Array(kept);
-        Some(out)
-    }
-
-    /// Inspects a JSON answer body (one message or a batch). None = unchanged.
-    pub fn inspect_body(&self, body: &[u8], tracker: &mut Tracker, caller: &Caller) -> Option<Vec<u8>> {
-        // The common answer, one message to a tracked tools/call, only needs its id and
-        // whether it is an error: read just those (the rest is validated, not built).
-        // Anything else (batches, duplicate keys, untracked ids, tools/list) takes the
-        // full path below.
-        if !tracker.calls.is_empty()
-            && body.trim_ascii_start().first() == Some(&b'{')
-            && let Ok(head) = serde_json::from_slice::<AnswerHead>(body)
-            && !head.method
-            && let Some(id) = &head.id
-            && let Some(r) = tracker.calls.remove(&id_key(id))
-        {
-            settle(r, head.error);
-            return None;
-        }
-        let value: Value = serde_json::from_slice(body).ok()?;
-        let replaced = match &value {
-            Value::Array(items) => {
-                let mut changed = false;
-                let out: Vec<Value> = items
-                    .iter()
-                    .map(|m| match self.inspect_answer(m, tracker, caller) {
-                        Some(r) => {
-                            changed = true;
-                            r
-                        }
-                        None => m.clone(),
-                    })
-                    .collect();
-                changed.then_some(Value::Array(out))
-            }
-            other => self.inspect_answer(other, tracker, caller),
-        };
-        replaced.and_then(|v| serde_json::to_vec(&v).ok())
-    }
-}
-
-/// A JSON-RPC error means the call did not happen: give the quota back. A result, even
-/// one with `isError`, spent it.
-fn settle(r: Held, error: bool) {
-    if error { r.rollback() } else { r.commit() }
-}
-
-/// The parts of one answer message that settle a tracked call.
-#[derive(serde::Deserialize)]
-struct AnswerHead {
-    #[serde(default)]
-    id: Option<Value>,
-    /// Present at all (even `null`), as `msg.get("error").is_some()` in `inspect_answer`.
-    #[serde(default, deserialize_with = "present")]
-    error: bool,
-    /// A request of the server (any id), not an answer.
-    #[serde(default, deserialize_with = "present")]
-    method: bool,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    <serde::de::IgnoredAny as serde::Deserialize>::deserialize(d).map(|_| true)
 }
 
 fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&str>) -> Option<Refusal> {
