@@ -9,5 +9,5 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
-    toolgate_proxy::config::main()
+    toolgate_proxy::run::main()
 }

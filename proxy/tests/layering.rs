@@ -8,7 +8,8 @@ use toolgate_tests::layering::ImportGraph;
 
 /// Bottom to top: a module may import modules before it in this list (and its own
 /// submodules), never one after it. `lib.rs` and `main.rs` only wire them together.
-const LAYERS: &[&str] = &["mcp", "telemetry", "live", "gate", "approval", "control", "transport", "admin", "config"];
+const LAYERS: &[&str] =
+    &["mcp", "telemetry", "live", "gate", "approval", "control", "transport", "admin", "cli", "run"];
 
 fn graph() -> ImportGraph {
     ImportGraph::of_crate(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"))

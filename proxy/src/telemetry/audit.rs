@@ -84,7 +84,7 @@ const FLUSH_AT: usize = 64 * 1024;
 
 /// The audit sink: lines are appended to a buffer in memory and written to the target in
 /// one `write` when a runtime thread runs out of work (`on_thread_park`, see
-/// `config::main`), when the buffer reaches 64 KiB, when the proxy stops (after the
+/// `run::main`), when the buffer reaches 64 KiB, when the proxy stops (after the
 /// runtime, on a panic, on drop) — and at once for a line that refuses a call, so every
 /// refusal's line is out before its answer. One `write` per burst of calls instead of one
 /// per call; a line of an admitted call waits at most until the proxy is next idle, and

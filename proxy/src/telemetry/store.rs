@@ -1,6 +1,6 @@
 //! The shared counter store's metrics and state (`toolgate_counter_store_*`, a line in
 //! `/readyz`) and a monitor that keeps them fresh; `Metrics::store` holds them. The store
-//! itself is built from the flags in `config` (`--counter-store …`) and used by the gate
+//! itself is built from the flags in `cli` (`--counter-store …`) and used by the gate
 //! for enforcing limits.
 
 use std::sync::atomic::Ordering;
