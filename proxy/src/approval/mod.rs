@@ -30,6 +30,7 @@ use toolgate_policy::{Caller, DenialStyle};
 
 use crate::gate::{self, ApprovalRefusal, Approver, Hold, Outcome, Refusal, Reusable, ReuseKey};
 use crate::mcp::jsonrpc::code;
+use crate::telemetry::metrics::ApprovalOutcome;
 use crate::telemetry::{DecisionEvent, Telemetry, audit};
 
 /// Why the operator could not be asked (shown in the refusal and the log).
@@ -58,14 +59,14 @@ const CLOSE_ATTEMPTS: u32 = 3;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The `decision` label of `toolgate_approval_decisions_total` for a final phase.
-fn phase_label(phase: ApprovalPhase) -> &'static str {
+fn phase_label(phase: ApprovalPhase) -> ApprovalOutcome {
     match phase {
-        ApprovalPhase::Pending => "error",
-        ApprovalPhase::Approved => "approved",
-        ApprovalPhase::Denied => "denied",
-        ApprovalPhase::Expired => "expired",
-        ApprovalPhase::Cancelled => "cancelled",
-        ApprovalPhase::Abandoned => "abandoned",
+        ApprovalPhase::Pending => ApprovalOutcome::Error,
+        ApprovalPhase::Approved => ApprovalOutcome::Approved,
+        ApprovalPhase::Denied => ApprovalOutcome::Denied,
+        ApprovalPhase::Expired => ApprovalOutcome::Expired,
+        ApprovalPhase::Cancelled => ApprovalOutcome::Cancelled,
+        ApprovalPhase::Abandoned => ApprovalOutcome::Abandoned,
     }
 }
 
@@ -241,7 +242,7 @@ impl Approvals {
         let Some(slot) = self.admit() else {
             let reason = format!("too many calls waiting for approval (at most {MAX_HELD}); try again later");
             ctx.emit(&self.telemetry, "approval", Some(&reason), None, true);
-            self.telemetry.metrics.approval_decision("error", None);
+            self.telemetry.metrics.approval_decision(ApprovalOutcome::Error, None);
             return Outcome::Refused(Refusal::Approval(ctx.refusal(
                 code::APPROVAL_REQUIRED,
                 "approval required",
@@ -287,7 +288,7 @@ impl Approvals {
                 let reason = format!("cannot request approval: {e}");
                 tracing::warn!(tool = ctx.request.tool, error = %e, "cannot request approval; the call is refused");
                 ctx.emit(&self.telemetry, "approval", Some(&reason), None, true);
-                self.telemetry.metrics.approval_decision("error", None);
+                self.telemetry.metrics.approval_decision(ApprovalOutcome::Error, None);
                 drop(slot);
                 let refusal = ctx.refusal(code::APPROVAL_REQUIRED, "approval required", "approval", &reason, None);
                 let _ = result.send(Outcome::Refused(Refusal::Approval(refusal)));
@@ -581,9 +582,10 @@ mod tests {
             ApprovalPhase::Abandoned,
         ]
         .into_iter()
-        .map(phase_label)
+        .map(|p| phase_label(p).label())
         .collect();
         assert_eq!(labels.len(), 5, "every final phase has its own label");
+        assert!(!labels.contains(ApprovalOutcome::Error.label()), "a final phase is never counted as an error");
         assert_eq!(fmt_duration(Duration::from_secs(2)), "2s");
         assert_eq!(fmt_duration(Duration::from_secs(600)), "10m");
         assert_eq!(fmt_duration(Duration::from_secs(7200)), "2h");

@@ -86,8 +86,62 @@ struct ApprovalLabels {
     decision: &'static str,
 }
 
-/// Outcomes of held calls, the label values of `toolgate_approval_decisions_total`.
-pub const APPROVAL_OUTCOMES: [&str; 6] = ["approved", "denied", "expired", "cancelled", "abandoned", "error"];
+/// Closed label sets as types: a call site names a variant, never a string, and each
+/// variant's label is written once, here (docs/metrics.md lists the same values; a unit
+/// test holds them together).
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// Every value, in the documented order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The label value.
+            pub const fn label(self) -> &'static str {
+                match self { $($name::$variant => $label),+ }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// `toolgate_caller_refusals_total{reason}`: why a request was refused before any decision.
+    CallerRefusal {
+        AmbiguousCaller => "ambiguous_caller",
+        Session => "session",
+        DuplicateId => "duplicate_id",
+    }
+}
+
+label_enum! {
+    /// `toolgate_upstream_errors_total{kind}`: how talking to the MCP server failed.
+    UpstreamFailure {
+        Connect => "connect",
+        Timeout => "timeout",
+        Protocol => "protocol",
+        Spawn => "spawn",
+        Sessions => "sessions",
+        Status => "status",
+        Body => "body",
+        Stream => "stream",
+        Lost => "lost",
+    }
+}
+
+label_enum! {
+    /// `toolgate_approval_decisions_total{decision}`: the outcome of a held call.
+    ApprovalOutcome {
+        Approved => "approved",
+        Denied => "denied",
+        Expired => "expired",
+        Cancelled => "cancelled",
+        Abandoned => "abandoned",
+        Error => "error",
+    }
+}
 
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
@@ -211,8 +265,8 @@ impl Metrics {
             approval_decisions.clone(),
         );
         // Every outcome is a series from the start, so rates over it are defined.
-        for decision in APPROVAL_OUTCOMES {
-            let _ = approval_decisions.get_or_create(&ApprovalLabels { decision });
+        for outcome in ApprovalOutcome::ALL {
+            let _ = approval_decisions.get_or_create(&ApprovalLabels { decision: outcome.label() });
         }
         // 0.5 s … ~68 min
         let approval_wait = Histogram::new(exponential_buckets(0.5, 2.0, 14));
@@ -284,8 +338,8 @@ impl Metrics {
     }
 
     /// A request refused before any decision; `reason` is one of the documented labels.
-    pub fn caller_refused(&self, reason: &'static str) {
-        self.caller_refusals.get_or_create(&ReasonLabels { reason }).inc();
+    pub fn caller_refused(&self, reason: CallerRefusal) {
+        self.caller_refusals.get_or_create(&ReasonLabels { reason: reason.label() }).inc();
     }
 
     /// A request refused at the door; `reason` is an `AuthError::reason` label.
@@ -293,8 +347,8 @@ impl Metrics {
         self.auth_refusals.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    pub fn upstream_error(&self, kind: &'static str) {
-        self.upstream_errors.get_or_create(&KindLabels { kind }).inc();
+    pub fn upstream_error(&self, kind: UpstreamFailure) {
+        self.upstream_errors.get_or_create(&KindLabels { kind: kind.label() }).inc();
     }
 
     /// Records the policy now enforced and makes the tool names its documents name valid
@@ -330,10 +384,10 @@ impl Metrics {
         self.approvals_pending.inc_by(delta);
     }
 
-    /// The outcome of a held call (one of [`APPROVAL_OUTCOMES`]) and how long it waited
+    /// The outcome of a held call  and how long it waited
     /// (`None` when it never waited: the approval could not be requested).
-    pub fn approval_decision(&self, decision: &'static str, waited: Option<std::time::Duration>) {
-        self.approval_decisions.get_or_create(&ApprovalLabels { decision }).inc();
+    pub fn approval_decision(&self, outcome: ApprovalOutcome, waited: Option<std::time::Duration>) {
+        self.approval_decisions.get_or_create(&ApprovalLabels { decision: outcome.label() }).inc();
         if let Some(w) = waited {
             self.approval_wait.observe(w.as_secs_f64());
         }
@@ -349,6 +403,36 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+
+    /// The documented label values (docs/metrics.md) are exactly the typed ones.
+    #[test]
+    fn typed_label_sets_are_the_documented_ones() {
+        let doc = include_str!("../../../docs/metrics.md");
+        let row = |metric: &str| -> String {
+            doc.lines()
+                .find(|l| l.starts_with(&format!("| `{metric}`")))
+                .unwrap_or_else(|| panic!("{metric} row"))
+                .to_owned()
+        };
+        let backticked =
+            |text: &str| -> Vec<String> { text.split('`').skip(1).step_by(2).map(str::to_owned).collect() };
+        for (metric, labels) in [
+            ("toolgate_caller_refusals_total", CallerRefusal::ALL.iter().map(|l| l.label()).collect::<Vec<_>>()),
+            ("toolgate_upstream_errors_total", UpstreamFailure::ALL.iter().map(|l| l.label()).collect()),
+            ("toolgate_approval_decisions_total", ApprovalOutcome::ALL.iter().map(|l| l.label()).collect()),
+        ] {
+            let line = row(metric);
+            // The last column lists the values, each in backticks.
+            let documented = backticked(line.rsplit('|').nth(1).expect("description column"));
+            let documented: Vec<&str> = documented
+                .iter()
+                .map(String::as_str)
+                .filter(|v| v.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .collect();
+            assert_eq!(documented, labels, "{metric}: docs/metrics.md lists other values than the code");
+        }
+    }
+
     use super::*;
 
     #[test]

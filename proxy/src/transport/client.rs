@@ -12,6 +12,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::process::{Child, Command};
 
+use crate::telemetry::metrics::UpstreamFailure;
+
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,14 +39,14 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> UpstreamFailure {
         match self {
-            UpstreamError::Connect(_) => "connect",
-            UpstreamError::Timeout => "timeout",
-            UpstreamError::Protocol(_) => "protocol",
-            UpstreamError::Spawn(_) => "spawn",
-            UpstreamError::TooManySessions(_) | UpstreamError::TooManySessionsFor(_) => "sessions",
-            UpstreamError::Lost(_) => "lost",
+            UpstreamError::Connect(_) => UpstreamFailure::Connect,
+            UpstreamError::Timeout => UpstreamFailure::Timeout,
+            UpstreamError::Protocol(_) => UpstreamFailure::Protocol,
+            UpstreamError::Spawn(_) => UpstreamFailure::Spawn,
+            UpstreamError::TooManySessions(_) | UpstreamError::TooManySessionsFor(_) => UpstreamFailure::Sessions,
+            UpstreamError::Lost(_) => UpstreamFailure::Lost,
         }
     }
 

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use crate::gate::Tracker;
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::sse;
+use crate::telemetry::metrics::CallerRefusal;
 use crate::transport::http::{BoxError, ReqBody, RespBody, full, json_response};
 use crate::transport::mcp_http::{self, App};
 use crate::transport::sessions::new_session_id;
@@ -112,7 +113,7 @@ pub fn open(legacy: &Arc<LegacyClients>, headers: &HeaderMap) -> Response<RespBo
     let owner = match app.gate.caller(headers, &app.gate.current()) {
         Ok(c) => c.identity,
         Err(e) => {
-            app.gate.telemetry.metrics.caller_refused("ambiguous_caller");
+            app.gate.telemetry.metrics.caller_refused(CallerRefusal::AmbiguousCaller);
             return json_response(StatusCode::BAD_REQUEST, &e.answer());
         }
     };
@@ -173,7 +174,7 @@ pub async fn message(legacy: &Arc<LegacyClients>, mut req: Request<ReqBody>) -> 
     let session = session.filter(|s| {
         let own = caller.as_deref() == Some(s.owner.as_str());
         if !own {
-            app.gate.telemetry.metrics.caller_refused("session");
+            app.gate.telemetry.metrics.caller_refused(CallerRefusal::Session);
         }
         own
     });

@@ -16,7 +16,7 @@ use toolgate_policy::Caller;
 use crate::gate::{Checked, Gate, Tracker};
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::sse;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{CallerRefusal, Metrics, UpstreamFailure};
 use crate::transport::http::{
     BoxError, ReqBody, RespBody, full, header_str, json_response, rpc_error, strip_hop_by_hop,
 };
@@ -43,7 +43,7 @@ impl App {
     #[expect(clippy::result_large_err, reason = "the refusal is the response itself, built at most once per request")]
     fn bound_caller(&self, headers: &HeaderMap, policy: &crate::live::Effective) -> Result<Caller, Response<RespBody>> {
         let mut caller = self.gate.caller(headers, policy).map_err(|e| {
-            self.gate.telemetry.metrics.caller_refused("ambiguous_caller");
+            self.gate.telemetry.metrics.caller_refused(CallerRefusal::AmbiguousCaller);
             json_response(StatusCode::BAD_REQUEST, &e.answer())
         })?;
         if let Some(sid) = &caller.session {
@@ -51,7 +51,7 @@ impl App {
                 Verdict::Own => {}
                 Verdict::Stateless => caller.session = None,
                 Verdict::NotFound => {
-                    self.gate.telemetry.metrics.caller_refused("session");
+                    self.gate.telemetry.metrics.caller_refused(CallerRefusal::Session);
                     return Err(rpc_error(
                         StatusCode::NOT_FOUND,
                         code::INVALID_REQUEST,
@@ -167,7 +167,7 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
             Some(claim) => tracker.keep_until_settled(claim),
             None => {
                 tracker.rollback_all();
-                app.gate.telemetry.metrics.caller_refused("duplicate_id");
+                app.gate.telemetry.metrics.caller_refused(CallerRefusal::DuplicateId);
                 return (
                     rpc_error(
                         StatusCode::BAD_REQUEST,
@@ -216,7 +216,7 @@ pub async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, c
             // A server error may come after the work began: the units stay spent.
             tracker.keep_spent();
             if parts.status.is_server_error() {
-                app.gate.telemetry.metrics.upstream_error("status");
+                app.gate.telemetry.metrics.upstream_error(UpstreamFailure::Status);
             }
         }
         return Response::from_parts(parts, body);
@@ -238,7 +238,7 @@ pub async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, c
         Err(e) => {
             // The upstream accepted the request (2xx) and may have acted on it.
             tracker.keep_spent();
-            app.gate.telemetry.metrics.upstream_error("body");
+            app.gate.telemetry.metrics.upstream_error(UpstreamFailure::Body);
             return rpc_error(StatusCode::BAD_GATEWAY, code::UPSTREAM, format!("upstream answer unreadable: {e}"));
         }
     };
@@ -261,7 +261,7 @@ fn sse_body(app: &App, mut body: RespBody, mut tracker: Tracker, caller: Caller)
             match body.frame().await {
                 None => break,
                 Some(Err(e)) => {
-                    gate.telemetry.metrics.upstream_error("stream");
+                    gate.telemetry.metrics.upstream_error(UpstreamFailure::Stream);
                     let _ = tx.send(Err(e)).await;
                     break;
                 }
@@ -270,7 +270,7 @@ fn sse_body(app: &App, mut body: RespBody, mut tracker: Tracker, caller: Caller)
                     let events = match splitter.push(&data) {
                         Ok(ev) => ev,
                         Err(e) => {
-                            gate.telemetry.metrics.upstream_error("stream");
+                            gate.telemetry.metrics.upstream_error(UpstreamFailure::Stream);
                             let _ = tx.send(Err(std::io::Error::other(e))).await;
                             break;
                         }

@@ -14,6 +14,7 @@ use toolgate_policy::Caller;
 use crate::gate::{Checked, Gate, Tracker};
 use crate::mcp::jsonrpc;
 use crate::mcp::lines::read_line;
+use crate::telemetry::metrics::CallerRefusal;
 use crate::transport::sessions::MAX_PENDING;
 
 /// Largest line the child may write (one JSON-RPC message), as in child sessions.
@@ -105,7 +106,7 @@ pub async fn run(
         };
         let refusal = state.lock().unwrap_or_else(|p| p.into_inner()).refuse_waiting(&body);
         if let Some(refusal) = refusal {
-            gate.telemetry.metrics.caller_refused("duplicate_id");
+            gate.telemetry.metrics.caller_refused(CallerRefusal::DuplicateId);
             let _ = out_tx.send(serde_json::to_vec(&refusal).unwrap_or_default()).await;
             continue;
         }
