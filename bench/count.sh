@@ -51,18 +51,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  local p i
-  for i in $(seq 1 100); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      echo "$p"
-      return 0
-    fi
-  done
-  echo "no free port found" >&2
-  return 1
-}
+# free_port: one definition for both benchmark scripts.
+source bench/ports.sh
 
 "$BIN/mock-mcp" 0 >"$WORK/mock.out" 2>"$WORK/mock.err" &
 PIDS+=($!)

@@ -63,19 +63,8 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; 
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0; }
 TICK=$(getconf CLK_TCK)
 
-# A loopback port nobody listens on (bash's /dev/tcp fails to connect).
-free_port() {
-  local p i
-  for i in $(seq 1 100); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      echo "$p"
-      return 0
-    fi
-  done
-  echo "no free port found" >&2
-  return 1
-}
+# free_port: one definition for both benchmark scripts.
+source bench/ports.sh
 
 # Waits for a started benchmark tool to print "LISTENING <port>" (its stdout and stderr are
 # $WORK/<name>.out and .err) and prints the port; shows its stderr and fails if it exits
