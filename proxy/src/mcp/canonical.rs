@@ -9,24 +9,24 @@ use sha2::{Digest, Sha256};
 /// line's `argumentsSha256`. The same digest as an McpApproval's `argumentsDigest`, so the
 /// two correlate.
 pub fn arguments_digest(args: &Value) -> String {
-    let mut s = String::with_capacity(7 + 64);
-    s.push_str("sha256:");
-    s.push_str(&arguments_sha256_hex(args));
-    s
+    sha256_text(&arguments_hash(args))
 }
 
 /// Hex SHA-256 of the arguments' canonical JSON: object keys sorted by their UTF-8 bytes at
 /// every level, no whitespace, strings and numbers as `serde_json` writes them; absent
 /// arguments are `{}`. The one digest of a call's arguments (audit lines and approvals).
 pub fn arguments_sha256_hex(args: &Value) -> String {
+    hex(&arguments_hash(args))
+}
+
+fn arguments_hash(args: &Value) -> [u8; 32] {
     let mut h = Sha256::new();
     if args.is_null() {
         h.update(b"{}");
     } else {
         canonical(args, &mut h);
     }
-    let text = sha256_text(&h.finalize());
-    text["sha256:".len()..].to_owned()
+    h.finalize().into()
 }
 
 #[cfg(test)]
@@ -101,17 +101,15 @@ impl std::io::Write for HashWriter<'_> {
 fn canonical(v: &Value, h: &mut Sha256) {
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
             h.update(b"{");
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    h.update(b",");
-                }
-                // The key as a JSON string, exactly as `serde_json::to_string` writes it.
-                let _ = serde_json::to_writer(HashWriter(h), k);
-                h.update(b":");
-                canonical(&m[k], h);
+            // serde_json's map keeps keys in byte order (no `preserve_order`), so this is
+            // already the canonical order; sorted here only if a build ever changes that.
+            if m.keys().is_sorted() {
+                members(m.iter(), h);
+            } else {
+                let mut sorted: Vec<(&String, &Value)> = m.iter().collect();
+                sorted.sort_unstable_by_key(|(k, _)| *k);
+                members(sorted.into_iter(), h);
             }
             h.update(b"}");
         }
@@ -129,6 +127,19 @@ fn canonical(v: &Value, h: &mut Sha256) {
         other => {
             let _ = serde_json::to_writer(HashWriter(h), other);
         }
+    }
+}
+
+/// An object's members, in the order given, as `"key":value` separated by commas.
+fn members<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, h: &mut Sha256) {
+    for (i, (k, v)) in entries.enumerate() {
+        if i > 0 {
+            h.update(b",");
+        }
+        // The key as a JSON string, exactly as `serde_json::to_string` writes it.
+        let _ = serde_json::to_writer(HashWriter(&mut *h), k);
+        h.update(b":");
+        canonical(v, h);
     }
 }
 
