@@ -202,6 +202,12 @@ pub struct HostRules {
     hosts: Vec<HostPattern>,
     origins: Vec<OriginRule>,
     log: Mutex<LogLimiter>,
+    /// Host values accepted before, byte for byte: a client sends the same `Host` on every
+    /// request, and parsing it (IP forms, lower-casing) was ~3 k instructions of each call.
+    /// Only accepted values are kept (a refused one is parsed again, and logged), at most
+    /// [`Self::ACCEPTED`] of at most [`Self::ACCEPTED_LEN`] bytes, emptied when full: the
+    /// rules never change, so an exact repeat always gets the same answer.
+    accepted: Mutex<Vec<Box<str>>>,
 }
 
 const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
@@ -246,7 +252,12 @@ impl HostRules {
         for entry in allowed_origins.iter().filter(|e| !e.trim().is_empty()) {
             origins.push(OriginRule::parse(entry).map_err(|e| format!("--allowed-origins: {e}"))?);
         }
-        Ok(Self { hosts, origins, log: Mutex::new(LogLimiter::new(Duration::from_secs(1))) })
+        Ok(Self {
+            hosts,
+            origins,
+            log: Mutex::new(LogLimiter::new(Duration::from_secs(1))),
+            accepted: Mutex::default(),
+        })
     }
 
     /// Checks a request's `Host` (and HTTP/2 `:authority`, given as `authority`) and
@@ -273,9 +284,7 @@ impl HostRules {
             }
         };
         for value in given {
-            let allowed =
-                Host::parse(value.trim()).is_some_and(|(host, _)| self.hosts.iter().any(|p| p.matches(&host)));
-            if !allowed {
+            if !self.host_allowed(value) {
                 return refused(
                     "host",
                     format!(
@@ -303,6 +312,26 @@ impl HostRules {
                 ),
             )
         }
+    }
+
+    pub const ACCEPTED: usize = 16;
+    pub const ACCEPTED_LEN: usize = 256;
+
+    /// Whether a `Host` (or `:authority`) value names an allowed host.
+    fn host_allowed(&self, value: &str) -> bool {
+        let cacheable = value.len() <= Self::ACCEPTED_LEN;
+        let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if cacheable && accepted.iter().any(|a| **a == *value) {
+            return true;
+        }
+        let allowed = Host::parse(value.trim()).is_some_and(|(host, _)| self.hosts.iter().any(|p| p.matches(&host)));
+        if allowed && cacheable {
+            if accepted.len() >= Self::ACCEPTED {
+                accepted.clear();
+            }
+            accepted.push(value.into());
+        }
+        allowed
     }
 
     fn log_refusal(&self, message: &str) {
@@ -476,6 +505,25 @@ mod tests {
         let any = rules("127.0.0.1:8080", &[], &["*"]);
         assert_eq!(check(&any, host, Some("http://evil.example")), Ok(()));
         assert_eq!(check(&any, Some("evil.example"), Some("http://evil.example")), Err("host"));
+    }
+
+    #[test]
+    fn remembered_hosts_get_the_same_answers_and_stay_bounded() {
+        let r = rules("127.0.0.1:8080", &["*.example.com"], &[]);
+        let mut values: Vec<String> = (0..40).map(|i| format!("a{i}.example.com:80")).collect();
+        values.extend(
+            ["evil.example", "localhost", " LOCALHOST. ", "a.example.com.evil", "example.com"].map(String::from),
+        );
+        let answers = |r: &HostRules| -> Vec<bool> { values.iter().map(|v| check(r, Some(v), None).is_ok()).collect() };
+        let first = answers(&r);
+        assert!(first[..40].iter().all(|a| *a), "{first:?}");
+        assert_eq!(&first[40..], &[false, true, true, false, false]);
+        for _ in 0..3 {
+            assert_eq!(answers(&r), first, "a remembered value gets the answer it got first");
+        }
+        let accepted = r.accepted.lock().expect("lock");
+        assert!(accepted.len() <= HostRules::ACCEPTED, "{}", accepted.len());
+        assert!(accepted.iter().all(|a| !a.contains("evil") && &**a != "example.com"), "{accepted:?}");
     }
 
     #[test]
