@@ -177,30 +177,47 @@ fn needs_escape(w: u64) -> bool {
     (control | has_zero(w ^ (ONES * u64::from(b'"'))) | has_zero(w ^ (ONES * u64::from(b'\\')))) != 0
 }
 
-/// `s` as a JSON string: runs of bytes that need no escape are copied as they are (8 at a
-/// time are checked at once); `"`, `\` and control characters are escaped the way
-/// serde_json escapes them (`\"`, `\\`, `\b`, `\t`, `\n`, `\f`, `\r`, else `\u00xx`).
+/// `s` as a JSON string: copied as it is when no byte needs an escape (checked 8 bytes at
+/// a time), which is the common case; otherwise `"`, `\` and control characters are
+/// escaped the way serde_json escapes them (`\"`, `\\`, `\b`, `\t`, `\n`, `\f`, `\r`,
+/// else `\u00xx`) and every other byte copied.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     let b = s.as_bytes();
     out.reserve(b.len() + 2);
     out.push(b'"');
-    let mut copied = 0;
-    let mut at = 0;
-    while at + 8 <= b.len() {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&b[at..at + 8]);
-        if needs_escape(u64::from_le_bytes(w)) {
-            for i in at..at + 8 {
-                escape_at(out, b, &mut copied, i);
-            }
-        }
-        at += 8;
+    if is_plain(b) {
+        out.extend_from_slice(b);
+    } else {
+        escaped(out, b);
     }
-    for i in at..b.len() {
+    out.push(b'"');
+}
+
+/// Whether no byte of `b` needs an escape.
+fn is_plain(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        if needs_escape(u64::from_le_bytes(word)) {
+            return false;
+        }
+    }
+    // The last bytes, padded with a byte that needs no escape.
+    let rest = words.remainder();
+    let mut word = [b'a'; 8];
+    word[..rest.len()].copy_from_slice(rest);
+    !needs_escape(u64::from_le_bytes(word))
+}
+
+/// `b` with its escapes, byte by byte.
+#[cold]
+fn escaped(out: &mut Vec<u8>, b: &[u8]) {
+    let mut copied = 0;
+    for i in 0..b.len() {
         escape_at(out, b, &mut copied, i);
     }
     out.extend_from_slice(&b[copied..]);
-    out.push(b'"');
 }
 
 /// Escapes `b[i]` if it must be, after copying what precedes it since `copied`.
@@ -508,6 +525,25 @@ mod tests {
                     let mut w = [filler; 8];
                     w[at] = c;
                     assert_eq!(needs_escape(u64::from_le_bytes(w)), must_escape(c), "{w:?}");
+                }
+            }
+        }
+    }
+
+    /// Each character JSON escapes, at every position of strings up to three words long
+    /// (the full words and the padded last bytes), alone and next to non-ASCII.
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for len in 0..=24 {
+            for at in 0..len {
+                for c in
+                    ['"', '\\', '\0', '\u{8}', '\t', '\n', '\u{b}', '\u{c}', '\r', '\u{1f}', '\u{7f}', 'é', '\u{2028}']
+                {
+                    let mut s: String = "x".repeat(len);
+                    s.replace_range(at..=at, c.encode_utf8(&mut [0; 4]));
+                    let mut out = Vec::new();
+                    json_str(&mut out, &s);
+                    assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap(), "{s:?}");
                 }
             }
         }
