@@ -195,19 +195,21 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 
 /// Whether no byte of `b` needs an escape.
 fn is_plain(b: &[u8]) -> bool {
-    let mut words = b.chunks_exact(8);
-    for w in &mut words {
+    let word = |w: &[u8]| {
         let mut word = [0u8; 8];
         word.copy_from_slice(w);
-        if needs_escape(u64::from_le_bytes(word)) {
-            return false;
-        }
+        u64::from_le_bytes(word)
+    };
+    if b.len() < 8 {
+        // Padded with a byte that needs no escape.
+        let mut w = [b'a'; 8];
+        w[..b.len()].copy_from_slice(b);
+        return !needs_escape(u64::from_le_bytes(w));
     }
-    // The last bytes, padded with a byte that needs no escape.
-    let rest = words.remainder();
-    let mut word = [b'a'; 8];
-    word[..rest.len()].copy_from_slice(rest);
-    !needs_escape(u64::from_le_bytes(word))
+    // Whole words, then the last 8 bytes (overlapping the last whole word).
+    let mut flagged = b.chunks_exact(8).any(|w| needs_escape(word(w)));
+    flagged |= needs_escape(word(&b[b.len() - 8..]));
+    !flagged
 }
 
 /// `b` with its escapes, byte by byte.
