@@ -88,7 +88,7 @@ impl Telemetry {
             self.metrics.decision(call.tool, e.decision, e.policy, e.rule);
         }
         let record = audit::Record {
-            ts: audit::now_rfc3339(),
+            ts: audit::Ts::now(),
             kind: "decision",
             pod: self.pod.as_deref(),
             session: call.caller.session.as_deref(),
@@ -101,7 +101,7 @@ impl Telemetry {
             revision,
             reason: e.reason,
             retry_after_seconds: e.retry_after.map(retry_secs),
-            argument_keys: audit::argument_keys(call.arguments),
+            argument_keys: audit::ArgumentKeys(call.arguments),
             arguments_sha256: canonical::arguments_digest(call.arguments),
             arguments: self.audit_arguments.then_some(call.arguments),
             approval: e.approval,

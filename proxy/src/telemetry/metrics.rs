@@ -4,7 +4,7 @@
 //! new series.
 
 use std::collections::HashSet;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -143,6 +143,56 @@ label_enum! {
     }
 }
 
+/// Most label sets of `toolgate_decisions_total` whose handles are kept.
+const RECENT_DECISIONS: usize = 64;
+/// Most `(method, code)` pairs whose handles are kept.
+const RECENT_REQUESTS: usize = 32;
+
+/// Handles of the series of recently used label sets, so a hot series is counted without
+/// allocating its label strings and hashing them into the family's map. A handle shares
+/// its value with the family's series (these families are never cleared), so counting
+/// through it is counting the series; it creates no series of its own. At most `cap`
+/// entries, the oldest replaced first; looked up by a linear scan (short keys, few entries),
+/// the last hit first.
+#[derive(Debug)]
+struct Recent<K, V> {
+    entries: Vec<(K, V)>,
+    cap: usize,
+    /// The slot replaced next when full.
+    next: usize,
+    /// The slot of the last hit.
+    last: usize,
+}
+
+impl<K, V> Recent<K, V> {
+    fn new(cap: usize) -> Self {
+        Self { entries: Vec::with_capacity(cap), cap, next: 0, last: 0 }
+    }
+
+    fn find(&mut self, is: impl Fn(&K) -> bool) -> Option<&V> {
+        if !self.entries.get(self.last).is_some_and(|(k, _)| is(k)) {
+            self.last = self.entries.iter().position(|(k, _)| is(k))?;
+        }
+        self.entries.get(self.last).map(|(_, v)| v)
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        if self.entries.len() < self.cap {
+            self.last = self.entries.len();
+            self.entries.push((key, value));
+        } else {
+            self.last = self.next;
+            self.entries[self.next] = (key, value);
+            self.next = (self.next + 1) % self.cap;
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -171,6 +221,10 @@ pub struct Metrics {
     approval_decisions: Family<ApprovalLabels, Counter>,
     approval_wait: Histogram,
     known_tools: RwLock<HashSet<String>>,
+    /// Handles of recently counted `toolgate_decisions_total` series (known tools only).
+    recent_decisions: Mutex<Recent<DecisionLabels, Counter>>,
+    /// Handles of recently used `toolgate_requests_total` and duration series.
+    recent_requests: Mutex<Recent<RequestLabels, (Counter, Histogram)>>,
     /// The listeners' connection and front-door metrics.
     pub connections: crate::telemetry::connections::ConnMetrics,
     /// The shared counter store's state.
@@ -294,6 +348,8 @@ impl Metrics {
             approval_decisions,
             approval_wait,
             known_tools: RwLock::default(),
+            recent_decisions: Mutex::new(Recent::new(RECENT_DECISIONS)),
+            recent_requests: Mutex::new(Recent::new(RECENT_REQUESTS)),
             connections,
             store,
         }
@@ -317,24 +373,46 @@ impl Metrics {
         if known.contains(tool) { tool.to_owned() } else { OTHER.to_owned() }
     }
 
+    /// Counts a decision in `toolgate_decisions_total`. A label set seen recently is counted
+    /// through its cached handle: no label strings allocated, nothing hashed. Only sets whose
+    /// tool is a known label are cached (a known tool stays known, while an unknown one may
+    /// become known and must then leave `_other`); the rest take the family's map.
     pub fn decision(&self, tool: &str, decision: &'static str, policy: Option<&str>, rule: Option<&str>) {
-        self.decisions
-            .get_or_create(&DecisionLabels {
-                tool: self.tool_label(tool),
-                decision,
-                policy: policy.unwrap_or("").to_owned(),
-                rule: rule.unwrap_or("").to_owned(),
-            })
-            .inc();
+        let (policy, rule) = (policy.unwrap_or(""), rule.unwrap_or(""));
+        let is = |l: &DecisionLabels| l.decision == decision && l.tool == tool && l.policy == policy && l.rule == rule;
+        let mut recent = self.recent_decisions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(counter) = recent.find(is) {
+            counter.inc();
+            return;
+        }
+        let labels =
+            DecisionLabels { tool: self.tool_label(tool), decision, policy: policy.to_owned(), rule: rule.to_owned() };
+        let counter = self.decisions.get_or_create_owned(&labels);
+        counter.inc();
+        if labels.tool == tool {
+            recent.insert(labels, counter);
+        }
     }
 
     pub fn method_label(method: &str) -> &'static str {
         KNOWN_METHODS.iter().find(|m| **m == method).copied().unwrap_or(OTHER)
     }
 
+    /// Counts a request in `toolgate_requests_total` and its duration; a recent
+    /// `(method, code)` through its cached handles.
     pub fn request(&self, method: &'static str, code: u16, seconds: f64) {
-        self.requests.get_or_create(&RequestLabels { method, code }).inc();
-        self.duration.get_or_create(&MethodLabels { method }).observe(seconds);
+        let mut recent = self.recent_requests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((count, duration)) = recent.find(|l| l.code == code && l.method == method) {
+            count.inc();
+            duration.observe(seconds);
+            return;
+        }
+        let labels = RequestLabels { method, code };
+        let (count, duration) =
+            (self.requests.get_or_create_owned(&labels), self.duration.get_or_create_owned(&MethodLabels { method }));
+        count.inc();
+        duration.observe(seconds);
+        recent.insert(labels, (count, duration));
     }
 
     /// A request refused before any decision; `reason` is one of the documented labels.
@@ -450,6 +528,106 @@ mod tests {
         assert!(text.contains(
             r#"toolgate_decisions_total{tool="start-pod",decision="allow",policy="p",rule="tools.start-pod"} 1"#
         ));
+    }
+
+    /// The value of the one line of `text` that starts with `series`.
+    fn sample(text: &str, series: &str) -> Option<u64> {
+        let mut found = text.lines().filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '));
+        let v = found.next()?.parse().ok();
+        assert!(found.next().is_none(), "{series} twice in {text}");
+        v
+    }
+
+    type Sample = (&'static str, &'static str, Option<&'static str>, Option<&'static str>);
+    const HOT: [Sample; 5] = [
+        ("tool-0", "deny", None, None),
+        ("tool-1", "deny", None, None),
+        ("tool-0", "allow", None, None),
+        ("tool-0", "deny", Some("p"), None),
+        ("tool-0", "deny", None, Some("r")),
+    ];
+
+    #[test]
+    fn decisions_counted_through_cached_handles_are_the_series_counts() {
+        let m = Metrics::new();
+        let tools: Vec<String> = (0..3 * RECENT_DECISIONS / 2).map(|i| format!("tool-{i}")).collect();
+        m.learn_tools(tools.iter().map(String::as_str));
+        // More label sets than the cache holds, each counted i % 7 + 1 times, interleaved
+        // with a hot one, in rounds (so handles are replaced and found again).
+        for round in 0..7 {
+            for (i, t) in tools.iter().enumerate() {
+                if round < i % 7 + 1 {
+                    m.decision(t, "allow", Some("p"), Some(&format!("tools.{t}")));
+                }
+                // Hot sets, each differing from the first in one label.
+                for (tool, decision, policy, rule) in HOT {
+                    m.decision(tool, decision, policy, rule);
+                }
+            }
+        }
+        let text = m.encode();
+        for (i, t) in tools.iter().enumerate() {
+            let series =
+                format!(r#"toolgate_decisions_total{{tool="{t}",decision="allow",policy="p",rule="tools.{t}"}}"#);
+            assert_eq!(sample(&text, &series), Some(i as u64 % 7 + 1), "{series}");
+        }
+        for (tool, decision, policy, rule) in HOT {
+            let (policy, rule) = (policy.unwrap_or(""), rule.unwrap_or(""));
+            let series = format!(
+                r#"toolgate_decisions_total{{tool="{tool}",decision="{decision}",policy="{policy}",rule="{rule}"}}"#
+            );
+            assert_eq!(sample(&text, &series), Some(7 * tools.len() as u64), "{series}");
+        }
+        assert!(m.recent_decisions.lock().is_ok_and(|r| r.len() <= RECENT_DECISIONS));
+    }
+
+    #[test]
+    fn a_tool_learned_later_leaves_the_other_series() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            m.decision("late", "deny", Some("p"), Some("default"));
+        }
+        m.learn_tools(["late"]);
+        for _ in 0..2 {
+            m.decision("late", "deny", Some("p"), Some("default"));
+        }
+        let text = m.encode();
+        let series = |tool: &str| {
+            format!(r#"toolgate_decisions_total{{tool="{tool}",decision="deny",policy="p",rule="default"}}"#)
+        };
+        assert_eq!(sample(&text, &series("_other")), Some(3), "{text}");
+        assert_eq!(sample(&text, &series("late")), Some(2), "{text}");
+    }
+
+    #[test]
+    fn requests_counted_through_cached_handles_are_the_series_counts() {
+        let m = Metrics::new();
+        let codes: Vec<u16> = (200..200 + 2 * RECENT_REQUESTS as u16).collect();
+        for round in 0..3u64 {
+            for &code in &codes {
+                if round <= u64::from(code % 3) {
+                    m.request("tools/call", code, 0.001);
+                }
+                m.request("ping", 200, 0.001);
+            }
+        }
+        let text = m.encode();
+        for &code in &codes {
+            let series = format!(r#"toolgate_requests_total{{method="tools/call",code="{code}"}}"#);
+            assert_eq!(sample(&text, &series), Some(u64::from(code % 3) + 1), "{series}");
+        }
+        let calls: u64 = codes.iter().map(|c| u64::from(c % 3) + 1).sum();
+        assert_eq!(sample(&text, r#"toolgate_requests_total{method="ping",code="200"}"#), Some(3 * codes.len() as u64));
+        assert_eq!(
+            sample(&text, r#"toolgate_request_duration_seconds_count{method="tools/call"}"#),
+            Some(calls),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, r#"toolgate_request_duration_seconds_count{method="ping"}"#),
+            Some(3 * codes.len() as u64)
+        );
+        assert!(m.recent_requests.lock().is_ok_and(|r| r.len() <= RECENT_REQUESTS));
     }
 
     #[test]
