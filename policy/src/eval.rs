@@ -640,14 +640,21 @@ fn holds(c: &CompiledCondition, args: &Value) -> bool {
 }
 
 fn scope_key(scope: Scope, grant: Option<&Arc<str>>, caller: &Caller) -> Box<str> {
+    // `prefix + name` without `format!` (this runs for every limit of every call).
+    let key = |prefix: &str, name: &str| -> Box<str> {
+        let mut k = String::with_capacity(prefix.len() + name.len());
+        k.push_str(prefix);
+        k.push_str(name);
+        k.into_boxed_str()
+    };
     match (scope, grant) {
-        (Scope::Grant, Some(g)) => format!("grant:{g}").into(),
-        (Scope::Grant | Scope::Identity, _) => format!("id:{}", caller.identity_key()).into(),
+        (Scope::Grant, Some(g)) => key("grant:", g),
+        (Scope::Grant | Scope::Identity, _) => key("id:", &caller.identity_key()),
         (Scope::Session, _) => match caller.session.as_deref() {
-            Some(s) => format!("session:{s}").into(),
+            Some(s) => key("session:", s),
             // No session (a stateless upstream): the caller's own bucket, never one shared
             // by every session-less caller nor a fresh one per request.
-            None => format!("sessionless:{}", caller.identity_key()).into(),
+            None => key("sessionless:", &caller.identity_key()),
         },
         (Scope::Global, _) => "".into(),
     }

@@ -5,12 +5,14 @@
 use std::sync::Arc;
 
 use hyper::HeaderMap;
+use hyper::header::{AsHeaderName, HeaderName, HeaderValue};
 use serde_json::Value;
 use toolgate_policy::Caller;
 
 use super::authn;
 use crate::live::Effective;
 use crate::mcp::canonical::FingerprintCache;
+use crate::mcp::headers;
 use crate::mcp::jsonrpc::{self, code};
 
 /// How callers are identified.
@@ -39,15 +41,8 @@ pub fn identify(
     headers: &HeaderMap,
     policy: &Effective,
 ) -> Result<Caller, CallerError> {
-    let single = |name: &str| -> Result<Option<&hyper::header::HeaderValue>, CallerError> {
-        let mut all = headers.get_all(name).iter();
-        let first = all.next();
-        if all.next().is_some() {
-            return Err(CallerError(format!("the {name} header is repeated: send it once")));
-        }
-        Ok(first)
-    };
-    let authorization = single(hyper::header::AUTHORIZATION.as_str())?;
+    let single = |name: &HeaderName| single(headers, name);
+    let authorization = single(&hyper::header::AUTHORIZATION)?;
     let mut principal = None;
     let identity = match source {
         IdentitySource::Authenticated(authn) => match authn.principal(authorization.map(|v| v.as_bytes())) {
@@ -62,7 +57,7 @@ pub fn identify(
         IdentitySource::Authorization => {
             authorization.map(|v| fingerprints.fingerprint(v.as_bytes())).unwrap_or_default()
         }
-        IdentitySource::Header(name) => match single(name.as_str())? {
+        IdentitySource::Header(name) => match single(name)? {
             None => String::new(),
             Some(v) => v
                 .to_str()
@@ -71,7 +66,7 @@ pub fn identify(
         },
         IdentitySource::Shared => String::new(),
     };
-    let session = match single("mcp-session-id")? {
+    let session = match single(&headers::SESSION_ID)? {
         None => None,
         Some(v) => Some(
             v.to_str().map_err(|_| CallerError("the Mcp-Session-Id header is not visible ASCII".into()))?.to_owned(),
@@ -80,13 +75,26 @@ pub fn identify(
     let wanted = policy.header_names();
     let mut matched = Vec::new();
     for n in wanted {
-        if let Some(v) = single(n)?
+        if let Some(v) = self::single(headers, n.as_str())?
             && let Ok(v) = v.to_str()
         {
             matched.push((n.clone(), v.to_owned()));
         }
     }
     Ok(Caller { identity, session, headers: matched, principal })
+}
+
+/// The one value of header `name`, if any; a repeated header is refused.
+fn single<K: AsHeaderName + Copy + std::fmt::Display>(
+    headers: &HeaderMap,
+    name: K,
+) -> Result<Option<&HeaderValue>, CallerError> {
+    let mut all = headers.get_all(name).iter();
+    let first = all.next();
+    if all.next().is_some() {
+        return Err(CallerError(format!("the {name} header is repeated: send it once")));
+    }
+    Ok(first)
 }
 
 /// A request whose caller cannot be told unambiguously (see [`Gate::caller`]).

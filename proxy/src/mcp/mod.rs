@@ -2,6 +2,7 @@
 //! (except the bounded line reader, [`lines`]); knows nothing of policy or hyper services.
 
 pub mod canonical;
+pub mod headers;
 pub mod jsonrpc;
 pub mod lines;
 pub mod sse;

@@ -702,7 +702,7 @@ mod tests {
             "{\"ts\":\"2026-12-06T21:46:40.123456Z\",\"kind\":\"decision\",\"pod\":\"pod-0\",\"identity\":\"sha256:ab\",\
              \"grant\":\"team\u{2028}a\",\"tool\":\"start-pod\",\"decision\":\"approval\",\"policy\":\"p\",\
              \"rule\":\"tools.start-pod\",\"revision\":\"r1\",\"reason\":\"line\\nbreak\\t\\u001f\",\
-             \"retryAfterSeconds\":3,\"argumentKeys\":[\"podId\",\"gpu\"],\"argumentsSha256\":\"sha256:cd\",\
+             \"retryAfterSeconds\":3,\"argumentKeys\":[\"gpu\",\"podId\"],\"argumentsSha256\":\"sha256:cd\",\
              \"approval\":\"a-1\",\"approvalPhase\":\"Pending\",\"approvalReused\":true,\"latencyUs\":42}"
         );
     }

@@ -38,7 +38,8 @@ pub fn not_allowed(allow: &'static str) -> Response<RespBody> {
     r
 }
 
-pub fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The value of header `name` as text (a typed name: a `&str` is parsed on every call).
+pub fn header_str<K: header::AsHeaderName>(h: &HeaderMap, name: K) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -73,6 +74,11 @@ const HOP_BY_HOP: [header::HeaderName; 9] = [
 ];
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Usually none is there: one pass over the few names present (standard names compare
+    // as tags) instead of nine hashed removals.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     for name in &HOP_BY_HOP {
         h.remove(name);
     }

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use toolgate_policy::Caller;
 
 use crate::gate::{Checked, Gate, Tracker};
+use crate::mcp::headers;
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::sse;
 use crate::telemetry::metrics::{CallerRefusal, Metrics, UpstreamFailure};
@@ -67,7 +68,7 @@ impl App {
 /// A client's POST: parsed and checked, then forwarded (or answered by the proxy).
 pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'static str) {
     let (parts, body) = req.into_parts();
-    let ct = header_str(&parts.headers, "content-type").unwrap_or("");
+    let ct = header_str(&parts.headers, header::CONTENT_TYPE).unwrap_or("");
     if !ct.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")) {
         return (
             rpc_error(
@@ -98,7 +99,7 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
             format!("body larger than {} bytes", app.max_body),
         )
     };
-    if header_str(&parts.headers, "content-length")
+    if header_str(&parts.headers, header::CONTENT_LENGTH)
         .and_then(|l| l.parse::<u64>().ok())
         .is_some_and(|l| l > app.max_body as u64)
     {
@@ -132,8 +133,8 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
         &parsed,
         &caller,
         &policy,
-        header_str(&parts.headers, "mcp-method"),
-        header_str(&parts.headers, "mcp-name"),
+        header_str(&parts.headers, headers::METHOD),
+        header_str(&parts.headers, headers::NAME),
     );
     // Over Streamable HTTP the upstream matches answers to requests by id within the
     // session: two waiting requests with one id are refused here (child processes and
@@ -197,7 +198,7 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
     };
     if caller.session.is_none()
         && resp.status().is_success()
-        && let Some(sid) = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok())
+        && let Some(sid) = resp.headers().get(headers::SESSION_ID).and_then(|v| v.to_str().ok())
     {
         app.owners.opened(sid, &caller.identity);
     }
@@ -221,7 +222,7 @@ pub async fn answer(app: &App, resp: Response<RespBody>, mut tracker: Tracker, c
         }
         return Response::from_parts(parts, body);
     }
-    let ct = header_str(&parts.headers, "content-type").unwrap_or("").to_ascii_lowercase();
+    let ct = header_str(&parts.headers, header::CONTENT_TYPE).unwrap_or("").to_ascii_lowercase();
     if ct.starts_with("text/event-stream") {
         // Events may be rewritten, so the upstream's length no longer holds.
         parts.headers.remove(header::CONTENT_LENGTH);
