@@ -72,6 +72,11 @@ const HOP_BY_HOP: [header::HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Whether `name` is a hop-by-hop header (one [`strip_hop_by_hop`] removes).
+pub fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         h.remove(name);
