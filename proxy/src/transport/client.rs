@@ -64,7 +64,7 @@ impl UpstreamError {
 /// How long opening a connection to the upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per upstream; more are closed once their exchange is over.
-pub const MAX_IDLE: usize = 32;
+const MAX_IDLE: usize = 32;
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -211,7 +211,9 @@ impl Pool {
         None
     }
 
-    /// A connection whose exchange is over: kept if it is open and there is room.
+    /// A connection whose exchange is over: kept if it is open. With [`MAX_IDLE`] waiting
+    /// already, closed ones are dropped, and if none is, the first in the list, an old one (a
+    /// connection that never became ready again cannot hold a place for good).
     fn put(&self, tx: Sender) {
         if tx.is_closed() {
             return;
@@ -219,10 +221,11 @@ impl Pool {
         let mut idle = self.lock();
         if idle.len() >= MAX_IDLE {
             idle.retain(|t| !t.is_closed());
+            if idle.len() >= MAX_IDLE {
+                idle.remove(0);
+            }
         }
-        if idle.len() < MAX_IDLE {
-            idle.push(tx);
-        }
+        idle.push(tx);
     }
 
     async fn connect(&self) -> Result<Sender, UpstreamError> {
