@@ -435,6 +435,34 @@ mod tests {
         (uri, accepted, requests)
     }
 
+    #[test]
+    fn the_host_to_connect_to_and_the_host_header() {
+        let cases = [
+            ("http://127.0.0.1:8080/mcp", "127.0.0.1", 8080, "127.0.0.1:8080"),
+            ("http://runpod-mcp.agents/mcp", "runpod-mcp.agents", 80, "runpod-mcp.agents"),
+            ("http://runpod-mcp:80/mcp", "runpod-mcp", 80, "runpod-mcp"),
+            ("http://[::1]:9000/", "::1", 9000, "[::1]:9000"),
+        ];
+        for (uri, host, port, header) in cases {
+            let c = HttpClient::new(&uri.parse().expect("uri"));
+            assert_eq!((c.inner.host.as_str(), c.inner.port), (host, port), "{uri}");
+            assert_eq!(c.inner.host_header.as_ref().map(|h| h.to_str().expect("ascii")), Some(header), "{uri}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_for_another_origin_is_refused_before_it_is_sent() {
+        let (uri, accepted, _) = upstream().await;
+        let client = HttpClient::new(&uri);
+        // Another port; the same authority over another scheme.
+        for other in ["http://127.0.0.1:1/mcp".to_owned(), uri.to_string().replace("http://", "https://")] {
+            let req = Request::get(other.as_str()).body(Full::new(Bytes::new())).expect("request");
+            let err = client.send(req).await.expect_err("refused");
+            assert!(matches!(err, UpstreamError::Protocol(_)), "{other}: {err:?}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing connected");
+    }
+
     async fn wait_closed(tx: &Sender) {
         for _ in 0..1000 {
             if tx.is_closed() {
