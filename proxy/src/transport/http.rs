@@ -73,6 +73,11 @@ const HOP_BY_HOP: [header::HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Whether `name` is a hop-by-hop header (one [`strip_hop_by_hop`] removes).
+pub fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Usually none is there: one pass over the few names present (standard names compare
     // as tags) instead of nine hashed removals.

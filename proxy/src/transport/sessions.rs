@@ -303,14 +303,13 @@ pub async fn open_sse(t: &SseTarget, headers: &HeaderMap) -> Result<SseOpen, Ups
         h.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
     }
     let req = req.body(Full::new(Bytes::new())).map_err(|_| UpstreamError::Protocol("cannot build the request"))?;
-    let resp = tokio::time::timeout(t.timeout, t.client.request(req))
-        .await
-        .map_err(|_| UpstreamError::Timeout)?
-        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+    let resp = tokio::time::timeout(t.timeout, t.client.send(req)).await.map_err(|_| UpstreamError::Timeout)?;
+    // A GET: sent or not, nothing was acted on.
+    let resp = resp.map_err(|e| if let UpstreamError::Lost(m) = e { UpstreamError::Connect(m) } else { e })?;
     if !resp.status().is_success() {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        return Ok(SseOpen::Refused(Response::from_parts(parts, body.map_err(std::io::Error::other).boxed())));
+        return Ok(SseOpen::Refused(Response::from_parts(parts, body)));
     }
     let is_sse = resp
         .headers()
@@ -320,7 +319,7 @@ pub async fn open_sse(t: &SseTarget, headers: &HeaderMap) -> Result<SseOpen, Ups
     if !is_sse {
         return Err(UpstreamError::Protocol("the upstream's SSE endpoint did not answer with text/event-stream"));
     }
-    let mut body: RespBody = resp.into_body().map_err(std::io::Error::other).boxed();
+    let mut body: RespBody = resp.into_body();
     let mut splitter = sse::Splitter::default();
     let deadline = tokio::time::Instant::now() + ENDPOINT_WAIT.min(t.timeout);
     loop {
@@ -696,12 +695,9 @@ async fn post_message(
         h.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
     }
     let req = req.body(Full::new(body)).map_err(|_| UpstreamError::Protocol("cannot build the request"))?;
-    let resp = tokio::time::timeout(timeout, client.request(req))
+    let resp = tokio::time::timeout(timeout, client.send(req))
         .await
-        .map_err(|_| UpstreamError::Lost("timed out posting the message".into()))?
-        .map_err(|e| {
-            if e.is_connect() { UpstreamError::Connect(e.to_string()) } else { UpstreamError::Lost(e.to_string()) }
-        })?;
+        .map_err(|_| UpstreamError::Lost("timed out posting the message".into()))??;
     let (mut parts, body) = resp.into_parts();
     if parts.status.is_success() {
         // "Accepted": the answer comes on the SSE stream. Read the body so the connection
@@ -710,7 +706,7 @@ async fn post_message(
         return Ok(None);
     }
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Some(Response::from_parts(parts, body.map_err(std::io::Error::other).boxed())))
+    Ok(Some(Response::from_parts(parts, body)))
 }
 
 fn spawn_child(command: &ChildCommand, owner: &str) -> Result<Arc<Session>, UpstreamError> {
