@@ -55,7 +55,7 @@ pub fn with_session(mut r: Response<RespBody>, id: Option<String>) -> Response<R
     if let Some(id) = id
         && let Ok(v) = HeaderValue::from_str(&id)
     {
-        r.headers_mut().insert("mcp-session-id", v);
+        r.headers_mut().insert(crate::mcp::headers::SESSION_ID, v);
     }
     r
 }

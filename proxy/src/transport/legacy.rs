@@ -23,6 +23,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::gate::Tracker;
+use crate::mcp::headers as mcp_headers;
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::sse;
 use crate::telemetry::metrics::CallerRefusal;
@@ -93,11 +94,11 @@ impl Drop for Closer {
             return;
         };
         let mut headers = session.headers.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        headers.insert("mcp-session-id", sid);
+        headers.insert(mcp_headers::SESSION_ID, sid);
         let app = self.legacy.app.clone();
         rt.spawn(async move {
             let owner = app.gate.caller(&headers, &app.gate.current()).map(|c| c.identity).unwrap_or_default();
-            if let Some(sid) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+            if let Some(sid) = headers.get(mcp_headers::SESSION_ID).and_then(|v| v.to_str().ok()) {
                 app.owners.closed(sid);
             }
             if let Err(e) = app.upstream.send(&Method::DELETE, &headers, Bytes::new(), &owner).await {
@@ -189,9 +190,9 @@ pub async fn message(legacy: &Arc<LegacyClients>, mut req: Request<ReqBody>) -> 
     };
     // The client's session is the proxy's; upstream, the one the upstream gave.
     let headers = req.headers_mut();
-    headers.remove("mcp-session-id");
+    headers.remove(mcp_headers::SESSION_ID);
     if let Some(sid) = session.upstream_session() {
-        headers.insert("mcp-session-id", sid);
+        headers.insert(mcp_headers::SESSION_ID, sid);
     }
     // As a Streamable-HTTP client: both answer kinds are understood (turned into events).
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
@@ -200,7 +201,7 @@ pub async fn message(legacy: &Arc<LegacyClients>, mut req: Request<ReqBody>) -> 
     if !resp.status().is_success() {
         return (resp, method);
     }
-    if let Some(sid) = resp.headers().get("mcp-session-id") {
+    if let Some(sid) = resp.headers().get(mcp_headers::SESSION_ID) {
         let mut s = session.upstream_session.lock().unwrap_or_else(|p| p.into_inner());
         if s.is_none() {
             *s = Some(sid.clone());

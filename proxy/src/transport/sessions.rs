@@ -25,6 +25,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::mcp::headers as mcp_headers;
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::sse;
 use crate::transport::client::{ChildCommand, HttpClient, UpstreamError, spawn_server};
@@ -499,7 +500,7 @@ impl Sessions {
         body: Bytes,
         owner: &str,
     ) -> Result<Response<RespBody>, UpstreamError> {
-        let sid = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let sid = headers.get(mcp_headers::SESSION_ID).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let existing = sid.as_ref().and_then(|id| {
             let mut map = self.sessions();
             let s = map.get(id).cloned()?;

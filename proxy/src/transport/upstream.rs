@@ -12,7 +12,8 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, Uri};
 use serde_json::Value;
 
-pub use crate::transport::client::{HttpClient, UpstreamError};
+pub use crate::mcp::headers::SESSION_ID;
+use crate::transport::client::{HttpClient, UpstreamError};
 use crate::transport::http::{RespBody, is_hop_by_hop};
 use crate::transport::ordering::Order;
 use crate::transport::sessions::{self, Opener, Sessions, SseOpen, SseTarget};
@@ -58,9 +59,6 @@ pub enum Transport {
     /// The 2024-11-05 HTTP+SSE transport (the URL is the SSE endpoint).
     Sse,
 }
-
-/// Typed: a lookup by `&str` parses the name on every call.
-const SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 
 const UNKNOWN: u8 = 0;
 const STREAMABLE: u8 = 1;
