@@ -59,6 +59,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# The anonymous part of the RSS (heap, stacks): what the proxy itself allocated. The rest
+# is file-backed: pages of the binary's code the kernel mapped (shared, clean, reclaimable).
+anon_kib() { awk '/^RssAnon:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 # CPU time (user + system, all threads) of a process so far, in clock ticks.
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0; }
 TICK=$(getconf CLK_TCK)
@@ -112,6 +115,7 @@ for i in $(seq 1 100); do
 done
 sleep 1
 RSS_IDLE=$(rss_kib "$PROXY_PID")
+ANON_IDLE=$(anon_kib "$PROXY_PID")
 
 # --- peer: mcp-proxy 0.6.0, pass-through (no auth, limits, filters or cache) ------------
 PEER_BIN=${BENCH_PEER_BIN:-$(command -v mcp-proxy || true)}
@@ -203,11 +207,14 @@ for n in 1 8; do
   if ((n == 8)); then
     # The 8-session proxied run, with the RSS sampled while it runs.
     echo 0 >"$WORK/rss.peak"
+    echo 0 >"$WORK/anon.peak"
     (
-      peak=0
+      peak=0 apeak=0
       while kill -0 "$PROXY_PID" 2>/dev/null && [[ ! -e $WORK/load.done ]]; do
         r=$(rss_kib "$PROXY_PID")
         ((r > peak)) && peak=$r && echo "$peak" >"$WORK/rss.peak"
+        r=$(anon_kib "$PROXY_PID")
+        ((r > apeak)) && apeak=$r && echo "$apeak" >"$WORK/anon.peak"
         sleep 0.1
       done
     ) &
@@ -223,6 +230,7 @@ for n in 1 8; do
   [[ -z $REDIS_PROXY_PID ]] || load "redis-$n" "$n" "$REDIS_URL_MCP" "$REDIS_PROXY_PID"
 done
 RSS_LOAD=$(cat "$WORK/rss.peak")
+ANON_LOAD=$(cat "$WORK/anon.peak")
 RSS_AFTER=$(rss_kib "$PROXY_PID")
 EXTRA=()
 if [[ -n $PEER_PID ]]; then
@@ -246,5 +254,6 @@ mkdir -p "$(dirname "$OUT")"
   --relay-1 "$WORK/relay-1.json" --relay-8 "$WORK/relay-8.json" "${EXTRA[@]}" "${CPU_ARGS[@]}" \
   --rss-idle-kib "$RSS_IDLE" --rss-load-kib "$RSS_LOAD" --rss-after-kib "$RSS_AFTER" \
   --audit-lines "${AUDIT:-0}" --machine "$MACHINE" --out "$OUT"
+awk -v i="$ANON_IDLE" -v p="$ANON_LOAD" 'BEGIN {printf "toolgate-proxy anonymous RSS (heap, stacks): idle %.1f MiB, peak %.1f MiB (the rest of the RSS is file-backed code pages)\n", i / 1024, p / 1024}'
 echo "audit lines written by the proxy: ${AUDIT:-0} (one per decided tools/call, warm-up included)"
 [[ -z $PEER_PID ]] || echo "peer: $PEER_VERSION ($PEER_BIN), pass-through configuration"
