@@ -52,8 +52,9 @@ pub fn main() -> ExitCode {
     };
     // In `--stdio` mode stdout carries the protocol, so audit lines go to stderr.
     let sink = Arc::new(AuditSink::new(if args.stdio { Target::Stderr } else { Target::Stdout }));
-    // Audit lines are buffered (telemetry::audit): written when a runtime thread runs out
-    // of work, and on the way out — also on a panic (the release profile aborts).
+    // Audit lines are buffered (telemetry::audit): written 50 ms after the first pending
+    // one (a task of the runtime), and on the way out — also on a panic (the release
+    // profile aborts).
     let weak = Arc::downgrade(&sink);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -62,7 +63,6 @@ pub fn main() -> ExitCode {
         }
         previous(info);
     }));
-    let idle = sink.clone();
     // A shared counter store waits for Redis inside the (synchronous) decision with
     // `block_in_place`, which needs a multi-thread runtime: two workers at least.
     let workers = match args.worker_threads {
@@ -79,15 +79,7 @@ pub fn main() -> ExitCode {
             b
         }
     };
-    let runtime = match builder
-        .enable_all()
-        .on_thread_park(move || {
-            if idle.has_pending() {
-                idle.flush();
-            }
-        })
-        .build()
-    {
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("toolgate-proxy: cannot start the runtime: {e}");
@@ -108,6 +100,7 @@ pub fn main() -> ExitCode {
 
 async fn run(args: Args, start: Start, front: Arc<Front>, sink: Arc<AuditSink>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    tokio::spawn(sink.clone().flush_after());
     let telemetry = Arc::new(Telemetry::new(metrics.clone(), args.pod_name.clone(), args.audit_arguments, sink));
     // The store first: loading a policy checks whether it can count shared limits.
     // The same store remembers approvals given with `reuse_for` for every replica.

@@ -30,15 +30,8 @@ fn post(port: u16, session: Option<&str>, msg: &Value) -> (u16, String, Value) {
     (status, head, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
-#[test]
-fn every_decision_has_its_line_and_sigterm_loses_none() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let mcp = MockMcp::start(&rt);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "policy.yaml", "version: '1'\ndefault: deny\ntools:\n  start-pod: {}\n");
-    let mut p = proxy(&[&policy], &["--upstream".into(), mcp.url()], &[]);
-    let port = p.proc.port;
-
+/// An initialized MCP session through the proxy on `port`: its id.
+fn open_session(port: u16) -> String {
     let (status, head, body) = post(
         port,
         None,
@@ -54,6 +47,19 @@ fn every_decision_has_its_line_and_sigterm_loses_none() {
         })
         .expect("a session id");
     let _ = post(port, Some(&sid), &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    sid
+}
+
+#[test]
+fn every_decision_has_its_line_and_sigterm_loses_none() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mcp = MockMcp::start(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "policy.yaml", "version: '1'\ndefault: deny\ntools:\n  start-pod: {}\n");
+    let mut p = proxy(&[&policy], &["--upstream".into(), mcp.url()], &[]);
+    let port = p.proc.port;
+
+    let sid = open_session(port);
 
     // Admitted and refused calls interleaved; a refusal's line is written before its answer.
     let (mut allowed, mut denied) = (0, 0);
@@ -100,4 +106,28 @@ fn every_decision_has_its_line_and_sigterm_loses_none() {
     let decisions: Vec<&str> = audit.iter().filter_map(|a| a["decision"].as_str()).collect();
     let expected: Vec<&str> = (1..=125u64).map(|id| if id % 10 == 0 { "deny" } else { "allow" }).collect();
     assert_eq!(decisions, expected);
+}
+
+#[test]
+fn an_admitted_calls_line_is_written_while_the_proxy_keeps_running() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mcp = MockMcp::start(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "policy.yaml", "version: '1'\ndefault: deny\ntools:\n  start-pod: {}\n");
+    let mut p = proxy(&[&policy], &["--upstream".into(), mcp.url()], &[]);
+    let sid = open_session(p.proc.port);
+    let (status, head, body) = post(
+        p.proc.port,
+        Some(&sid),
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "start-pod", "arguments": {}}}),
+    );
+    assert_eq!((status, error_code(&body)), (200, None), "{head} {body}");
+    // Nothing else happens: the buffered line is written on its own (50 ms after it was
+    // appended), not only when the proxy stops.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.audit.lock().unwrap().iter().any(|a| a["decision"] == "allow" && a["tool"] == "start-pod") {
+        assert!(Instant::now() < deadline, "no audit line while the proxy runs: {:?}", p.audit.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(p.proc.child.try_wait().expect("wait").is_none(), "the proxy is still running");
 }

@@ -11,10 +11,12 @@
 
 use std::cell::Cell;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 use serde_json::Value;
+use tokio::sync::Notify;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -349,22 +351,38 @@ pub enum Target {
 /// Pending lines are written at once when they reach this size.
 const FLUSH_AT: usize = 64 * 1024;
 
+/// Pending lines of admitted calls are written at most this long after the first of them.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
+
 /// The audit sink: lines are appended to a buffer in memory and written to the target in
-/// one `write` when a runtime thread runs out of work (`on_thread_park`, see
-/// `run::main`), when the buffer reaches 64 KiB, when the proxy stops (after the
+/// one `write` [`FLUSH_AFTER`] (50 ms) after the first pending line ([`Self::flush_after`],
+/// a task of the runtime), when the buffer reaches 64 KiB, when the proxy stops (after the
 /// runtime, on a panic, on drop) — and at once for a line that refuses a call, so every
-/// refusal's line is out before its answer. One `write` per burst of calls instead of one
-/// per call; a line of an admitted call waits at most until the proxy is next idle, and
-/// only a `SIGKILL` (or an abort outside a panic) can lose the lines written since.
+/// refusal's line is out before its answer. One `write` per 50 ms of calls instead of one
+/// per call (or per idle moment: at one session that was every call); a line of an admitted
+/// call waits at most 50 ms, and only a `SIGKILL` (or an abort outside a panic) can lose
+/// the lines written since.
 #[derive(Debug)]
 pub struct AuditSink {
     target: Target,
     pending: Mutex<Vec<u8>>,
+    /// Signalled when a line is appended to an empty buffer.
+    wake: Notify,
 }
 
 impl AuditSink {
     pub fn new(target: Target) -> Self {
-        Self { target, pending: Mutex::new(Vec::new()) }
+        Self { target, pending: Mutex::new(Vec::new()), wake: Notify::new() }
+    }
+
+    /// Writes the pending lines [`FLUSH_AFTER`] after the first of them was appended, for
+    /// as long as the proxy runs (spawned on its runtime).
+    pub async fn flush_after(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            tokio::time::sleep(FLUSH_AFTER).await;
+            self.flush();
+        }
     }
 
     /// Appends `record` as one JSON line; `now`: write it (and what is pending) at once.
@@ -378,6 +396,9 @@ impl AuditSink {
         pending.push(b'\n');
         if now || pending.len() >= FLUSH_AT {
             self.write_out(&mut pending);
+        } else if start == 0 {
+            // The first pending line: the flusher writes it (and what follows) soon.
+            self.wake.notify_one();
         }
     }
 
@@ -393,11 +414,6 @@ impl AuditSink {
         if let Ok(mut pending) = self.pending.try_lock() {
             self.write_out(&mut pending);
         }
-    }
-
-    /// Whether lines are waiting to be written.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 
     /// Writes under the buffer's lock, so lines keep their order.

@@ -37,6 +37,21 @@ impl Proxy {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.proc.port)
     }
+
+    /// The audit lines once `ready` holds for them: an admitted call's line is written up
+    /// to 50 ms after the call (refusals' at once). Panics naming `what` after 20 s.
+    #[allow(dead_code, reason = "not every test file reads audit lines")]
+    pub fn audit_when(&self, what: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines = self.audit.lock().unwrap().clone();
+            if ready(&lines) {
+                return lines;
+            }
+            assert!(Instant::now() < deadline, "audit lines never showed {what}: {lines:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Starts toolgate-proxy; `tail` is `--upstream URL` or `-- CMD…`. Audit lines
