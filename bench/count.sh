@@ -97,6 +97,9 @@ one() { # tool what calls
   "$BIN/mcp-load" run --sessions "$SESSIONS" --warmup-secs 0 --secs 600 --count "$((calls / SESSIONS))" \
     --url "http://127.0.0.1:$port/mcp" --auth "Bearer bench-token" >"$out.load" ||
     { echo "load through $what under $tool failed" >&2; cat "$out.load" "$out.err" >&2; return 1; }
+  # The process must still be running: one that exited (a port another program took
+  # between free_port and its bind) would leave the load counted against someone else.
+  kill -0 "$pid" 2>/dev/null || { echo "$what under $tool exited before its load ended (port clash?)" >&2; cat "$out.err" >&2; return 1; }
   # Under strace the process is strace's child: stop the child, strace then writes its
   # summary and exits. Under valgrind the process is the one started.
   local target
