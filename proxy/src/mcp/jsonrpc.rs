@@ -186,7 +186,8 @@ fn decimal(negative: bool, mut u: u64) -> String {
         at -= 1;
         buf[at] = b'-';
     }
-    buf[at..].iter().map(|&b| char::from(b)).collect()
+    // Digits and `-` only: always UTF-8.
+    std::str::from_utf8(&buf[at..]).map(str::to_owned).unwrap_or_default()
 }
 
 /// A POST body: one message or a batch.
@@ -347,7 +348,9 @@ mod read {
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
             let mut m = Message { object: true, ..Message::default() };
-            let mut keys = Keys::default();
+            // The members the gate reads are remembered by a bit; only other keys are
+            // listed (most messages have none).
+            let (mut known, mut keys) = (Known::default(), Keys::default());
             while let Some(Key(k)) = map.next_key()? {
                 match &*k {
                     "id" => m.id = Some(map.next_value::<StrictValue>()?.0),
@@ -361,7 +364,15 @@ mod read {
                         map.next_value::<Checked>()?;
                     }
                 }
-                keys.insert(k)?;
+                match &*k {
+                    "id" => known.insert(0, &k)?,
+                    "method" => known.insert(1, &k)?,
+                    "params" => known.insert(2, &k)?,
+                    "result" => known.insert(3, &k)?,
+                    "error" => known.insert(4, &k)?,
+                    "jsonrpc" => known.insert(5, &k)?,
+                    _ => keys.insert(k)?,
+                }
             }
             if let Some(id) = &m.id
                 && is_valid_id(id)
@@ -408,7 +419,7 @@ mod read {
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Params, A::Error> {
             let (mut name, mut arguments, mut request_id) = (None, None, None);
-            let mut keys = Keys::default();
+            let (mut known, mut keys) = (Known::default(), Keys::default());
             while let Some(Key(k)) = map.next_key()? {
                 match &*k {
                     "name" => name = map.next_value::<MaybeString>()?.0,
@@ -418,7 +429,12 @@ mod read {
                         map.next_value::<Checked>()?;
                     }
                 }
-                keys.insert(k)?;
+                match &*k {
+                    "name" => known.insert(0, &k)?,
+                    "arguments" => known.insert(1, &k)?,
+                    "requestId" => known.insert(2, &k)?,
+                    _ => keys.insert(k)?,
+                }
             }
             Ok(Params::Object { name, arguments, request_id })
         }
@@ -573,6 +589,25 @@ mod read {
         }
     }
 
+    /// Which of an object's members read by name (bit `n`) were seen; the other keys go
+    /// to a [`Keys`].
+    #[derive(Default)]
+    struct Known(u8);
+
+    impl Known {
+        fn insert<E: de::Error>(&mut self, bit: u8, k: &str) -> Result<(), E> {
+            if self.0 & (1 << bit) != 0 {
+                return Err(duplicate(k));
+            }
+            self.0 |= 1 << bit;
+            Ok(())
+        }
+    }
+
+    fn duplicate<E: de::Error>(k: &str) -> E {
+        E::custom(format_args!("duplicate key {k:?}"))
+    }
+
     /// Keys seen in one object: a short list (most objects), a hash set past
     /// [`Keys::LIST`] (so an object with many keys costs linear time).
     #[derive(Default)]
@@ -590,7 +625,7 @@ mod read {
                 None => self.list.contains(&k),
             };
             if seen {
-                return Err(E::custom(format_args!("duplicate key {:?}", &*k)));
+                return Err(duplicate(&k));
             }
             match &mut self.set {
                 Some(set) => {
