@@ -51,12 +51,16 @@ impl Held {
 /// text ([`id_key`]).
 #[derive(Debug, Default)]
 pub struct Tracker {
-    pub(super) calls: HashMap<String, Held>,
-    pub(super) lists: HashMap<String, ()>,
+    pub(super) calls: Ids<Held>,
+    pub(super) lists: Ids<()>,
     /// Held until the answers are settled (dropped with the tracker): the claim on the
     /// requests' ids in their session.
     keep: Option<Keep>,
 }
+
+/// A map keyed by ids' canonical text (few entries, short keys: foldhash, not SipHash;
+/// a batch has at most `MAX_BATCH` ids, a `--stdio` session `MAX_PENDING`).
+pub(super) type Ids<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 /// Something a [`Tracker`] holds until it is dropped.
 pub struct Keep(#[allow(dead_code, reason = "held for its Drop")] Box<dyn Send + Sync>);

@@ -14,7 +14,6 @@
 //! A call whose decision is `Approval` is held (see crate::approval) when there is an
 //! operator to ask; otherwise it is refused with `-32012`, saying why.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -175,11 +174,12 @@ impl Gate {
         let mut answers: Vec<Option<Refusal>> = Vec::with_capacity(body.messages.len());
         let mut refused = false;
         let mut hold = None;
-        let mut seen_ids = HashMap::new();
+        // Canonical keys of the batch's request ids so far (at most MAX_BATCH).
+        let mut seen_ids: Vec<&str> = Vec::new();
         for msg in &body.messages {
             let answer = match msg.kind() {
-                Kind::Request { id, method } => {
-                    if seen_ids.insert(id_key(id), ()).is_some() {
+                Kind::Request { id, key, method } => {
+                    let answer = if body.batch && seen_ids.contains(&key) {
                         Some(Refusal::invalid(id.clone(), code::INVALID_REQUEST, "duplicate request id in batch"))
                     } else if method == "tools/call" {
                         match jsonrpc::tool_call(msg) {
@@ -188,7 +188,7 @@ impl Gate {
                                 let call = Call { tool: tc.name, arguments: tc.arguments, caller };
                                 match self.decide(id, &call, policy, !body.batch) {
                                     Decided::Forward(held) => {
-                                        tracker.calls.insert(id_key(id), held);
+                                        tracker.calls.insert(key.to_owned(), held);
                                         None
                                     }
                                     Decided::Refuse(answer) => Some(answer),
@@ -201,10 +201,14 @@ impl Gate {
                         }
                     } else {
                         if method == "tools/list" {
-                            tracker.lists.insert(id_key(id), ());
+                            tracker.lists.insert(key.to_owned(), ());
                         }
                         None
+                    };
+                    if body.batch {
+                        seen_ids.push(key);
                     }
+                    answer
                 }
                 Kind::Notification { method: "tools/call" } => Some(Refusal::invalid(
                     Value::Null,
@@ -255,7 +259,7 @@ impl Gate {
     /// `notifications/cancelled` for a held call of this caller ends its wait.
     fn cancel_held(&self, msg: &jsonrpc::Message, caller: &Caller) {
         if let Approvers::Operator(a) = &self.approver
-            && let Some(id) = msg.value.get("params").and_then(|p| p.get("requestId"))
+            && let Some(id) = msg.request_id()
             && (id.is_string() || id.is_number())
         {
             a.cancel(caller, &id_key(id));
@@ -490,7 +494,7 @@ fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&
         return mismatch("Mcp-Method/Mcp-Name (not allowed with a batch)");
     }
     let msg = first?;
-    let method = msg.value.get("method").and_then(Value::as_str);
+    let method = msg.method();
     if let Some(h) = header_method
         && Some(h) != method
     {
@@ -498,7 +502,7 @@ fn check_headers(body: &Body, header_method: Option<&str>, header_name: Option<&
     }
     if let Some(h) = header_name
         && method == Some("tools/call")
-        && msg.value.get("params").and_then(|p| p.get("name")).and_then(Value::as_str) != Some(h)
+        && msg.tool_name() != Some(h)
     {
         return mismatch("Mcp-Name");
     }
@@ -545,7 +549,7 @@ pub(crate) mod tests {
 
     /// An approver that remembers approvals for reuse and never decides anything.
     #[derive(Debug, Default)]
-    pub(crate) struct Remembers(std::sync::Mutex<HashMap<ReuseKey, Reusable>>);
+    pub(crate) struct Remembers(std::sync::Mutex<std::collections::HashMap<ReuseKey, Reusable>>);
 
     impl Approver for Remembers {
         fn reusable(&self, key: &ReuseKey) -> Option<Reusable> {

@@ -548,3 +548,148 @@ fn stdio_line_reader_memory_stays_bounded_past_its_limit() {
     let grew = status_kib("VmHWM:").expect("VmHWM").saturating_sub(before);
     assert!(grew < 64 * 1024, "reading past the limit held {grew} KiB");
 }
+
+// ------------------------------------------------------------------ one-pass JSON-RPC reading
+
+/// JSON text built directly (not through `Value`, which would merge them), so objects
+/// repeat keys at every depth, spelled plainly or with escapes (`"\u0069d"` is `"id"`).
+fn json_text_with_duplicates() -> impl Strategy<Value = String> {
+    const SPELLED: &[&str] = &[
+        "jsonrpc",
+        "id",
+        "method",
+        "params",
+        "name",
+        "arguments",
+        "result",
+        "error",
+        "requestId",
+        "_meta",
+        "\\u0069d",
+        "na\\u006de",
+        "\\u0061rguments",
+    ];
+    let leaf = (0..RAW.len()).prop_map(|i| RAW[i].to_owned());
+    let value = leaf.prop_recursive(4, 48, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+            prop::collection::vec((0..SPELLED.len(), inner), 0..5).prop_map(|kv| {
+                let fields: Vec<String> = kv.into_iter().map(|(k, v)| format!("\"{}\":{v}", SPELLED[k])).collect();
+                format!("{{{}}}", fields.join(","))
+            }),
+        ]
+    });
+    let message = prop::collection::vec((0..SPELLED.len(), value), 0..6).prop_map(|kv| {
+        let fields: Vec<String> = kv.into_iter().map(|(k, v)| format!("\"{}\":{v}", SPELLED[k])).collect();
+        format!("{{{}}}", fields.join(","))
+    });
+    prop_oneof![
+        3 => message.clone(),
+        1 => prop::collection::vec(message, 0..4).prop_map(|m| format!("[{}]", m.join(","))),
+    ]
+}
+
+/// What a message meant to the gate before the one-pass reader: the body parsed whole by
+/// `from_slice_strict`, then each field looked up (the code this replaced, kept as the
+/// reference).
+mod reference {
+    use serde_json::Value;
+
+    use crate::mcp::jsonrpc::{MAX_BATCH, is_valid_id};
+
+    pub(super) type Summary = (String, Value, Option<String>, Result<(String, Value), String>, Option<Value>);
+
+    pub(super) fn parse(bytes: &[u8]) -> Result<Vec<Summary>, &'static str> {
+        let value = toolgate_policy::from_slice_strict(bytes).map_err(|_| "parse")?;
+        let messages = match value {
+            Value::Array(items) if !items.is_empty() && items.len() <= MAX_BATCH => items,
+            v @ Value::Object(_) => vec![v],
+            _ => return Err("shape"),
+        };
+        Ok(messages.iter().map(summary).collect())
+    }
+
+    fn kind(v: &Value) -> String {
+        let Some(obj) = v.as_object() else { return "invalid".into() };
+        match (obj.get("method"), obj.get("id")) {
+            (Some(Value::String(m)), Some(id)) if is_valid_id(id) => format!("request {id} {m}"),
+            (Some(Value::String(m)), None) => format!("notification {m}"),
+            (None, Some(id)) if is_valid_id(id) && (obj.contains_key("result") || obj.contains_key("error")) => {
+                "response".into()
+            }
+            _ => "invalid".into(),
+        }
+    }
+
+    fn summary(v: &Value) -> Summary {
+        let id = v.get("id").filter(|v| is_valid_id(v)).cloned().unwrap_or(Value::Null);
+        let method = v.get("method").and_then(Value::as_str).map(str::to_owned);
+        let call = (|| {
+            let params = v.get("params").and_then(Value::as_object).ok_or("tools/call needs `params` (an object)")?;
+            let name = params.get("name").and_then(Value::as_str).ok_or("tools/call needs `params.name` (a string)")?;
+            let arguments = match params.get("arguments") {
+                None | Some(Value::Null) => Value::Null,
+                Some(a @ Value::Object(_)) => a.clone(),
+                Some(_) => return Err("`params.arguments` must be an object".to_owned()),
+            };
+            Ok((name.to_owned(), arguments))
+        })();
+        let request_id = v.get("params").and_then(|p| p.get("requestId")).cloned();
+        (kind(v), id, method, call, request_id)
+    }
+}
+
+/// The same summary of a message read by [`jsonrpc::parse_body`].
+fn one_pass(bytes: &[u8]) -> Result<Vec<reference::Summary>, &'static str> {
+    use crate::mcp::jsonrpc::{self, BodyError, Kind};
+    let body = jsonrpc::parse_body(bytes).map_err(|e| match e {
+        BodyError::Parse(_) => "parse",
+        BodyError::Shape => "shape",
+    })?;
+    Ok(body
+        .messages
+        .iter()
+        .map(|m| {
+            let kind = match m.kind() {
+                Kind::Request { id, key, method } => {
+                    // The key computed once is the id's canonical text.
+                    assert_eq!(key, id.to_string());
+                    format!("request {id} {method}")
+                }
+                Kind::Notification { method } => format!("notification {method}"),
+                Kind::Response => "response".into(),
+                Kind::Invalid => "invalid".into(),
+            };
+            let call = jsonrpc::tool_call(m).map(|c| (c.name.to_owned(), c.arguments.clone()));
+            (kind, m.id(), m.method().map(str::to_owned), call, m.request_id().cloned())
+        })
+        .collect())
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    /// The one-pass reader accepts exactly the bodies the strict whole-body parse accepted
+    /// (duplicate keys at any depth, numbers out of range and trailing data refused) and
+    /// reads the same kinds, ids, methods, tool names, arguments and cancelled ids.
+    #[test]
+    fn one_pass_reading_means_what_the_whole_parse_meant(
+        text in prop_oneof![any_body(), json_text_with_duplicates().prop_map(String::into_bytes)],
+    ) {
+        prop_assert_eq!(one_pass(&text), reference::parse(&text), "{}", String::from_utf8_lossy(&text));
+    }
+
+    /// `id_key` writes every valid id as `Value::to_string` does.
+    #[test]
+    fn id_keys_are_the_canonical_text(
+        id in prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-(crate::mcp::jsonrpc::MAX_SAFE_ID as i64)..=crate::mcp::jsonrpc::MAX_SAFE_ID as i64).prop_map(Value::from),
+            any::<String>().prop_map(Value::from),
+            "[\"\\\\\\x00-\\x1f\\x7f a-z\u{e9}\u{2028}\u{1f600}]{0,12}".prop_map(Value::from),
+        ],
+    ) {
+        prop_assert_eq!(crate::mcp::jsonrpc::id_key(&id), id.to_string());
+    }
+}

@@ -144,7 +144,7 @@ pub async fn post(app: &App, req: Request<ReqBody>) -> (Response<RespBody>, &'st
             .messages
             .iter()
             .filter_map(|m| match m.kind() {
-                jsonrpc::Kind::Request { id, .. } => Some(jsonrpc::id_key(id)),
+                jsonrpc::Kind::Request { key, .. } => Some(key.to_owned()),
                 _ => None,
             })
             .collect(),
