@@ -184,6 +184,18 @@ mod tests {
     }
 
     #[test]
+    fn the_digest_is_of_the_compact_text_serde_json_writes() {
+        // Objects keep their keys in byte order (no `preserve_order`), so the compact text
+        // serde_json writes is the canonical text, for long arguments too.
+        let big: serde_json::Map<String, Value> =
+            (0..700).map(|i| (format!("k{i:04}"), json!({"v": i, "s": "x\"y".repeat(i % 7)}))).collect();
+        let v = Value::Object(big);
+        let text = serde_json::to_string(&v).expect("json");
+        assert!(text.len() > 12 * 1024, "{}", text.len());
+        assert_eq!(arguments_sha256_hex(&v), hex(&Sha256::digest(text.as_bytes())));
+    }
+
+    #[test]
     fn fingerprint_matches_the_policy_crate() {
         for c in [
             "",
