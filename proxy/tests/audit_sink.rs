@@ -50,13 +50,27 @@ fn open_session(port: u16) -> String {
     sid
 }
 
-#[test]
-fn every_decision_has_its_line_and_sigterm_loses_none() {
+/// The proxy (policy: `start-pod` allowed, anything else denied) in front of a mock MCP
+/// server; the test binds every field, so the runtime and the policy live as long as it.
+struct Setup {
+    p: support::Proxy,
+    mcp: MockMcp,
+    _dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn setup() -> Setup {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mcp = MockMcp::start(&rt);
     let dir = tempfile::tempdir().unwrap();
     let policy = write_policy(dir.path(), "policy.yaml", "version: '1'\ndefault: deny\ntools:\n  start-pod: {}\n");
-    let mut p = proxy(&[&policy], &["--upstream".into(), mcp.url()], &[]);
+    let p = proxy(&[&policy], &["--upstream".into(), mcp.url()], &[]);
+    Setup { p, mcp, _dir: dir, _rt: rt }
+}
+
+#[test]
+fn every_decision_has_its_line_and_sigterm_loses_none() {
+    let Setup { mut p, mcp, _dir, _rt } = setup();
     let port = p.proc.port;
 
     let sid = open_session(port);
@@ -110,11 +124,7 @@ fn every_decision_has_its_line_and_sigterm_loses_none() {
 
 #[test]
 fn an_admitted_calls_line_is_written_while_the_proxy_keeps_running() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let mcp = MockMcp::start(&rt);
-    let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "policy.yaml", "version: '1'\ndefault: deny\ntools:\n  start-pod: {}\n");
-    let mut p = proxy(&[&policy], &["--upstream".into(), mcp.url()], &[]);
+    let Setup { mut p, mcp: _mcp, _dir, _rt } = setup();
     let sid = open_session(p.proc.port);
     let (status, head, body) = post(
         p.proc.port,
