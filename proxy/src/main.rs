@@ -8,11 +8,6 @@
 //! ```
 #![forbid(unsafe_code)]
 
-/// mimalloc instead of glibc's allocator: fewer instructions per allocation on the hot
-/// path, and a smaller heap (docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     toolgate_proxy::run::main()
 }
