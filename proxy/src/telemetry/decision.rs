@@ -76,11 +76,6 @@ impl Telemetry {
         Self { metrics, pod, audit_arguments, sink }
     }
 
-    /// The audit sink (flushed by the runtime when a thread goes idle).
-    pub fn sink(&self) -> &Arc<AuditSink> {
-        &self.sink
-    }
-
     /// Writes the audit line of a decision and, if `count`, counts it in
     /// `toolgate_decisions_total`.
     pub fn decision(&self, call: &Call<'_>, e: &DecisionEvent<'_>, revision: &str, started: Instant, count: bool) {
