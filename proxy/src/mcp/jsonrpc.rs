@@ -154,8 +154,8 @@ pub fn is_valid_id(v: &Value) -> bool {
 pub fn id_key(id: &Value) -> String {
     match id {
         Value::Number(n) => match (n.as_u64(), n.as_i64()) {
-            (Some(u), _) => decimal(false, u),
-            (None, Some(i)) => decimal(i < 0, i.unsigned_abs()),
+            (Some(u), _) => itoa::Buffer::new().format(u).to_owned(),
+            (None, Some(i)) => itoa::Buffer::new().format(i).to_owned(),
             _ => id.to_string(),
         },
         // Only `"`, `\\` and control characters are escaped when JSON is written.
@@ -168,26 +168,6 @@ pub fn id_key(id: &Value) -> String {
         }
         _ => id.to_string(),
     }
-}
-
-/// `u` in decimal, after a `-` if `negative`.
-fn decimal(negative: bool, mut u: u64) -> String {
-    let mut buf = [0u8; 21];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (u % 10) as u8;
-        u /= 10;
-        if u == 0 {
-            break;
-        }
-    }
-    if negative {
-        at -= 1;
-        buf[at] = b'-';
-    }
-    // Digits and `-` only: always UTF-8.
-    std::str::from_utf8(&buf[at..]).map(str::to_owned).unwrap_or_default()
 }
 
 /// A POST body: one message or a batch.

@@ -152,19 +152,9 @@ fn opt_field(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
     }
 }
 
-/// A decimal number, as serde_json writes a `u64`.
-fn json_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+/// A decimal number, as serde_json writes a `u64` (with the same `itoa`).
+fn json_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
